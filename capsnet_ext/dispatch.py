@@ -1,0 +1,121 @@
+"""The one place that chooses a backend.
+
+A backend is a module that mirrors the functions of :mod:`capsnet_ext.reference`
+(``predict``, ``dynamic_routing``, ``capsule_routing``) and provides two questions:
+
+* ``availability(device) -> Optional[str]``: ``None`` when the backend can run on tensors of
+  that device, otherwise the reason it cannot;
+* ``unsupported_reason(op, *, dtype, **options) -> Optional[str]``: ``None`` when it implements
+  that op with those options, otherwise why not.
+
+``backend="auto"`` tries the backends ranked for the device (``AUTO_ORDER``) and takes the
+first that is available and supports the call, falling back to the reference silently.
+Naming a backend explicitly raises :class:`BackendUnavailableError` (or
+``NotImplementedError`` for an unsupported option) that says why.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Dict, List, Optional
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda")
+
+_MODULES = {
+    "reference": "capsnet_ext.reference",
+    "triton": "capsnet_ext.triton_ops",
+    "cuda": "capsnet_ext.cuda_ops",
+}
+
+# Fastest first, per device type. The Triton interpreter on the CPU is a testing tool and far
+# slower than the reference, so ``auto`` never picks it there.
+AUTO_ORDER = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("reference",),
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when a backend named explicitly cannot run here; the message says why."""
+
+
+_loaded: Dict[str, object] = {}
+_import_errors: Dict[str, str] = {}
+
+
+def _load(name: str):
+    """Import a backend module once; remember why it failed."""
+    if name in _loaded:
+        return _loaded[name]
+    if name in _import_errors:
+        return None
+    try:
+        module = importlib.import_module(_MODULES[name])
+    except Exception as exc:  # any import failure makes the backend unavailable, not the package
+        _import_errors[name] = f"importing {_MODULES[name]} failed: {type(exc).__name__}: {exc}"
+        return None
+    _loaded[name] = module
+    return module
+
+
+def _check_name(backend: str) -> None:
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+
+
+def _as_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(device)
+
+
+def unavailable_reason(backend: str, device=None) -> Optional[str]:
+    """Why ``backend`` cannot run on ``device`` (default: the current CUDA device if there is
+    one, else the CPU), or ``None`` if it can."""
+    _check_name(backend)
+    if backend == "auto":
+        return None
+    module = _load(backend)
+    if module is None:
+        return _import_errors[backend]
+    return module.availability(_as_device(device))
+
+
+def backend_status(device=None) -> Dict[str, str]:
+    """``{backend: "available" or the reason it is not}`` for ``device``."""
+    return {name: unavailable_reason(name, device) or "available" for name in BACKENDS}
+
+
+def available_backends(device=None) -> List[str]:
+    """Names of the backends that can run on ``device`` (default: CUDA if present, else CPU)."""
+    return [name for name in BACKENDS if unavailable_reason(name, device) is None]
+
+
+def select(op: str, backend: str, device: torch.device, dtype: torch.dtype, **options):
+    """Return the backend module that will run ``op``.
+
+    The environment variable ``CAPSNET_EXT_BACKEND`` replaces ``"auto"`` when set (useful to
+    force a backend across a whole program without editing it).
+    """
+    _check_name(backend)
+    if backend == "auto":
+        backend = os.environ.get("CAPSNET_EXT_BACKEND", "auto") or "auto"
+        _check_name(backend)
+    if backend != "auto":
+        module = _load(backend)
+        reason = _import_errors.get(backend) if module is None else module.availability(device)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {backend!r} is unavailable on {device}: {reason}")
+        reason = module.unsupported_reason(op, dtype=dtype, **options)
+        if reason is not None:
+            raise NotImplementedError(f"backend {backend!r} does not support {op} here: {reason}")
+        return module
+    for name in AUTO_ORDER.get(device.type, ("reference",)):
+        module = _load(name)
+        if module is None or module.availability(device) is not None:
+            continue
+        if module.unsupported_reason(op, dtype=dtype, **options) is None:
+            return module
+    return _load("reference")

@@ -1,0 +1,105 @@
+"""Capsule layers: drop-in ``nn.Module`` shells over the functional ops."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..dispatch import _check_name
+
+
+class PrimaryCaps(nn.Module):
+    """Convolutional capsules: one convolution whose ``caps_channels * caps_dim`` output
+    channels are grouped into ``caps_dim``-dimensional capsules at every position, then squashed.
+
+    MNIST (Sabour et al.): 256 input channels, 32 channels of 8D capsules, 9x9 kernels,
+    stride 2: a 20x20 map gives 6x6x32 = 1152 capsules.
+
+    Input ``[B, in_channels, H, W]``; output ``[B, caps_channels * H' * W', caps_dim]`` ordered
+    channel-major (all positions of capsule channel 0, then channel 1, ...).
+    """
+
+    def __init__(self, in_channels: int = 256, caps_channels: int = 32, caps_dim: int = 8,
+                 kernel_size: int = 9, stride: int = 2, padding: int = 0):
+        super().__init__()
+        self.caps_channels = caps_channels
+        self.caps_dim = caps_dim
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        self.conv = nn.Conv2d(in_channels, caps_channels * caps_dim, kernel_size, stride, padding)
+
+    def output_hw(self, height: int, width: int):
+        """Spatial size of the capsule grid for an input map of ``height x width``."""
+        k, s, p = self.kernel_size, self.stride, self.padding
+        return (height + 2 * p - k) // s + 1, (width + 2 * p - k) // s + 1
+
+    def num_capsules(self, height: int, width: int) -> int:
+        h, w = self.output_hw(height, width)
+        return self.caps_channels * h * w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        B, _, H, W = out.shape
+        out = out.view(B, self.caps_channels, self.caps_dim, H, W)
+        out = out.permute(0, 1, 3, 4, 2).reshape(B, self.caps_channels * H * W, self.caps_dim)
+        return ops.squash(out)
+
+
+class RoutingCapsules(nn.Module):
+    """Fully connected capsule layer with dynamic routing (Sabour et al. 2017).
+
+    Holds ``W [in_caps, out_caps, out_dim, in_dim]`` and, with ``bias=True``, a routing bias
+    ``[out_caps, out_dim]`` added to ``s`` before the squash in every iteration.
+    ``forward(u [B, in_caps, in_dim]) -> v [B, out_caps, out_dim]``, or ``(v, c)`` with the last
+    iteration's couplings ``c [B, in_caps, out_caps]`` when ``return_coupling=True``.
+
+    Initialisation: ``W`` is drawn from a normal distribution truncated at two standard
+    deviations with std ``init_std`` (default 0.1) and the bias is ``bias_init`` (default 0.1),
+    the official CapsNet code's choice, so that the paper's recipe is reproduced as written. At
+    the MNIST shape this makes ``|s|`` of order 1 at the start, where the squash is neither
+    saturated nor vanishing. For much wider or deeper stacks pass a smaller ``init_std``
+    (e.g. ``1 / sqrt(in_caps * in_dim / out_caps)``) to keep ``|s|`` in that range.
+    """
+
+    def __init__(self, in_caps: int, out_caps: int, in_dim: int, out_dim: int,
+                 iterations: int = 3, bias: bool = False, leaky: bool = False,
+                 detach_inner: bool = False, backend: str = "auto",
+                 init_std: float = 0.1, bias_init: float = 0.1):
+        super().__init__()
+        for name, value in (("in_caps", in_caps), ("out_caps", out_caps),
+                            ("in_dim", in_dim), ("out_dim", out_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+        _check_name(backend)
+        self.in_caps, self.out_caps, self.in_dim, self.out_dim = in_caps, out_caps, in_dim, out_dim
+        self.iterations = iterations
+        self.leaky = leaky
+        self.detach_inner = detach_inner
+        self.backend = backend
+        self.init_std = init_std
+        self.bias_init = bias_init
+        self.weight = nn.Parameter(torch.empty(in_caps, out_caps, out_dim, in_dim))
+        self.bias = nn.Parameter(torch.empty(out_caps, out_dim)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.weight, std=self.init_std, a=-2 * self.init_std, b=2 * self.init_std)
+        if self.bias is not None:
+            nn.init.constant_(self.bias, self.bias_init)
+
+    def forward(self, u: torch.Tensor, return_coupling: bool = False):
+        return ops.capsule_routing(
+            u, self.weight, self.iterations, bias=self.bias, leaky=self.leaky,
+            detach_inner=self.detach_inner, return_coupling=return_coupling, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"in_caps={self.in_caps}, out_caps={self.out_caps}, in_dim={self.in_dim}, "
+                f"out_dim={self.out_dim}, iterations={self.iterations}, bias={self.bias is not None}, "
+                f"leaky={self.leaky}, detach_inner={self.detach_inner}, backend={self.backend!r}")
