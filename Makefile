@@ -1,0 +1,36 @@
+# Set-up and everyday commands. Each target creates (or reuses) the virtual environment in
+# $(VENV) and installs what it needs, so a fresh clone needs nothing else.
+#   make demo   - the main job: a short CapsNet training on the CPU, prints test accuracy
+#   make test   - the test suite (what CI runs)
+#   make bench  - the quick benchmark suite
+VENV ?= .venv
+PYTHON ?= python3
+# torch==2.13.0 is the release the project is tested with; set TORCH_SPEC to use another one
+# (an already-installed torch in the environment is kept as it is).
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.capsnet_ext-installed
+
+.PHONY: venv demo test bench clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q triton numpy pytest ninja pybind11 tqdm matplotlib tensorboard scikit-learn scipy
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/capsnet-ext demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(VENV)/bin/capsnet-ext bench --quick
+
+clean:
+	rm -rf build *.egg-info
