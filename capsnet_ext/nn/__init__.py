@@ -1,5 +1,6 @@
 """Capsule network modules."""
 from .layers import PrimaryCaps, RoutingCapsules
+from .deep import DeepCapsNet
 from .models import (
     BaselineCNN,
     CapsNet,
@@ -9,5 +10,5 @@ from .models import (
     register_model,
 )
 
-__all__ = ["PrimaryCaps", "RoutingCapsules", "CapsNet", "CapsNetOutput", "BaselineCNN",
+__all__ = ["PrimaryCaps", "RoutingCapsules", "CapsNet", "CapsNetOutput", "BaselineCNN", "DeepCapsNet",
            "MODEL_REGISTRY", "build_model", "register_model"]
