@@ -1,0 +1,188 @@
+"""Where dataset files live, and how they are verified, downloaded and written.
+
+Search order (``data_roots``): the ``data_dir`` argument, the folder named by ``$CAPSNET_DATA``,
+then the user cache ``($XDG_CACHE_HOME or ~/.cache)/capsnet_ext/data``. Downloads go to the
+user cache. Every write goes to a temporary file in the destination folder first and is moved
+into place with ``os.replace`` only once complete and verified, so no reader ever sees half a
+file and a failed download or a checksum mismatch leaves nothing behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from typing import Callable, Iterable, List, Optional, Sequence, Union
+
+DATA_ENV = "CAPSNET_DATA"
+
+PathLike = Union[str, os.PathLike]
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A dataset file is in none of the searched folders and could not be downloaded."""
+
+
+class CorruptDataError(ValueError):
+    """A dataset file exists but is damaged: wrong checksum, truncated or malformed."""
+
+
+def user_cache_dir() -> pathlib.Path:
+    """``($XDG_CACHE_HOME or ~/.cache)/capsnet_ext/data``: where downloads and generated caches go."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "capsnet_ext" / "data"
+
+
+def data_roots(data_dir: Optional[PathLike] = None) -> List[pathlib.Path]:
+    """Folders searched for dataset files, in order: ``data_dir``, ``$CAPSNET_DATA``, user cache.
+
+    Each root holds one sub-folder per dataset (``mnist/``, ``fashion-mnist/``, ``cifar10/``,
+    ...). Duplicates are dropped; folders that do not exist are still listed (so error messages
+    can say where files were looked for).
+    """
+    roots: List[pathlib.Path] = []
+    candidates = [data_dir, os.environ.get(DATA_ENV) or None, user_cache_dir()]
+    for candidate in candidates:
+        if candidate is None:
+            continue
+        path = pathlib.Path(candidate).expanduser()
+        if path not in roots:
+            roots.append(path)
+    return roots
+
+
+def md5sum(path: PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex MD5 digest of a file, read in chunks."""
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_md5(path: PathLike, expected: Optional[str]) -> None:
+    """Raise ``CorruptDataError`` naming ``path`` when its MD5 is not ``expected`` (None: no check)."""
+    if expected is None:
+        return
+    actual = md5sum(path)
+    if actual != expected:
+        size = os.path.getsize(path)
+        raise CorruptDataError(
+            f"{path}: MD5 {actual} does not match the published {expected} ({size} bytes); the "
+            f"file is corrupt or truncated. Nothing was overwritten: delete it, or replace it with "
+            f"the original file, and try again.")
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def atomic_save(path: PathLike, save: Callable[[str], None], suffix: str = ".tmp") -> None:
+    """Call ``save(tmp_path)`` to write a temporary file beside ``path``, then move it into place."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _remove_quietly(path: PathLike) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+# Indirection so tests can simulate being offline without touching the network.
+_urlopen = urllib.request.urlopen
+
+
+def download(urls: Sequence[str], destination: PathLike, md5: Optional[str] = None,
+             timeout: float = 60.0) -> pathlib.Path:
+    """Download the first of ``urls`` that works to ``destination``, verified and written atomically.
+
+    The file is streamed to a temporary file in the destination folder; only when it is complete
+    and its MD5 matches ``md5`` (when given) is it moved to ``destination``. A mirror that fails
+    (network error, wrong checksum) is skipped for the next one. Raises ``DataNotFoundError``
+    listing every URL and its error when none works.
+    """
+    destination = pathlib.Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    errors: List[str] = []
+    for url in urls:
+        fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.",
+                                   suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out, _urlopen(url, timeout=timeout) as response:
+                shutil.copyfileobj(response, out, length=1 << 20)
+            verify_md5(tmp, md5)
+            os.replace(tmp, destination)
+            return destination
+        except (urllib.error.URLError, OSError, CorruptDataError, ValueError) as exc:
+            errors.append(f"{url}: {exc}")
+        finally:
+            _remove_quietly(tmp)
+    raise DataNotFoundError("could not download " + destination.name + ":\n  " + "\n  ".join(errors))
+
+
+def not_found_message(dataset: str, filenames: Iterable[str], searched: Iterable[pathlib.Path],
+                      subdir: str, download_note: str) -> str:
+    """The error text for missing files: what was needed, every folder searched, how to fix it."""
+    searched = list(searched)
+    lines = [f"{dataset}: could not find {', '.join(filenames)}.", "Looked in:"]
+    lines += [f"  {folder}" + ("" if folder.is_dir() else "  (does not exist)") for folder in searched]
+    lines.append(download_note)
+    lines.append(
+        f"To provide the files, put them in a folder named '{subdir}/' inside a data folder and "
+        f"pass that data folder as data_dir (--data-dir) or set ${DATA_ENV} to it; files in "
+        f"{user_cache_dir() / subdir} are found too.")
+    return "\n".join(lines)
+
+
+def find_file(names: Sequence[str], roots: Sequence[pathlib.Path], subdirs: Sequence[str]):
+    """First existing ``root/subdir/name`` (roots outermost, then subdirs, then names), else None.
+
+    Returns ``(path, name)``; also the list of folders searched, for error messages.
+    """
+    searched: List[pathlib.Path] = []
+    for root in roots:
+        for subdir in subdirs:
+            folder = root / subdir
+            searched.append(folder)
+            for name in names:
+                candidate = folder / name
+                if candidate.is_file():
+                    return candidate, name, searched
+    return None, None, searched
+
+
+def writable_dir(candidates: Sequence[pathlib.Path]) -> pathlib.Path:
+    """First of ``candidates`` that exists (or can be created) and is writable."""
+    for folder in candidates:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK):
+            return folder
+    raise PermissionError("none of these folders is writable: " + ", ".join(map(str, candidates)))
