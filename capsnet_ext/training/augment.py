@@ -1,0 +1,125 @@
+"""Batch augmentation with offsets drawn per *global* batch position.
+
+The trainer draws every random offset of a global batch from a generator seeded by
+``(seed, step)`` and gives each rank the rows of its own examples. So the augmentation needs
+no saved state to resume exactly, and a DDP run sees the same augmented images as a
+single-process run with the same global batch.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A CPU generator that depends only on ``(seed, step)``."""
+    state = np.random.SeedSequence([int(seed), int(step), 0x5EED]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def shift_images(images: torch.Tensor, offsets: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Translate each image by its own integer offset with zero padding.
+
+    Args:
+        images: ``[B, C, H, W]`` (or ``[B, K, C, H, W]``: the same offset for all ``K``).
+        offsets: ``[B, 2]`` integer ``(dy, dx)`` with ``|offset| <= max_shift``; positive
+            moves content down/right.
+        max_shift: the padding, a bound on the offsets known without reading them (no
+            host synchronisation on a GPU).
+    Returns:
+        Shifted images, same shape and dtype.
+    """
+    if offsets.shape != (images.shape[0], 2):
+        raise ValueError(f"offsets must have shape [{images.shape[0]}, 2], got {tuple(offsets.shape)}")
+    if images.dim() == 5:
+        B, K = images.shape[:2]
+        flat = shift_images(images.flatten(0, 1), offsets.repeat_interleave(K, dim=0), max_shift)
+        return flat.view_as(images)
+    if images.dim() != 4:
+        raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
+    B, C, H, W = images.shape
+    if max_shift == 0:
+        return images
+    device = images.device
+    offsets = offsets.to(device)
+    padded = torch.nn.functional.pad(images, (max_shift,) * 4)
+    rows = torch.arange(H, device=device).unsqueeze(0) + max_shift - offsets[:, :1]   # [B, H]
+    cols = torch.arange(W, device=device).unsqueeze(0) + max_shift - offsets[:, 1:]   # [B, W]
+    batch = torch.arange(B, device=device).view(B, 1, 1)
+    out = padded[batch, :, rows.unsqueeze(2), cols.unsqueeze(1)]     # [B, H, W, C]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def crop_images(images: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop ``size x size`` windows at per-image ``tops``/``lefts`` from ``[B, C, H, W]``
+    (or ``[B, K, C, H, W]``)."""
+    if images.dim() == 5:
+        B, K = images.shape[:2]
+        flat = crop_images(images.flatten(0, 1), tops.repeat_interleave(K), lefts.repeat_interleave(K), size)
+        return flat.view(B, K, *flat.shape[1:])
+    B, C, H, W = images.shape
+    if size > H or size > W:
+        raise ValueError(f"crop size {size} is larger than the images ({H}x{W})")
+    device = images.device
+    rows = torch.arange(size, device=device).unsqueeze(0) + tops.to(device).view(B, 1)
+    cols = torch.arange(size, device=device).unsqueeze(0) + lefts.to(device).view(B, 1)
+    batch = torch.arange(B, device=device).view(B, 1, 1)
+    return images[batch, :, rows.unsqueeze(2), cols.unsqueeze(1)].permute(0, 3, 1, 2).contiguous()
+
+
+def center_crop_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    H, W = images.shape[-2:]
+    if size > H or size > W:
+        raise ValueError(f"crop size {size} is larger than the images ({H}x{W})")
+    top, left = (H - size) // 2, (W - size) // 2
+    return images[..., top:top + size, left:left + size].contiguous()
+
+
+class BatchAugmenter:
+    """Training augmentation of a (local slice of a) global batch.
+
+    ``max_shift``: random translations of up to that many pixels, zero padding (the paper's
+    MNIST augmentation). ``crop_size``: random ``crop_size`` crops (the CIFAR-10 recipe).
+    Applied to ``"image"`` and, when present, ``"components"`` with the same offsets.
+    """
+
+    def __init__(self, seed: int, max_shift: int = 0, crop_size=None, rank: int = 0, world_size: int = 1):
+        self.seed, self.max_shift, self.crop_size = seed, max_shift, crop_size
+        self.rank, self.world_size = rank, world_size
+
+    @property
+    def active(self) -> bool:
+        return self.max_shift > 0 or self.crop_size is not None
+
+    def __call__(self, batch: dict, step: int) -> dict:
+        if not self.active:
+            return batch
+        local = batch["image"].shape[0]
+        global_batch = local * self.world_size
+        generator = step_generator(self.seed, step)
+        # Rank r holds the global positions r, r + W, r + 2W, ... (DistributedSampler's split).
+        rows = torch.arange(self.rank, global_batch, self.world_size)
+        batch = dict(batch)
+        keys = [k for k in ("image", "components") if k in batch]
+        if self.crop_size is not None:
+            H, W = batch["image"].shape[-2:]
+            tops = torch.randint(0, H - self.crop_size + 1, (global_batch,), generator=generator)[rows]
+            lefts = torch.randint(0, W - self.crop_size + 1, (global_batch,), generator=generator)[rows]
+            for key in keys:
+                batch[key] = crop_images(batch[key], tops, lefts, self.crop_size)
+        if self.max_shift > 0:
+            m = self.max_shift
+            offsets = torch.randint(-m, m + 1, (global_batch, 2), generator=generator)[rows]
+            for key in keys:
+                batch[key] = shift_images(batch[key], offsets, m)
+        return batch
+
+    def evaluation(self, batch: dict) -> dict:
+        """Test-time transform: the centre crop when training crops, otherwise nothing."""
+        if self.crop_size is None:
+            return batch
+        batch = dict(batch)
+        for key in ("image", "components"):
+            if key in batch and batch[key].shape[-1] != self.crop_size:
+                batch[key] = center_crop_images(batch[key], self.crop_size)
+        return batch

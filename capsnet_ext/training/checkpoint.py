@@ -1,0 +1,123 @@
+"""Checkpoints: atomic save, load with clear errors, and the RNG states that make
+``--resume`` continue bit-identically.
+
+A checkpoint is one ``torch.save`` dict::
+
+    model_config  dict for capsnet_ext.nn.build_model
+    model         state_dict (unwrapped from DDP)
+    optimizer, scheduler   state_dicts
+    rng           this process's RNG states (torch CPU, CUDA, numpy, python)
+    rng_per_rank  list of every rank's RNG states under DDP (else [rng])
+    step, epoch   optimizer steps done, epoch the next step belongs to
+    config        dataclasses.asdict(TrainConfig)
+    metrics       latest evaluation metrics; best_error; versions
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import random
+import tempfile
+from typing import Any, Dict
+
+import numpy as np
+import torch
+
+CHECKPOINT_KEYS = ("model_config", "model", "optimizer", "scheduler", "rng", "step", "epoch",
+                   "config", "metrics")
+
+
+def rng_state() -> Dict[str, Any]:
+    """Every RNG state this process draws from."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def atomic_torch_save(obj: Any, path: os.PathLike) -> pathlib.Path:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a
+    reader (or a crash) never sees half a checkpoint."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: os.PathLike, text: str) -> pathlib.Path:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: os.PathLike, map_location="cpu") -> Dict[str, Any]:
+    """Load a checkpoint written by the trainer; raise a clear error for a missing,
+    truncated or foreign file."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.pt", path / "last.pt"):
+            if candidate.is_file():
+                path = candidate
+                break
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        # Checkpoints hold numpy/python RNG states and plain dicts, not only tensors.
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"checkpoint {str(path)!r} could not be read (truncated or not a "
+                         f"capsnet_ext checkpoint): {type(exc).__name__}: {exc}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint {str(path)!r} holds a {type(ckpt).__name__}, expected a dict")
+    missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
+    if missing:
+        raise ValueError(f"checkpoint {str(path)!r} lacks the keys {missing}; it was not written "
+                         "by capsnet_ext.training")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt_or_path, map_location="cpu", **model_overrides):
+    """Rebuild the model of a checkpoint (``build_model(model_config)`` + weights), in
+    eval mode. ``model_overrides`` change constructor arguments that do not affect the
+    weights, e.g. ``backend`` or ``iterations``."""
+    from ..nn import build_model
+
+    ckpt = ckpt_or_path if isinstance(ckpt_or_path, dict) else load_checkpoint(ckpt_or_path, map_location)
+    model_config = dict(ckpt["model_config"])
+    model_config.update(model_overrides)
+    model = build_model(model_config)
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
