@@ -1,0 +1,81 @@
+"""Triton backend of capsnet_ext (name ``"triton"`` in :mod:`capsnet_ext.dispatch`).
+
+* :mod:`.predict`: ``u_hat = W @ u`` forward, ``du`` and ``dW``.
+* :mod:`.routing`: the routing loop over given ``u_hat`` fused into sweeps over the input
+  capsules, with a custom backward.
+* :mod:`.capsule_routing`: prediction and routing fused; ``u_hat`` is recomputed in every
+  pass and never stored.
+* :mod:`._routing_core`: the kernels and autograd.Function the two routing ops share.
+
+Runs on CUDA tensors, and on CPU tensors only under Triton's interpreter
+(``TRITON_INTERPRET=1`` set before triton is imported), a testing tool. Every option of the API
+is supported for float16, bfloat16, float32 and float64. Float32 math is exact IEEE float32
+(no tensor-core ``tl.dot`` is used, so the TF32 settings have nothing to relax); float16 and
+bfloat16 accumulate in float32.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+NAME = "triton"
+
+_SUPPORTED_OPS = ("predict", "dynamic_routing", "capsule_routing")
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+try:
+    import triton  # noqa: F401
+
+    _IMPORT_ERROR: Optional[str] = None
+except Exception as exc:  # the package must import without triton
+    _IMPORT_ERROR = f"triton is not importable ({type(exc).__name__}: {exc}); pip install triton"
+
+if _IMPORT_ERROR is None:
+    from .capsule_routing import capsule_routing
+    from .predict import predict
+    from .routing import dynamic_routing
+else:
+    def _missing(*args, **kwargs):
+        raise RuntimeError(f"the Triton backend is unavailable: {_IMPORT_ERROR}")
+
+    predict = dynamic_routing = capsule_routing = _missing
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def availability(device) -> Optional[str]:
+    """``None`` when the Triton kernels can run on tensors of ``device``, else why not."""
+    device = torch.device(device)
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    if device.type == "cuda":
+        if interpreter_enabled():
+            return ("TRITON_INTERPRET=1 is set, so Triton runs kernels in its CPU interpreter, "
+                    "which cannot take CUDA tensors; unset it before triton is imported")
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available to this PyTorch build"
+        return None
+    if device.type == "cpu":
+        if interpreter_enabled():
+            return None
+        return ("Triton kernels need a CUDA GPU; on the CPU they run only in Triton's "
+                "interpreter, a testing tool: set TRITON_INTERPRET=1 before triton is imported")
+    return f"Triton kernels run on CUDA devices, not on {device.type}"
+
+
+def unsupported_reason(op: str, *, dtype: torch.dtype, iterations: int = 1, bias: bool = False,
+                       leaky: bool = False, detach_inner: bool = False,
+                       return_coupling: bool = False) -> Optional[str]:
+    """``None`` when ``op`` with these options is implemented (all options are)."""
+    if op not in _SUPPORTED_OPS:
+        return f"unknown op {op!r}; the Triton backend implements {_SUPPORTED_OPS}"
+    if dtype not in _SUPPORTED_DTYPES:
+        return f"dtype {dtype} is not supported; expected one of {_SUPPORTED_DTYPES}"
+    return None
+
+
+__all__ = ["availability", "unsupported_reason", "predict", "dynamic_routing", "capsule_routing"]

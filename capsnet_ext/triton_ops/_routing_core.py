@@ -1,0 +1,518 @@
+"""Fused routing by agreement in Triton: the kernels and the autograd.Function shared by
+:mod:`.routing` (``u_hat`` given) and :mod:`.capsule_routing` (``u_hat`` recomputed from
+``u`` and ``W`` in every pass, never written to memory).
+
+Math (per sample; see the derivation in the module docstrings of the two wrappers): after r
+agreement updates the logits are ``l_ij = <u_hat_ij, V_j>`` with ``V = v^1 + ... + v^r``, so
+iteration r needs only ``V^r`` (J*Dout numbers per sample) and is one sweep over the input
+capsules producing ``s^r_j = sum_i c_ij u_hat_ij``.
+
+Design
+------
+Tiles: one program holds a tile ``[BLOCK_I, BLOCK_J, BLOCK_D]`` of prediction vectors (all
+output capsules of ``BLOCK_I`` input capsules; J and Dout padded to powers of two and masked).
+In the fused op the tile is recomputed as ``sum_k W[i, j, d, k] * u[b, i, k]`` from a
+``[BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_K]`` tile of W. No tensor core instruction (``tl.dot``) is
+used, so float32 math is exact IEEE float32 whatever the TF32 flags say; float16 and bfloat16
+are loaded and upcast to float32, float64 stays float64.
+
+Kernels and grids (``n_isplit`` splits of the input capsules, chosen to fill the GPU):
+
+* ``_sweep_kernel``, grid ``(B, n_isplit)``: program ``(b, split)`` walks its range of input
+  capsules in ``BLOCK_I`` chunks holding ``V^r_b`` and a ``[J, Dout]`` accumulator. Forward it
+  accumulates ``sum_i c_ij u_hat_ij``; backward (``BACKWARD``) it accumulates
+  ``D_j = sum_i gl_ij u_hat_ij``, the gradient reaching ``V^r``. Each program writes its partial
+  sum to a workspace ``[n_isplit, B, J, Dout]``: the sum over i crosses programs there,
+  deterministically (no atomics).
+* ``_finalize_fwd_kernel``, grid ``(B,)``: sums the partials, adds the bias, squashes, saves
+  ``s^r``, writes ``V^(r+1) = V^r + v^r`` (or the output ``v`` after the last iteration).
+* ``_finalize_bwd_kernel``, grid ``(B,)``: sums the backward partials into ``G`` (gradient
+  reaching ``V``), forms ``gv^r = G (+ dL/dv on the last iteration)`` and applies the squash
+  backward to get ``gs^r``.
+* ``_input_grad_kernel``, grid ``(n_itiles, n_bsplit)``: the final backward sweep. Program
+  ``(tile, split)`` keeps its W tile in registers, loops over its samples and, for each,
+  accumulates ``g_u_hat_ij = sum_r c^r_ij gs^r_j + gl^r_ij V^r_j`` (all iterations, couplings
+  recomputed from the saved ``V^r``), then writes ``du`` and accumulates ``dW`` over its
+  samples in registers; ``n_bsplit > 1`` partial ``dW`` are summed afterwards. Without fusion
+  it writes ``g_u_hat`` instead.
+
+Launches: ``2R`` forward, ``2R`` backward (``R - 1`` sweeps, ``R`` finalizes, one input-gradient
+sweep; ``detach_inner`` needs one finalize and the input-gradient sweep).
+
+Saved for backward: the inputs (``u`` and ``W``, or ``u_hat``) and, per iteration, ``s^r`` and
+``V^r`` (``[R, B, J, Dout]`` each, float32 or float64). Memory kept for backward by the fused
+op: ``B*I*Din + I*J*Dout*Din + 2*R*B*J*Dout`` elements, against ``~B*I*J*Dout*(3R + 1)`` for
+autograd over the reference.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# Elements of the largest register tile one program holds (W tile in the fused backward). Larger
+# tiles mean fewer chunk iterations; this keeps GPU register use moderate.
+TILE_ELEMENTS = 8192
+# The widest [J, Dout, Din] slice of a single input capsule the kernels accept.
+MAX_CAPSULE_ELEMENTS = 1 << 16
+# Tests set this to (n_isplit, n_bsplit) to force the multi-program reductions on small shapes.
+FORCE_SPLITS: Optional[tuple] = None
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter runs programs one after another: fewer is faster
+
+
+class _Plan:
+    """Block sizes and grid splits for one call (one helper, fails clearly at its limit)."""
+
+    def __init__(self, B: int, I: int, J: int, D: int, Din: int, fused: bool, device: torch.device):
+        self.BLOCK_J = triton.next_power_of_2(J)
+        self.BLOCK_D = triton.next_power_of_2(D)
+        self.BLOCK_K = triton.next_power_of_2(Din) if fused else 1
+        per_capsule = self.BLOCK_J * self.BLOCK_D * self.BLOCK_K
+        if per_capsule > MAX_CAPSULE_ELEMENTS:
+            raise NotImplementedError(
+                f"the Triton routing kernels hold one input capsule's [J, Dout{', Din' if fused else ''}] "
+                f"slice in registers, padded to {per_capsule} elements; the limit is "
+                f"{MAX_CAPSULE_ELEMENTS} (got J={J}, Dout={D}{f', Din={Din}' if fused else ''}); "
+                "use backend='reference'"
+            )
+        block_i = max(1, TILE_ELEMENTS // per_capsule)
+        self.BLOCK_I = min(triton.next_power_of_2(I), 1 << (block_i.bit_length() - 1))
+        n_chunks = triton.cdiv(I, self.BLOCK_I)
+        target = _target_programs(device)
+        if FORCE_SPLITS is not None:
+            n_isplit, n_bsplit = FORCE_SPLITS
+        else:
+            n_isplit = triton.cdiv(target, B)
+            n_bsplit = triton.cdiv(target, n_chunks)
+        n_isplit = max(1, min(n_isplit, n_chunks))
+        # Every split covers a whole number of chunks.
+        self.i_per_split = triton.cdiv(n_chunks, n_isplit) * self.BLOCK_I
+        self.n_isplit = triton.cdiv(I, self.i_per_split)
+        self.n_itiles = n_chunks
+        n_bsplit = max(1, min(n_bsplit, B))
+        self.b_per_split = triton.cdiv(B, n_bsplit)
+        self.n_bsplit = triton.cdiv(B, self.b_per_split)
+        self.num_warps = 4 if per_capsule * self.BLOCK_I <= 4096 else 8
+
+
+# --------------------------------------------------------------------------------------------
+# Device helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _u_hat_tile(
+    b, i_offs, i_mask,
+    src_ptr, s_b, s_i, s_j, s_d,  # u_hat [B, I, J, D], or u [B, I, Din] (s_j is Din's stride)
+    w_ptr, w_i, w_j, w_d, w_k,  # W [I, J, D, Din] (fused only)
+    J, D, Din,
+    FUSED: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Prediction vectors of input capsules ``i_offs`` of sample ``b``: [BLOCK_I, BLOCK_J, BLOCK_D],
+    zero outside the valid range."""
+    j_offs = tl.arange(0, BLOCK_J)
+    d_offs = tl.arange(0, BLOCK_D)
+    i3 = i_offs[:, None, None]
+    j3 = j_offs[None, :, None]
+    d3 = d_offs[None, None, :]
+    if FUSED:
+        k_offs = tl.arange(0, BLOCK_K)
+        u_tile = tl.load(
+            src_ptr + b * s_b + i_offs[:, None] * s_i + k_offs[None, :] * s_j,
+            mask=i_mask[:, None] & (k_offs[None, :] < Din), other=0.0,
+        ).to(ACC)
+        w_mask = (i_mask[:, None, None, None] & (j3 < J)[:, :, :, None] & (d3 < D)[:, :, :, None]
+                  & (k_offs < Din)[None, None, None, :])
+        w_tile = tl.load(
+            w_ptr + i3[:, :, :, None] * w_i + j3[:, :, :, None] * w_j + d3[:, :, :, None] * w_d
+            + k_offs[None, None, None, :] * w_k,
+            mask=w_mask, other=0.0,
+        ).to(ACC)
+        return tl.sum(w_tile * u_tile[:, None, None, :], axis=3)
+    else:
+        mask = i_mask[:, None, None] & (j3 < J) & (d3 < D)
+        return tl.load(src_ptr + b * s_b + i3 * s_i + j3 * s_j + d3 * s_d, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _coupling(u_hat, V, j_mask, LEAKY: tl.constexpr):
+    """Couplings ``softmax_j <u_hat_ij, V_j>`` of a tile: [BLOCK_I, BLOCK_J]. ``leaky`` adds a
+    constant zero logit to each softmax (its coefficient is not returned)."""
+    logits = tl.sum(u_hat * V[None, :, :], axis=2)
+    logits = tl.where(j_mask[None, :], logits, float("-inf"))
+    row_max = tl.max(logits, axis=1)
+    if LEAKY:
+        row_max = tl.maximum(row_max, 0.0)
+    e = tl.exp(logits - row_max[:, None])
+    denom = tl.sum(e, axis=1)
+    if LEAKY:
+        denom += tl.exp(-row_max)
+    return e / denom[:, None]
+
+
+@triton.jit
+def _load_jd(ptr, J, D, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """A contiguous [J, D] block as a zero-padded [BLOCK_J, BLOCK_D] tile."""
+    j = tl.arange(0, BLOCK_J)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    return tl.load(ptr + j * D + d, mask=(j < J) & (d < D), other=0.0).to(ACC)
+
+
+@triton.jit
+def _store_jd(ptr, value, J, D, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    j = tl.arange(0, BLOCK_J)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    tl.store(ptr + j * D + d, value.to(ptr.dtype.element_ty), mask=(j < J) & (d < D))
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _sweep_kernel(
+    src_ptr, s_b, s_i, s_j, s_d,  # u_hat, or u (fused)
+    w_ptr, w_i, w_j, w_d, w_k,  # W (fused only)
+    V_ptr,  # [B, J, D] running sum of earlier outputs, this iteration's slice of V_all
+    gs_ptr,  # [B, J, D] gradient wrt s of this iteration (BACKWARD only)
+    partial_ptr,  # [n_isplit, B, J, D] output: this program's share of the sum over i
+    c_ptr,  # [B, I, J] output couplings (STORE_C only)
+    B, I, J, D, Din, i_per_split,
+    FUSED: tl.constexpr, BACKWARD: tl.constexpr, LEAKY: tl.constexpr, STORE_C: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Forward: ``partial_j = sum_i c_ij u_hat_ij`` over this program's input capsules.
+    Backward: ``partial_j = sum_i gl_ij u_hat_ij`` with ``gc_ij = <gs_j, u_hat_ij>`` and the
+    softmax backward ``gl_ij = c_ij (gc_ij - sum_k c_ik gc_ik)`` (sum over the real outputs
+    only: a leaky logit is a constant)."""
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    j_offs = tl.arange(0, BLOCK_J)
+    j_mask = j_offs < J
+    V = _load_jd(V_ptr + b * J * D, J, D, BLOCK_J, BLOCK_D, ACC)
+    if BACKWARD:
+        gs = _load_jd(gs_ptr + b * J * D, J, D, BLOCK_J, BLOCK_D, ACC)
+    acc = tl.zeros([BLOCK_J, BLOCK_D], dtype=ACC)
+    i_begin = split * i_per_split
+    i_end = tl.minimum(i_begin + i_per_split, I)
+    for i0 in range(i_begin, i_end, BLOCK_I):
+        i_offs = i0 + tl.arange(0, BLOCK_I)
+        i_mask = i_offs < I
+        u_hat = _u_hat_tile(b, i_offs, i_mask, src_ptr, s_b, s_i, s_j, s_d, w_ptr, w_i, w_j, w_d, w_k,
+                            J, D, Din, FUSED, ACC, BLOCK_J, BLOCK_D, BLOCK_K)
+        c = _coupling(u_hat, V, j_mask, LEAKY)
+        if BACKWARD:
+            gc = tl.sum(u_hat * gs[None, :, :], axis=2)
+            weight = c * (gc - tl.sum(c * gc, axis=1)[:, None])
+        else:
+            weight = c
+            if STORE_C:
+                tl.store(c_ptr + b * I * J + i_offs[:, None] * J + j_offs[None, :],
+                         c.to(c_ptr.dtype.element_ty), mask=i_mask[:, None] & j_mask[None, :])
+        acc += tl.sum(weight[:, :, None] * u_hat, axis=0)
+    _store_jd(partial_ptr + (split * B + b) * J * D, acc, J, D, BLOCK_J, BLOCK_D)
+
+
+@triton.jit
+def _finalize_fwd_kernel(
+    partial_ptr, n_isplit,  # [n_isplit, B, J, D] partial sums over i
+    bias_ptr,  # [J, D] (HAS_BIAS only)
+    s_ptr,  # [B, J, D] output: s of this iteration (saved for backward)
+    V_ptr,  # [B, J, D] V of this iteration
+    V_next_ptr,  # [B, J, D] output: V + v (not LAST)
+    v_ptr,  # [B, J, D] output: v, in the caller's dtype (LAST only)
+    B, J, D,
+    HAS_BIAS: tl.constexpr, LAST: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``s = sum of partials + bias``, ``v = squash(s) = s |s| / (1 + |s|^2)``."""
+    b = tl.program_id(0)
+    s = tl.zeros([BLOCK_J, BLOCK_D], dtype=ACC)
+    for split in range(0, n_isplit):
+        s += _load_jd(partial_ptr + (split * B + b) * J * D, J, D, BLOCK_J, BLOCK_D, ACC)
+    if HAS_BIAS:
+        s += _load_jd(bias_ptr, J, D, BLOCK_J, BLOCK_D, ACC)
+    _store_jd(s_ptr + b * J * D, s, J, D, BLOCK_J, BLOCK_D)
+    sq_norm = tl.sum(s * s, axis=1)
+    v = s * (tl.sqrt(sq_norm) / (1.0 + sq_norm))[:, None]
+    if LAST:
+        _store_jd(v_ptr + b * J * D, v, J, D, BLOCK_J, BLOCK_D)
+    else:
+        V = _load_jd(V_ptr + b * J * D, J, D, BLOCK_J, BLOCK_D, ACC)
+        _store_jd(V_next_ptr + b * J * D, V + v, J, D, BLOCK_J, BLOCK_D)
+
+
+@triton.jit
+def _finalize_bwd_kernel(
+    partial_ptr, n_isplit,  # [n_isplit, B, J, D] partial D_j of the later iteration (HAS_PARTIAL)
+    G_ptr,  # [B, J, D] in/out: gradient reaching V from later iterations
+    gv_last_ptr,  # [B, J, D] dL/dv of the output (LAST only)
+    s_ptr,  # [B, J, D] saved s of this iteration
+    gs_ptr,  # [B, J, D] output: dL/ds of this iteration
+    B, J, D,
+    HAS_PARTIAL: tl.constexpr, LAST: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Squash backward. With ``n = |s|`` and ``h(n) = n / (1 + n^2)``:
+    ``gs = h(n) gv + (1 - n^2) / ((1 + n^2)^2 n) <s, gv> s``; the second term vanishes like
+    ``n`` as ``s -> 0``, so it is set to zero at ``s = 0``."""
+    b = tl.program_id(0)
+    G = _load_jd(G_ptr + b * J * D, J, D, BLOCK_J, BLOCK_D, ACC)
+    if HAS_PARTIAL:
+        for split in range(0, n_isplit):
+            G += _load_jd(partial_ptr + (split * B + b) * J * D, J, D, BLOCK_J, BLOCK_D, ACC)
+        _store_jd(G_ptr + b * J * D, G, J, D, BLOCK_J, BLOCK_D)
+    gv = G
+    if LAST:
+        gv += _load_jd(gv_last_ptr + b * J * D, J, D, BLOCK_J, BLOCK_D, ACC)
+    s = _load_jd(s_ptr + b * J * D, J, D, BLOCK_J, BLOCK_D, ACC)
+    sq_norm = tl.sum(s * s, axis=1)
+    norm = tl.sqrt(sq_norm)
+    one_plus = 1.0 + sq_norm
+    safe_norm = tl.where(sq_norm > 0, norm, 1.0)  # no division by zero, even in a dead branch
+    radial = tl.where(sq_norm > 0, (1.0 - sq_norm) / (one_plus * one_plus * safe_norm), 0.0)
+    s_dot_gv = tl.sum(s * gv, axis=1)
+    gs = (norm / one_plus)[:, None] * gv + (radial * s_dot_gv)[:, None] * s
+    _store_jd(gs_ptr + b * J * D, gs, J, D, BLOCK_J, BLOCK_D)
+
+
+@triton.jit
+def _input_grad_kernel(
+    src_ptr, s_b, s_i, s_j, s_d,  # u_hat, or u (fused)
+    w_ptr, w_i, w_j, w_d, w_k,  # W (fused only)
+    V_all_ptr, gs_all_ptr,  # [R, B, J, D] saved V^r and the gradients gs^r
+    g_src_ptr,  # output: g_u_hat [B, I, J, D] contiguous, or du [B, I, Din] contiguous (fused)
+    g_w_ptr,  # output (fused, NEED_DW): dW partials [n_bsplit, I, J, D, Din] contiguous
+    B, I, J, D, Din, R, b_per_split,
+    FUSED: tl.constexpr, LEAKY: tl.constexpr, DETACH: tl.constexpr,
+    NEED_DSRC: tl.constexpr, NEED_DW: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``g_u_hat_ij = sum_r c^r_ij gs^r_j + gl^r_ij V^r_j`` (only the last iteration's first term
+    with ``DETACH``), then ``du_i = sum_j W_ij^T g_u_hat_ij`` and
+    ``dW_ij = sum_b g_u_hat_ij u_i^T`` (fused), or ``g_u_hat`` itself."""
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    i_offs = tile * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_mask = i_offs < I
+    j_offs = tl.arange(0, BLOCK_J)
+    j_mask = j_offs < J
+    d_offs = tl.arange(0, BLOCK_D)
+    i3 = i_offs[:, None, None]
+    j3 = j_offs[None, :, None]
+    d3 = d_offs[None, None, :]
+    mask3 = i_mask[:, None, None] & (j3 < J) & (d3 < D)
+    if FUSED:
+        # The W tile stays in registers for all the samples of this program.
+        k_offs = tl.arange(0, BLOCK_K)
+        k4 = k_offs[None, None, None, :]
+        mask4 = mask3[:, :, :, None] & (k4 < Din)
+        w_tile = tl.load(w_ptr + i3[:, :, :, None] * w_i + j3[:, :, :, None] * w_j
+                         + d3[:, :, :, None] * w_d + k4 * w_k, mask=mask4, other=0.0).to(ACC)
+        if NEED_DW:
+            dW = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_K], dtype=ACC)
+    if DETACH:
+        r_begin = R - 1
+    else:
+        r_begin = 0
+    b_begin = split * b_per_split
+    b_end = tl.minimum(b_begin + b_per_split, B)
+    for b in range(b_begin, b_end):
+        if FUSED:
+            u_tile = tl.load(src_ptr + b * s_b + i_offs[:, None] * s_i + k_offs[None, :] * s_j,
+                             mask=i_mask[:, None] & (k_offs[None, :] < Din), other=0.0).to(ACC)
+            u_hat = tl.sum(w_tile * u_tile[:, None, None, :], axis=3)
+        else:
+            u_hat = tl.load(src_ptr + b * s_b + i3 * s_i + j3 * s_j + d3 * s_d, mask=mask3,
+                            other=0.0).to(ACC)
+        g_u_hat = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D], dtype=ACC)
+        for r in range(r_begin, R):
+            V = _load_jd(V_all_ptr + (r * B + b) * J * D, J, D, BLOCK_J, BLOCK_D, ACC)
+            gs = _load_jd(gs_all_ptr + (r * B + b) * J * D, J, D, BLOCK_J, BLOCK_D, ACC)
+            c = _coupling(u_hat, V, j_mask, LEAKY)
+            g_u_hat += c[:, :, None] * gs[None, :, :]
+            if not DETACH:
+                # Through the logits <u_hat, V^r>; V^1 = 0, so the first iteration adds nothing.
+                if r > 0:
+                    gc = tl.sum(u_hat * gs[None, :, :], axis=2)
+                    gl = c * (gc - tl.sum(c * gc, axis=1)[:, None])
+                    g_u_hat += gl[:, :, None] * V[None, :, :]
+        if FUSED:
+            if NEED_DSRC:
+                du = tl.sum(tl.sum(w_tile * g_u_hat[:, :, :, None], axis=2), axis=1)
+                tl.store(g_src_ptr + b * I * Din + i_offs[:, None] * Din + k_offs[None, :],
+                         du.to(g_src_ptr.dtype.element_ty),
+                         mask=i_mask[:, None] & (k_offs[None, :] < Din))
+            if NEED_DW:
+                dW += g_u_hat[:, :, :, None] * u_tile[:, None, None, :]
+        else:
+            tl.store(g_src_ptr + ((b * I + i3) * J + j3) * D + d3,
+                     g_u_hat.to(g_src_ptr.dtype.element_ty), mask=mask3)
+    if FUSED:
+        if NEED_DW:
+            tl.store(g_w_ptr + split * I * J * D * Din
+                     + ((i3[:, :, :, None] * J + j3[:, :, :, None]) * D + d3[:, :, :, None]) * Din + k4,
+                     dW.to(g_w_ptr.dtype.element_ty), mask=mask4)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+def _source_args(src: torch.Tensor, W: Optional[torch.Tensor]):
+    """(src, 4 strides, W, 4 strides) as the kernels take them; u has 3 strides, padded."""
+    if W is None:
+        return (src, *src.stride(), src, 0, 0, 0, 0)
+    return (src, *src.stride(), 0, W, *W.stride())
+
+
+def routing_forward(src, W, iterations, bias, leaky, return_coupling):
+    """Run the R forward sweeps. ``src`` is ``u_hat [B, I, J, D]`` (``W is None``) or
+    ``u [B, I, Din]`` (fused with ``W [I, J, D, Din]``).
+
+    Returns ``v [B, J, D]`` (src's dtype), the saved ``s_all`` and ``V_all`` (``[R, B, J, D]``,
+    accumulation dtype) and the last couplings ``c [B, I, J]`` or ``None``.
+    """
+    fused = W is not None
+    if fused:
+        B, I, Din = src.shape
+        _, J, D, _ = W.shape
+    else:
+        B, I, J, D = src.shape
+        Din = 1
+    plan = _Plan(B, I, J, D, Din, fused, src.device)
+    acc = acc_dtype(src.dtype)
+    R = iterations
+    s_all = torch.empty(R, B, J, D, device=src.device, dtype=acc)
+    V_all = torch.empty(R, B, J, D, device=src.device, dtype=acc)
+    V_all[0].zero_()
+    partial = torch.empty(plan.n_isplit, B, J, D, device=src.device, dtype=acc)
+    v = torch.empty(B, J, D, device=src.device, dtype=src.dtype)
+    c = torch.empty(B, I, J, device=src.device, dtype=src.dtype) if return_coupling else partial
+    bias_arg = bias.contiguous() if bias is not None else partial
+    src_args = _source_args(src, W)
+    meta = dict(ACC=_tl_acc(src.dtype), BLOCK_J=plan.BLOCK_J, BLOCK_D=plan.BLOCK_D)
+    for r in range(R):
+        last = r == R - 1
+        _sweep_kernel[(B, plan.n_isplit)](
+            *src_args, V_all[r], partial, partial, c, B, I, J, D, Din, plan.i_per_split,
+            FUSED=fused, BACKWARD=False, LEAKY=leaky, STORE_C=return_coupling and last,
+            BLOCK_I=plan.BLOCK_I, BLOCK_K=plan.BLOCK_K, num_warps=plan.num_warps, **meta,
+        )
+        _finalize_fwd_kernel[(B,)](
+            partial, plan.n_isplit, bias_arg, s_all[r], V_all[r], V_all[r + 1] if not last else v, v,
+            B, J, D, HAS_BIAS=bias is not None, LAST=last, **meta,
+        )
+    return v, s_all, V_all, (c if return_coupling else None)
+
+
+def routing_backward(src, W, grad_v, s_all, V_all, leaky, detach_inner, need_src, need_w):
+    """Gradients ``(d_src, dW, gs_all)`` of the routing output wrt ``src`` (``u_hat``, or ``u``
+    when fused) and ``W`` (fused only; ``None`` otherwise), plus ``gs_all [R, B, J, D]``, the
+    gradient wrt every iteration's ``s`` (``dL/dbias = gs_all.sum((0, 1))``)."""
+    fused = W is not None
+    if fused:
+        B, I, Din = src.shape
+        _, J, D, _ = W.shape
+    else:
+        B, I, J, D = src.shape
+        Din = 1
+    R = s_all.shape[0]
+    plan = _Plan(B, I, J, D, Din, fused, src.device)
+    acc = s_all.dtype
+    meta = dict(ACC=_tl_acc(src.dtype), BLOCK_J=plan.BLOCK_J, BLOCK_D=plan.BLOCK_D)
+    grad_v = grad_v.contiguous()
+    gs_all = torch.zeros(R, B, J, D, device=src.device, dtype=acc)
+    G = torch.zeros(B, J, D, device=src.device, dtype=acc)
+    partial = torch.empty(plan.n_isplit, B, J, D, device=src.device, dtype=acc)
+    src_args = _source_args(src, W)
+    has_partial = False
+    for r in range(R - 1, -1, -1):
+        _finalize_bwd_kernel[(B,)](
+            partial, plan.n_isplit, G, grad_v, s_all[r], gs_all[r], B, J, D,
+            HAS_PARTIAL=has_partial, LAST=r == R - 1, **meta,
+        )
+        if detach_inner or r == 0:
+            break
+        # D^r = dL/dV^r, a sum over i: it reaches every earlier iteration's v.
+        _sweep_kernel[(B, plan.n_isplit)](
+            *src_args, V_all[r], gs_all[r], partial, partial, B, I, J, D, Din, plan.i_per_split,
+            FUSED=fused, BACKWARD=True, LEAKY=leaky, STORE_C=False,
+            BLOCK_I=plan.BLOCK_I, BLOCK_K=plan.BLOCK_K, num_warps=plan.num_warps, **meta,
+        )
+        has_partial = True
+
+    d_src = dW = None
+    need_dw = fused and need_w
+    if fused:
+        d_src = torch.empty(B, I, Din, device=src.device, dtype=src.dtype) if need_src else None
+        if need_dw:
+            dw_dtype = W.dtype if plan.n_bsplit == 1 else acc
+            dW = torch.empty(plan.n_bsplit, I, J, D, Din, device=src.device, dtype=dw_dtype)
+    else:
+        d_src = torch.empty(B, I, J, D, device=src.device, dtype=src.dtype)
+    if (fused and (need_src or need_dw)) or (not fused and need_src):
+        _input_grad_kernel[(plan.n_itiles, plan.n_bsplit)](
+            *src_args, V_all, gs_all,
+            d_src if d_src is not None else gs_all, dW if dW is not None else gs_all,
+            B, I, J, D, Din, R, plan.b_per_split,
+            FUSED=fused, LEAKY=leaky, DETACH=detach_inner, NEED_DSRC=need_src, NEED_DW=need_dw,
+            BLOCK_I=plan.BLOCK_I, BLOCK_K=plan.BLOCK_K, num_warps=plan.num_warps, **meta,
+        )
+    if dW is not None:
+        dW = dW[0] if plan.n_bsplit == 1 else dW.sum(0).to(W.dtype)
+    return d_src, dW, gs_all
+
+
+class RoutingFunction(torch.autograd.Function):
+    """Autograd over the fused routing kernels. ``W is None``: routing over given ``u_hat``
+    (``src``); otherwise ``src`` is ``u`` and ``u_hat`` is recomputed in every pass."""
+
+    @staticmethod
+    def forward(ctx, src, W, bias, iterations, leaky, detach_inner, return_coupling):
+        v, s_all, V_all, c = routing_forward(src, W, iterations, bias, leaky, return_coupling)
+        ctx.save_for_backward(src, W, s_all, V_all)
+        ctx.leaky = leaky
+        ctx.detach_inner = detach_inner
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        if c is not None:
+            ctx.mark_non_differentiable(c)
+            return v, c
+        return v
+
+    @staticmethod
+    def backward(ctx, grad_v, grad_c=None):
+        src, W, s_all, V_all = ctx.saved_tensors
+        need_src = ctx.needs_input_grad[0]
+        need_w = W is not None and ctx.needs_input_grad[1]
+        d_src, dW, gs_all = routing_backward(
+            src, W, grad_v, s_all, V_all, ctx.leaky, ctx.detach_inner, need_src, need_w)
+        d_bias = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            d_bias = gs_all.sum((0, 1)).to(ctx.bias_dtype)
+        return d_src if need_src else None, dW, d_bias, None, None, None, None
+
+
+def run_routing(src, W, iterations, bias, leaky, detach_inner, return_coupling):
+    """Shared entry of the two public wrappers: make the small inputs contiguous (``u`` and
+    ``W`` are re-read in every pass; ``u_hat`` is read through its strides) and apply."""
+    if W is not None:
+        src = src.contiguous()
+        W = W.contiguous()
+    out = RoutingFunction.apply(src, W, bias, iterations, leaky, detach_inner, return_coupling)
+    return out

@@ -1,0 +1,52 @@
+"""Fully fused ``capsule_routing``: ``dynamic_routing(predict(u, W))`` in Triton without ever
+writing the prediction vectors ``u_hat [B, I, J, Dout]`` to memory, forward or backward.
+
+Design (details in :mod:`._routing_core`)
+------
+* Every pass recomputes its ``[BLOCK_I, J, Dout]`` tile of ``u_hat`` in registers as
+  ``sum_k W[i, j, d, k] u[b, i, k]`` from a ``[BLOCK_I, J, Dout, Din]`` tile of ``W`` and a
+  ``[BLOCK_I, Din]`` tile of ``u``.
+* Forward, per iteration r: grid ``(B, n_isplit)``; program ``(b, split)`` holds ``V^r_b`` (the
+  sum of the earlier outputs, [J, Dout]) and a partial ``s`` ([J, Dout]); logits are
+  ``<u_hat_ij, V^r_j>``. Partials cross programs through a ``[n_isplit, B, J, Dout]``
+  workspace, reduced with bias and squash by a ``(B,)`` grid. ``2R`` launches.
+* Backward, iterations in reverse from the saved ``s^r`` and ``V^r``: squash backward
+  (grid ``(B,)``), and for ``r > 1`` one reduction sweep for the gradient reaching ``V^r``;
+  then one sweep on grid ``(cdiv(I, BLOCK_I), n_bsplit)`` whose programs keep their W tile in
+  registers across their samples, rebuild ``g_u_hat`` for all iterations and turn it into
+  ``du`` (written per sample) and ``dW`` (summed over the program's samples in registers;
+  ``n_bsplit`` partials summed after).
+* Memory kept for backward: ``u``, ``W`` and ``s^r``, ``V^r`` for every iteration:
+  ``B*I*Din + I*J*Dout*Din + 2*R*B*J*Dout`` elements, against about ``(3R + 1)*B*I*J*Dout``
+  for autograd over the reference.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._routing_core import run_routing
+
+
+def capsule_routing(
+    u: torch.Tensor,
+    W: torch.Tensor,
+    iterations: int = 3,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    leaky: bool = False,
+    detach_inner: bool = False,
+    return_coupling: bool = False,
+):
+    """``dynamic_routing(predict(u, W), ...)`` as one fused op.
+
+    Args:
+        u: input capsules ``[B, I, Din]``.
+        W: transformation matrices ``[I, J, Dout, Din]``.
+        iterations, bias (``[J, Dout]``), leaky, detach_inner, return_coupling: as in
+            :func:`capsnet_ext.reference.dynamic_routing`.
+    Returns:
+        ``v [B, J, Dout]`` or ``(v, c)`` with ``c [B, I, J]`` (no gradient).
+    """
+    return run_routing(u, W, iterations, bias, leaky, detach_inner, return_coupling)
