@@ -1,0 +1,144 @@
+"""``capsnet-ext analyze CHECKPOINT``: capsule diagnostics of a trained model on its test set.
+
+Writes ``report.md`` (a table per routing layer), ``metrics.json`` and PNG plots (dead
+fraction, bonding/dynamics, mean length per layer and, when the run recorded one, a heat map
+of the per-capsule gradient norms over training) into ``--out`` (default:
+``<run folder>/analysis``).
+
+``capsnet-ext analyze depth-study [...]`` runs the depth study instead
+(:mod:`capsnet_ext.analysis.depth_study`; ``--help`` there).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import pathlib
+import platform
+import shlex
+import sys
+from typing import List, Optional
+
+import torch
+
+from .gradient_flow import NPZ_NAME, load_gradient_flow
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def provenance(device: torch.device, command: Optional[str] = None) -> dict:
+    """Device, versions, date and command, for the top of every report."""
+    import capsnet_ext
+
+    desc = str(device)
+    if device.type == "cuda":
+        desc += f" ({torch.cuda.get_device_name(device)})"
+    else:
+        desc += f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return dict(device=desc, torch=torch.__version__, capsnet_ext=capsnet_ext.__version__,
+                python=platform.python_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                command=command or "capsnet-ext analyze " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
+
+
+def find_gradient_flow(checkpoint: pathlib.Path, ckpt: dict) -> Optional[pathlib.Path]:
+    """The ``gradient_flow.npz`` of a run: beside the checkpoint, in its parent folders (a
+    checkpoint usually sits in ``<run>/checkpoints/``), or in the run's ``out`` folder."""
+    candidates = [checkpoint.parent, checkpoint.parent.parent, checkpoint.parent.parent.parent]
+    out = (ckpt.get("config") or {}).get("out")
+    if out:
+        candidates.append(pathlib.Path(out))
+    for folder in candidates:
+        if (folder / NPZ_NAME).is_file():
+            return folder / NPZ_NAME
+    return None
+
+
+def analyze_checkpoint(checkpoint, *, out=None, data_dir=None, device="auto", batch_size: int = 256,
+                       limit: Optional[int] = None, gradient_flow=None, command: Optional[str] = None) -> dict:
+    """Load a checkpoint, run the metrics on its test set, write the report.
+
+    Returns ``{"result": analyze_model's dict, "paths": written files, "out": folder}``.
+    """
+    from ..data import build_datasets
+    from ..training import load_checkpoint
+    from ..training.checkpoint import model_from_checkpoint
+    from .collect import analyze_model
+    from .report import write_analysis_report
+
+    checkpoint = pathlib.Path(checkpoint)
+    ckpt = load_checkpoint(checkpoint)
+    if checkpoint.is_dir():
+        run_dir = checkpoint
+    else:
+        run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    out = pathlib.Path(out) if out is not None else run_dir / "analysis"
+    device = resolve_device(device)
+    model = model_from_checkpoint(ckpt)
+    config = ckpt.get("config") or {}
+    dataset_name = config.get("dataset")
+    if not dataset_name:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} does not name its dataset (config['dataset'])")
+    options = dict(config.get("dataset_options") or {})
+    options.pop("train_limit", None)  # only the test split is used
+    bundle = build_datasets(dataset_name, data_dir=data_dir or config.get("data_dir"), **options)
+    result = analyze_model(model, bundle.test, batch_size=batch_size, limit=limit, device=device)
+
+    if gradient_flow is None:
+        gradient_flow = find_gradient_flow(checkpoint if checkpoint.is_file() else checkpoint / "x", ckpt)
+    flow = load_gradient_flow(gradient_flow) if gradient_flow is not None else None
+    meta = dict(checkpoint=str(checkpoint), step=ckpt.get("step"), dataset=f"{dataset_name} (test split)",
+                model=ckpt["model_config"].get("arch"))
+    meta.update(provenance(device, command))
+    if gradient_flow is not None:
+        meta["gradient_flow"] = str(gradient_flow)
+    paths = write_analysis_report(result, out, meta=meta, gradient_flow=flow)
+    return dict(result=result, paths=paths, out=out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="capsnet-ext analyze",
+        description="Capsule diagnostics (dead capsules, inactive instances, bonding, dynamics, "
+                    "T/D scores, gradient flow) of a trained checkpoint on its test set. "
+                    "'capsnet-ext analyze depth-study --help' for the depth study.")
+    p.add_argument("checkpoint", help="checkpoint file (or run folder with checkpoints/last.pt)")
+    p.add_argument("--data-dir", default=None, help="folder with the data set files (default: $CAPSNET_DATA)")
+    p.add_argument("--out", default=None, help="report folder (default: <run folder>/analysis)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: a GPU if present)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--limit", type=int, default=None, help="analyse only the first N test images")
+    p.add_argument("--gradient-flow", default=None,
+                   help=f"{NPZ_NAME} to plot (default: searched beside the checkpoint)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "depth-study":
+        from .depth_study import main as depth_main
+
+        return depth_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    command = "capsnet-ext analyze " + " ".join(shlex.quote(a) for a in argv)
+    try:
+        done = analyze_checkpoint(args.checkpoint, out=args.out, data_dir=args.data_dir, device=args.device,
+                                  batch_size=args.batch_size, limit=args.limit,
+                                  gradient_flow=args.gradient_flow, command=command)
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        print(f"capsnet-ext analyze: {exc}", file=sys.stderr)
+        return 2
+    from .report import summary_table
+
+    result = done["result"]
+    print(f"analysed {result['num_inputs']} test images, accuracy {result['accuracy']:.4f}")
+    print(summary_table(result["layers"]))
+    print(f"report: {done['paths']['report']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
