@@ -49,6 +49,19 @@ def set_rng_state(state: Dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish(tmp: str, path: os.PathLike) -> None:
+    """Give a finished temporary file ordinary permissions (mkstemp makes it 0600) and move
+    it into place atomically."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+
+
 def atomic_torch_save(obj: Any, path: os.PathLike) -> pathlib.Path:
     """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a
     reader (or a crash) never sees half a checkpoint."""
@@ -60,7 +73,7 @@ def atomic_torch_save(obj: Any, path: os.PathLike) -> pathlib.Path:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -75,7 +88,7 @@ def atomic_write_text(path: os.PathLike, text: str) -> pathlib.Path:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

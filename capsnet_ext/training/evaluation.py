@@ -185,6 +185,6 @@ def ensemble_metrics(score_list: Sequence[torch.Tensor], labels: torch.Tensor, m
     mean_scores = torch.stack(list(score_list)).mean(dim=0)
     batch = {"labels": labels} if multi_label else {"label": labels}
     correct = correct_mask(mean_scores, batch, multi_label)
-    accuracy = float(correct.float().mean()) if correct.numel() else 0.0
+    accuracy = float(correct.double().mean()) if correct.numel() else 0.0
     return {"n": int(correct.numel()), "accuracy": accuracy, "error": 1.0 - accuracy,
             "members": len(score_list)}

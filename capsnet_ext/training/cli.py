@@ -1,0 +1,161 @@
+"""``capsnet-ext train``: train a CapsNet or the baseline CNN from a preset or a config file.
+
+Examples::
+
+    capsnet-ext train --preset mnist --out runs/mnist
+    capsnet-ext train --preset mnist --max-steps 200 --train-limit 2000 --device cpu
+    capsnet-ext train --resume runs/mnist                       # continue where it stopped
+    torchrun --nproc_per_node=8 -m capsnet_ext.cli train --preset mnist --batch-size 1024
+    capsnet-ext train --list-presets
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from typing import List, Optional
+
+from .config import PRESETS, load_config
+
+
+def _parse_set(values: List[str]) -> dict:
+    """``--set a.b=JSON`` pairs as a nested dict (``--set model.conv_channels=128``)."""
+    result: dict = {}
+    for item in values:
+        if "=" not in item:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = result
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="capsnet-ext train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", help=f"named experiment ({', '.join(sorted(PRESETS))})")
+    parser.add_argument("--config", help="JSON file of TrainConfig fields (may name a 'preset')")
+    parser.add_argument("--data-dir", help="folder searched first for dataset files")
+    parser.add_argument("--out", help="run folder: logs, checkpoints, metrics.json")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--max-steps", type=int, help="train this many optimizer steps (replaces --epochs)")
+    parser.add_argument("--batch-size", type=int, help="global batch (split across DDP ranks)")
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--backend", choices=["auto", "reference", "triton", "cuda"])
+    parser.add_argument("--iterations", type=int, help="routing iterations")
+    parser.add_argument("--precision", choices=["fp32", "bf16"])
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--resume", nargs="?", const="__out__",
+                        help="checkpoint file or run folder to continue from (no value: --out)")
+    parser.add_argument("--num-workers", type=int)
+    parser.add_argument("--log-every", type=int)
+    parser.add_argument("--eval-every", type=int)
+    parser.add_argument("--checkpoint-every", type=int)
+    parser.add_argument("--train-limit", type=int, help="use the first N training examples")
+    parser.add_argument("--test-limit", type=int, help="use the first N test examples")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="any config field, nested with dots: --set model.conv_channels=128")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    parser.add_argument("--no-tensorboard", action="store_true")
+    parser.add_argument("--list-presets", action="store_true")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def config_from_args(args) -> "TrainConfig":  # noqa: F821
+    overrides = dict(data_dir=args.data_dir, out=args.out, epochs=args.epochs,
+                     max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+                     backend=args.backend, iterations=args.iterations, precision=args.precision,
+                     seed=args.seed, device=args.device, num_workers=args.num_workers,
+                     log_every=args.log_every, eval_every=args.eval_every,
+                     checkpoint_every=args.checkpoint_every)
+    options = {}
+    if args.train_limit is not None:
+        options["train_limit"] = args.train_limit
+    if args.test_limit is not None:
+        options["test_limit"] = args.test_limit
+    if options:
+        overrides["dataset_options"] = options
+    if args.no_progress:
+        overrides["progress"] = False
+    if args.no_tensorboard:
+        overrides["tensorboard"] = False
+    extra = _parse_set(args.set)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(overrides.get(key), dict):
+            overrides[key].update(value)
+        else:
+            overrides[key] = value
+    if args.resume is not None:
+        # Continue the saved run: its config, changed only by the flags given now.
+        from .checkpoint import load_checkpoint
+        from .config import TrainConfig, _merge
+
+        path = resume_path(args)
+        saved = load_checkpoint(path)["config"]
+        if args.out is None:
+            overrides["out"] = str(run_dir_of(path))
+        return TrainConfig(**_merge(saved, {k: v for k, v in overrides.items() if v is not None}))
+    preset = args.preset
+    if preset is None and args.config is None:
+        preset = "mnist"
+    return load_config(preset=preset, path=args.config, **overrides)
+
+
+def resume_path(args) -> pathlib.Path:
+    if args.resume == "__out__":
+        if args.out is None:
+            raise ValueError("--resume without a value needs --out (the run folder)")
+        return pathlib.Path(args.out)
+    return pathlib.Path(args.resume)
+
+
+def run_dir_of(path: pathlib.Path) -> pathlib.Path:
+    """The run folder of a checkpoint file (``<run>/checkpoints/last.pt``) or folder."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        return path
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list_presets:
+        for name in sorted(PRESETS):
+            preset = PRESETS[name]
+            print(f"{name:<34} dataset={preset['dataset']:<14} arch={preset['model']['arch']}")
+        return 0
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"capsnet-ext train: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    resume = str(resume_path(args)) if args.resume is not None else None
+    from .trainer import train
+
+    try:
+        result = train(cfg, resume=resume)
+    except FileNotFoundError as exc:
+        print(f"capsnet-ext train: {exc}", file=sys.stderr)
+        return 2
+    summary = {k: result[k] for k in ("out", "step", "epoch", "test_error", "best_error",
+                                       "seconds_per_epoch", "images_per_sec", "backend",
+                                       "best_checkpoint", "last_checkpoint", "interrupted")}
+    print(json.dumps(summary, indent=2))
+    return 130 if result["interrupted"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
