@@ -58,8 +58,13 @@ def find_gradient_flow(checkpoint: pathlib.Path, ckpt: dict) -> Optional[pathlib
 
 
 def analyze_checkpoint(checkpoint, *, out=None, data_dir=None, device="auto", batch_size: int = 256,
-                       limit: Optional[int] = None, gradient_flow=None, command: Optional[str] = None) -> dict:
+                       limit: Optional[int] = None, gradient_flow=None, command: Optional[str] = None,
+                       dataset=None) -> dict:
     """Load a checkpoint, run the metrics on its test set, write the report.
+
+    ``dataset`` (a ``DatasetBundle``, whose ``test`` split is used, or any dataset of
+    ``{"image", "label"}`` items) replaces the data set named in the checkpoint's config, e.g.
+    for a model trained on in-memory data passed to ``train(..., datasets=...)``.
 
     Returns ``{"result": analyze_model's dict, "paths": written files, "out": folder}``.
     """
@@ -79,13 +84,17 @@ def analyze_checkpoint(checkpoint, *, out=None, data_dir=None, device="auto", ba
     device = resolve_device(device)
     model = model_from_checkpoint(ckpt)
     config = ckpt.get("config") or {}
-    dataset_name = config.get("dataset")
-    if not dataset_name:
-        raise ValueError(f"checkpoint {str(checkpoint)!r} does not name its dataset (config['dataset'])")
-    options = dict(config.get("dataset_options") or {})
-    options.pop("train_limit", None)  # only the test split is used
-    bundle = build_datasets(dataset_name, data_dir=data_dir or config.get("data_dir"), **options)
-    result = analyze_model(model, bundle.test, batch_size=batch_size, limit=limit, device=device)
+    if dataset is not None:
+        test_set = getattr(dataset, "test", dataset)
+        dataset_name = getattr(dataset, "name", None) or getattr(test_set, "name", type(test_set).__name__)
+    else:
+        dataset_name = config.get("dataset")
+        if not dataset_name:
+            raise ValueError(f"checkpoint {str(checkpoint)!r} does not name its dataset (config['dataset'])")
+        options = dict(config.get("dataset_options") or {})
+        options.pop("train_limit", None)  # only the test split is used
+        test_set = build_datasets(dataset_name, data_dir=data_dir or config.get("data_dir"), **options).test
+    result = analyze_model(model, test_set, batch_size=batch_size, limit=limit, device=device)
 
     if gradient_flow is None:
         gradient_flow = find_gradient_flow(checkpoint if checkpoint.is_file() else checkpoint / "x", ckpt)

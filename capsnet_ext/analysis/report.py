@@ -160,9 +160,12 @@ def plot_grad_heatmap(gradient_flow: Dict[str, np.ndarray], path):
     keys = sorted((k for k in gradient_flow if k.endswith("_lower_grad_norm")),
                   key=lambda k: int(k[len("layer"):].split("_")[0]))
     steps = gradient_flow["steps"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4), squeeze=False,
+                             constrained_layout=True)
     finite = np.concatenate([gradient_flow[k][np.isfinite(gradient_flow[k]) & (gradient_flow[k] > 0)].ravel()
-                             for k in keys] + [np.array([1e-12, 1.0])])
+                             for k in keys])
+    if finite.size == 0:  # no gradient reached any capsule: draw on a nominal scale
+        finite = np.array([1e-12, 1.0])
     norm = LogNorm(vmin=max(float(np.percentile(finite, 1)), 1e-12), vmax=float(finite.max()))
     for ax, key in zip(axes[0], keys):
         data = np.clip(gradient_flow[key].T, norm.vmin, None)
@@ -171,7 +174,7 @@ def plot_grad_heatmap(gradient_flow: Dict[str, np.ndarray], path):
         ax.set_title(f"L{key[len('layer'):].split('_')[0]}: |dL/dW[i]|", fontsize=9)
         ax.set_xlabel("training step")
         ax.set_ylabel("lower capsule i")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label="gradient norm")
     return save_figure(fig, path)
 
 
