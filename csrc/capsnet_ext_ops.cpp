@@ -1,0 +1,278 @@
+// torch binding of the capsnet_ext CUDA kernels: argument checks (TORCH_CHECK), output and
+// workspace allocation, and op registration (TORCH_LIBRARY). The kernels themselves live in
+// the .cu files, which include no torch headers; this file includes no CUDA kernels.
+//
+// The op schemas below are mirrored in capsnet_ext/cuda_ops/_schema.py, where the fake
+// (meta) implementations and autograd formulas are registered.
+//
+// Only device-generic torch headers are used (c10::DeviceGuard, c10::Stream::native_handle),
+// so this file also compiles against a CPU-only torch, which lacks the c10/cuda headers'
+// generated configuration; continuous integration checks it that way.
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "capsnet_kernels.h"
+
+namespace capsnet {
+namespace {
+
+using at::Tensor;
+
+#define CAPSNET_CHECK_STATUS(status)                                                            \
+  TORCH_CHECK((status).ok(), "capsnet_ext: CUDA kernel ", (status).kernel, " failed: ",         \
+              cuda_error_string((status).cuda_error))
+
+DType dtype_of(const Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    default:
+      TORCH_CHECK(false, "capsnet_ext: ", name, " must be float16, bfloat16, float32 or float64, got ",
+                  t.scalar_type());
+  }
+}
+
+at::ScalarType acc_type(const Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_tensor(const Tensor& t, const char* name, int64_t dim, const char* layout) {
+  TORCH_CHECK(t.is_cuda(), "capsnet_ext: ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.dim() == dim, "capsnet_ext: ", name, " must have ", dim, " dimensions ", layout, ", got shape ",
+              t.sizes());
+  TORCH_CHECK(t.numel() > 0, "capsnet_ext: ", name, " must not be empty, got shape ", t.sizes());
+  dtype_of(t, name);
+}
+
+void check_like(const Tensor& ref, const char* ref_name, const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), "capsnet_ext: ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+              ref.device(), "; all inputs must be on the same device");
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "capsnet_ext: ", name, " has dtype ", t.scalar_type(), " but ",
+              ref_name, " has dtype ", ref.scalar_type(), "; all inputs must have the same dtype");
+}
+
+void check_shape(const Tensor& t, const char* name, at::IntArrayRef expected, const char* layout) {
+  TORCH_CHECK(t.sizes() == expected, "capsnet_ext: ", name, " must have shape ", layout, " = ", expected, ", got ",
+              t.sizes());
+}
+
+void check_u_W(const Tensor& u, const Tensor& W) {
+  check_tensor(u, "u", 3, "[B, I, Din]");
+  check_tensor(W, "W", 4, "[I, J, Dout, Din]");
+  check_like(u, "u", W, "W");
+  TORCH_CHECK(W.size(0) == u.size(1) && W.size(3) == u.size(2), "capsnet_ext: expected W of shape [", u.size(1),
+              ", J, Dout, ", u.size(2), "] to match u of shape ", u.sizes(), ", got W of shape ", W.sizes());
+}
+
+void check_iterations(int64_t iterations) {
+  TORCH_CHECK(iterations >= 1 && iterations <= (1 << 20), "capsnet_ext: iterations must be >= 1, got ", iterations);
+}
+
+// The current CUDA stream of t's device as a cudaStream_t (through the device-generic
+// guard interface, which the CUDA build of torch implements).
+void* stream_of(const Tensor& t) {
+  return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(t.device()).native_handle();
+}
+
+// The routing kernels keep W[i] (fused form) and per-warp scratch of J * Dout numbers in shared
+// memory; refuse sizes beyond the device's limit with the numbers, before launching anything.
+void check_shared_memory(const Tensor& ref, int64_t J, int64_t D, int64_t K, bool recompute) {
+  const DType dtype = dtype_of(ref, "input");
+  const int64_t limit = device_smem_optin(ref.device().index());
+  TORCH_CHECK(limit > 0, "capsnet_ext: could not query the shared memory limit of ", ref.device());
+  const int64_t need = std::max(sweep_smem_bytes(dtype, J, D, K, recompute), grad_smem_bytes(dtype, J, D, K, recompute));
+  TORCH_CHECK(need <= limit, "capsnet_ext: J = ", J, ", Dout = ", D, (recompute ? ", Din = " : ""),
+              (recompute ? std::to_string(K) : std::string()), " needs ", need,
+              " bytes of shared memory per block, more than the ", limit, " bytes ", ref.device(),
+              " allows; use backend='triton' or 'reference' for capsules this large");
+  TORCH_CHECK(J * D <= (1 << 20) && K <= (1 << 20), "capsnet_ext: capsule sizes too large");
+}
+
+SweepPlan plan_for(const Tensor& ref, int64_t B, int64_t I, int64_t J, int64_t D) {
+  const int sms = device_sm_count(ref.device().index());
+  TORCH_CHECK(sms > 0, "capsnet_ext: could not query the multiprocessor count of ", ref.device());
+  return plan_sweep(B, I, J, D, sms);
+}
+
+// ---- predict ----------------------------------------------------------------------------
+
+Tensor predict_op(const Tensor& u_in, const Tensor& W_in) {
+  check_u_W(u_in, W_in);
+  const c10::DeviceGuard guard(u_in.device());
+  const Tensor u = u_in.contiguous(), W = W_in.contiguous();
+  const int64_t B = u.size(0), I = u.size(1), K = u.size(2), J = W.size(1), D = W.size(2);
+  Tensor u_hat = at::empty({B, I, J, D}, u.options());
+  const Status st = predict_forward(dtype_of(u, "u"), u.data_ptr(), W.data_ptr(), u_hat.data_ptr(), B, I, J, D, K,
+                                    stream_of(u));
+  CAPSNET_CHECK_STATUS(st);
+  return u_hat;
+}
+
+std::tuple<Tensor, Tensor> predict_backward_op(const Tensor& grad_in, const Tensor& u_in, const Tensor& W_in) {
+  check_u_W(u_in, W_in);
+  check_tensor(grad_in, "grad_u_hat", 4, "[B, I, J, Dout]");
+  check_like(u_in, "u", grad_in, "grad_u_hat");
+  const int64_t B = u_in.size(0), I = u_in.size(1), K = u_in.size(2), J = W_in.size(1), D = W_in.size(2);
+  check_shape(grad_in, "grad_u_hat", {B, I, J, D}, "[B, I, J, Dout]");
+  const c10::DeviceGuard guard(u_in.device());
+  const Tensor g = grad_in.contiguous(), u = u_in.contiguous(), W = W_in.contiguous();
+  Tensor du = at::empty_like(u), dW = at::empty_like(W);
+  const Status st = predict_backward(dtype_of(u, "u"), g.data_ptr(), u.data_ptr(), W.data_ptr(), du.data_ptr(),
+                                     dW.data_ptr(), B, I, J, D, K, stream_of(u));
+  CAPSNET_CHECK_STATUS(st);
+  return {du, dW};
+}
+
+// ---- routing ------------------------------------------------------------------------------
+
+// Shared by both forms: allocates outputs and saved states and runs the forward.
+// Given form: u_hat defined, u/W undefined. Fused form: the other way round.
+std::tuple<Tensor, Tensor, Tensor, Tensor> routing_forward_common(const Tensor& u_hat, const Tensor& u,
+                                                                  const Tensor& W, const Tensor& ref,
+                                                                  const c10::optional<Tensor>& bias_in,
+                                                                  const RoutingShape& shape, bool leaky,
+                                                                  bool return_coupling) {
+  Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    check_tensor(*bias_in, "bias", 2, "[J, Dout]");
+    check_like(ref, u.defined() ? "u" : "u_hat", *bias_in, "bias");
+    check_shape(*bias_in, "bias", {shape.J, shape.D}, "[J, Dout]");
+    bias = bias_in->contiguous();
+  }
+  const bool recompute = !u_hat.defined();
+  check_shared_memory(ref, shape.J, shape.D, shape.K, recompute);
+  const SweepPlan plan = plan_for(ref, shape.B, shape.I, shape.J, shape.D);
+  const auto acc_opts = ref.options().dtype(acc_type(ref));
+  const int64_t R = shape.iterations;
+  Tensor v = at::empty({shape.B, shape.J, shape.D}, ref.options());
+  Tensor c = return_coupling ? at::empty({shape.B, shape.I, shape.J}, ref.options()) : at::empty({0}, ref.options());
+  Tensor s_all = at::empty({R, shape.B, shape.J, shape.D}, acc_opts);
+  Tensor V_all = at::empty({R, shape.B, shape.J, shape.D}, acc_opts);
+  Tensor workspace = at::empty({plan.workspace_elems}, acc_opts);
+  const Status st = routing_forward(dtype_of(ref, "input"), shape, plan, recompute ? nullptr : u_hat.data_ptr(),
+                                    recompute ? u.data_ptr() : nullptr, recompute ? W.data_ptr() : nullptr,
+                                    bias.defined() ? bias.data_ptr() : nullptr, leaky, v.data_ptr(),
+                                    return_coupling ? c.data_ptr() : nullptr, s_all.data_ptr(), V_all.data_ptr(),
+                                    workspace.data_ptr(), stream_of(ref));
+  CAPSNET_CHECK_STATUS(st);
+  return {v, c, s_all, V_all};
+}
+
+void check_saved(const Tensor& ref, const Tensor& grad_v, const Tensor& s_all, const Tensor& V_all,
+                 const RoutingShape& shape) {
+  check_tensor(grad_v, "grad_v", 3, "[B, J, Dout]");
+  check_like(ref, "input", grad_v, "grad_v");
+  check_shape(grad_v, "grad_v", {shape.B, shape.J, shape.D}, "[B, J, Dout]");
+  for (const auto& [t, name] : {std::pair<const Tensor&, const char*>{s_all, "s_all"}, {V_all, "V_all"}}) {
+    check_tensor(t, name, 4, "[iterations, B, J, Dout]");
+    TORCH_CHECK(t.scalar_type() == acc_type(ref) && t.device() == ref.device(), "capsnet_ext: ", name,
+                " must be a ", acc_type(ref), " tensor on ", ref.device(), " (the saved routing state), got ",
+                t.scalar_type(), " on ", t.device());
+    check_shape(t, name, {shape.iterations, shape.B, shape.J, shape.D}, "[iterations, B, J, Dout]");
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> routing_forward_op(const Tensor& u_hat_in,
+                                                              const c10::optional<Tensor>& bias, int64_t iterations,
+                                                              bool leaky, bool detach_inner, bool return_coupling) {
+  (void)detach_inner;  // changes only the backward
+  check_tensor(u_hat_in, "u_hat", 4, "[B, I, J, Dout]");
+  check_iterations(iterations);
+  const c10::DeviceGuard guard(u_hat_in.device());
+  const Tensor u_hat = u_hat_in.contiguous();
+  const RoutingShape shape{u_hat.size(0), u_hat.size(1), u_hat.size(2), u_hat.size(3), 1, static_cast<int>(iterations)};
+  return routing_forward_common(u_hat, Tensor(), Tensor(), u_hat, bias, shape, leaky, return_coupling);
+}
+
+std::tuple<Tensor, Tensor> routing_backward_op(const Tensor& grad_v_in, const Tensor& u_hat_in, const Tensor& s_all_in,
+                                               const Tensor& V_all_in, int64_t iterations, bool leaky,
+                                               bool detach_inner) {
+  check_tensor(u_hat_in, "u_hat", 4, "[B, I, J, Dout]");
+  check_iterations(iterations);
+  const RoutingShape shape{u_hat_in.size(0), u_hat_in.size(1), u_hat_in.size(2), u_hat_in.size(3), 1,
+                           static_cast<int>(iterations)};
+  check_saved(u_hat_in, grad_v_in, s_all_in, V_all_in, shape);
+  check_shared_memory(u_hat_in, shape.J, shape.D, shape.K, false);
+  const c10::DeviceGuard guard(u_hat_in.device());
+  const Tensor u_hat = u_hat_in.contiguous(), grad_v = grad_v_in.contiguous();
+  const Tensor s_all = s_all_in.contiguous(), V_all = V_all_in.contiguous();
+  const SweepPlan plan = plan_for(u_hat, shape.B, shape.I, shape.J, shape.D);
+  const auto acc_opts = u_hat.options().dtype(acc_type(u_hat));
+  Tensor grad_u_hat = at::empty_like(u_hat);
+  Tensor grad_bias = at::empty({shape.J, shape.D}, u_hat.options());
+  Tensor gs_all = at::empty({iterations, shape.B, shape.J, shape.D}, acc_opts);
+  Tensor G = at::empty({shape.B, shape.J, shape.D}, acc_opts);
+  Tensor workspace = at::empty({plan.workspace_elems}, acc_opts);
+  const Status st = routing_backward(dtype_of(u_hat, "u_hat"), shape, plan, grad_v.data_ptr(), u_hat.data_ptr(),
+                                     nullptr, nullptr, s_all.data_ptr(), V_all.data_ptr(), leaky, detach_inner,
+                                     grad_u_hat.data_ptr(), nullptr, nullptr, grad_bias.data_ptr(),
+                                     gs_all.data_ptr(), G.data_ptr(), workspace.data_ptr(), stream_of(u_hat));
+  CAPSNET_CHECK_STATUS(st);
+  return {grad_u_hat, grad_bias};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> capsule_routing_forward_op(const Tensor& u_in, const Tensor& W_in,
+                                                                      const c10::optional<Tensor>& bias,
+                                                                      int64_t iterations, bool leaky,
+                                                                      bool detach_inner, bool return_coupling) {
+  (void)detach_inner;  // changes only the backward
+  check_u_W(u_in, W_in);
+  check_iterations(iterations);
+  const c10::DeviceGuard guard(u_in.device());
+  const Tensor u = u_in.contiguous(), W = W_in.contiguous();
+  const RoutingShape shape{u.size(0), u.size(1), W.size(1), W.size(2), u.size(2), static_cast<int>(iterations)};
+  return routing_forward_common(Tensor(), u, W, u, bias, shape, leaky, return_coupling);
+}
+
+std::tuple<Tensor, Tensor, Tensor> capsule_routing_backward_op(const Tensor& grad_v_in, const Tensor& u_in,
+                                                               const Tensor& W_in, const Tensor& s_all_in,
+                                                               const Tensor& V_all_in, int64_t iterations,
+                                                               bool leaky, bool detach_inner) {
+  check_u_W(u_in, W_in);
+  check_iterations(iterations);
+  const RoutingShape shape{u_in.size(0), u_in.size(1), W_in.size(1), W_in.size(2), u_in.size(2),
+                           static_cast<int>(iterations)};
+  check_saved(u_in, grad_v_in, s_all_in, V_all_in, shape);
+  check_shared_memory(u_in, shape.J, shape.D, shape.K, true);
+  const c10::DeviceGuard guard(u_in.device());
+  const Tensor u = u_in.contiguous(), W = W_in.contiguous(), grad_v = grad_v_in.contiguous();
+  const Tensor s_all = s_all_in.contiguous(), V_all = V_all_in.contiguous();
+  const SweepPlan plan = plan_for(u, shape.B, shape.I, shape.J, shape.D);
+  const auto acc_opts = u.options().dtype(acc_type(u));
+  Tensor du = at::empty_like(u), dW = at::empty_like(W);
+  Tensor grad_bias = at::empty({shape.J, shape.D}, u.options());
+  Tensor gs_all = at::empty({iterations, shape.B, shape.J, shape.D}, acc_opts);
+  Tensor G = at::empty({shape.B, shape.J, shape.D}, acc_opts);
+  Tensor workspace = at::empty({plan.workspace_elems}, acc_opts);
+  const Status st = routing_backward(dtype_of(u, "u"), shape, plan, grad_v.data_ptr(), nullptr, u.data_ptr(),
+                                     W.data_ptr(), s_all.data_ptr(), V_all.data_ptr(), leaky, detach_inner, nullptr,
+                                     du.data_ptr(), dW.data_ptr(), grad_bias.data_ptr(), gs_all.data_ptr(),
+                                     G.data_ptr(), workspace.data_ptr(), stream_of(u));
+  CAPSNET_CHECK_STATUS(st);
+  return {du, dW, grad_bias};
+}
+
+}  // namespace
+}  // namespace capsnet
+
+TORCH_LIBRARY(capsnet_ext, m) {
+  m.def("predict(Tensor u, Tensor W) -> Tensor");
+  m.def("predict_backward(Tensor grad_u_hat, Tensor u, Tensor W) -> (Tensor, Tensor)");
+  m.def("routing_forward(Tensor u_hat, Tensor? bias, int iterations, bool leaky, bool detach_inner, bool return_coupling) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("routing_backward(Tensor grad_v, Tensor u_hat, Tensor s_all, Tensor V_all, int iterations, bool leaky, bool detach_inner) -> (Tensor, Tensor)");
+  m.def("capsule_routing_forward(Tensor u, Tensor W, Tensor? bias, int iterations, bool leaky, bool detach_inner, bool return_coupling) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("capsule_routing_backward(Tensor grad_v, Tensor u, Tensor W, Tensor s_all, Tensor V_all, int iterations, bool leaky, bool detach_inner) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(capsnet_ext, CUDA, m) {
+  m.impl("predict", &capsnet::predict_op);
+  m.impl("predict_backward", &capsnet::predict_backward_op);
+  m.impl("routing_forward", &capsnet::routing_forward_op);
+  m.impl("routing_backward", &capsnet::routing_backward_op);
+  m.impl("capsule_routing_forward", &capsnet::capsule_routing_forward_op);
+  m.impl("capsule_routing_backward", &capsnet::capsule_routing_backward_op);
+}
