@@ -228,3 +228,185 @@ def test_crops():
     assert torch.equal(center_crop(images, 24), images[:, :, 4:28, 4:28])
     with pytest.raises(ValueError, match="size"):
         random_crop(images, 33)
+
+
+# --------------------------------------------------------------------------------------------
+# MultiMNIST
+
+def _bounding_boxes(masks):
+    """(top, bottom, left, right) of each mask [B, H, W] (inclusive)."""
+    rows, cols = masks.any(2), masks.any(1)
+    ar = torch.arange(masks.shape[-1])
+    return (torch.where(rows, ar, 10**6).amin(1), torch.where(rows, ar, -1).amax(1),
+            torch.where(cols, ar, 10**6).amin(1), torch.where(cols, ar, -1).amax(1))
+
+
+@needs_mnist
+def test_multimnist_properties_and_determinism(tmp_path, isolated_cache, monkeypatch):
+    monkeypatch.setenv(DATA_ENV, SHARED)
+    bundle = build_datasets("multimnist", pairs_per_digit=2, test_pairs_per_digit=3,
+                            cache_dir=tmp_path / "mm", seed=3)
+    assert (bundle.in_channels, bundle.input_size, bundle.num_classes, bundle.multi_label) == (1, 36, 10, True)
+    assert len(bundle.train) == 2 * 60000 and len(bundle.test) == 3 * 10000
+    test = bundle.test
+    # Different classes and bounded shifts for every pair of the recipe, not only a sample.
+    base_labels = test.digit_labels[None, :].expand(3, -1)
+    assert (test.digit_labels[test.partners.long()] != base_labels).all()
+    assert test.shifts.abs().max() <= 4 and test.shifts.min() == -4 and test.shifts.max() == 4
+    # The partner classes cover all nine other classes for every base class.
+    pairs = set(zip(base_labels.flatten().tolist(), test.digit_labels[test.partners.long()].flatten().tolist()))
+    assert len(pairs) == 90
+
+    indices = torch.arange(0, 30000, 15)
+    batch = test.batch(indices)
+    images, components, labels = batch["image"], batch["components"], batch["labels"]
+    assert images.shape == (2000, 1, 36, 36) and components.shape == (2000, 2, 1, 36, 36)
+    assert labels.dtype == torch.int64 and (labels[:, 0] != labels[:, 1]).all()
+    assert torch.equal(batch["label"].sum(1), torch.full((2000,), 2.0))
+    assert torch.equal(batch["label"].gather(1, labels), torch.ones(2000, 2))
+    assert torch.equal(images, components.sum(1).clamp(max=1.0))
+    assert (images >= 0).all() and (images <= 1).all() and (components.sum(1) > 1).any()
+    # Each component is its digit placed at (4 + dy, 4 + dx) on an empty canvas.
+    base, partner, shifts = test.pair_indices(indices)
+    for row in (0, 7, 1999):
+        for slot, digit in ((0, base[row]), (1, partner[row])):
+            dx, dy = int(shifts[row, 2 * slot]), int(shifts[row, 2 * slot + 1])
+            expected = torch.zeros(36, 36)
+            expected[4 + dy:32 + dy, 4 + dx:32 + dx] = test.digits[digit].float() / 255
+            assert torch.equal(components[row, slot, 0], expected)
+        assert torch.equal(labels[row], torch.stack([test.digit_labels[base[row]], test.digit_labels[partner[row]]]))
+    # The digits overlap heavily (the paper reports 80% bounding-box overlap on average).
+    top0, bottom0, left0, right0 = _bounding_boxes(components[:, 0, 0] > 0)
+    top1, bottom1, left1, right1 = _bounding_boxes(components[:, 1, 0] > 0)
+    inter = ((torch.minimum(bottom0, bottom1) - torch.maximum(top0, top1) + 1).clamp(min=0)
+             * (torch.minimum(right0, right1) - torch.maximum(left0, left1) + 1).clamp(min=0))
+    smaller = torch.minimum((bottom0 - top0 + 1) * (right0 - left0 + 1), (bottom1 - top1 + 1) * (right1 - left1 + 1))
+    assert (inter > 0).float().mean() > 0.99
+    assert (inter / smaller).mean() > 0.6
+    item = test[15]
+    assert set(item) == {"image", "label", "labels", "components"}
+    assert torch.equal(item["components"], components[1]) and item["label"].dtype == torch.float32
+
+    # Deterministic by seed, cached on disk, and a different seed gives different pairs.
+    cached = sorted(p.name for p in (tmp_path / "mm").iterdir())
+    assert len(cached) == 2 and all(name.endswith(".npz") and "seed3" in name for name in cached)
+    again = build_datasets("multimnist", pairs_per_digit=2, test_pairs_per_digit=3,
+                           cache_dir=tmp_path / "other", seed=3)
+    assert torch.equal(again.test.partners, test.partners) and torch.equal(again.test.shifts, test.shifts)
+    assert torch.equal(again.train.partners, bundle.train.partners)
+    assert torch.equal(again.test.batch(indices)["image"], images)
+    other = build_datasets("multimnist", pairs_per_digit=2, test_pairs_per_digit=3,
+                           cache_dir=tmp_path / "mm", seed=4, test_limit=100)
+    assert not torch.equal(other.test.partners, test.partners) and len(other.test) == 100
+    assert not torch.equal(other.train.partners, bundle.train.partners)
+    assert not torch.equal(bundle.train.partners[:, :10000], test.partners[:2])  # streams differ per split
+    assert len(list((tmp_path / "mm").iterdir())) == 4
+
+
+# --------------------------------------------------------------------------------------------
+# affine test set
+
+@needs_mnist
+def test_affine_test_set_within_affnist_ranges_and_inside_frame():
+    from capsnet_ext.data.affnist import affine_matrices, make_affine_test_set
+    digits, labels = mnist_module.load_idx_dataset("mnist", "test", download=False)
+    dataset = make_affine_test_set(digits, labels, seed=11, limit=400)
+    assert dataset.images.shape == (400, 1, 40, 40) and dataset.images.dtype == torch.uint8
+    assert torch.equal(dataset.labels, torch.from_numpy(labels[:400].astype(np.int64)))
+    params = dataset.params
+    assert params["rotation"].abs().max() <= 20 and params["rotation"].abs().max() > 15
+    assert params["shear"].abs().max() <= 0.2 and params["shear"].abs().max() > 0.15
+    for key in ("scale_x", "scale_y"):
+        assert 0.8 <= params[key].min() < 0.85 and 1.15 < params[key].max() <= 1.2
+    assert params["translate_x"].abs().max() > 5 and params["translate_y"].abs().max() > 5
+    images = dataset.images.float()
+    # Nothing cut off: no ink on the frame's border, and the ink is the source's ink scaled by
+    # the map's area change (bilinear resampling preserves it to a few percent).
+    border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], -1)
+    assert border.max() == 0
+    det = torch.linalg.det(affine_matrices(params["rotation"], params["shear"], params["scale_x"], params["scale_y"]))
+    source_mass = torch.from_numpy(digits[:400].astype(np.float64)).sum((1, 2))
+    ratio = images.sum((1, 2, 3)).double() / (source_mass * det)
+    assert ratio.min() > 0.9 and ratio.max() < 1.1
+    # Deterministic by seed.
+    assert torch.equal(make_affine_test_set(digits, labels, seed=11, limit=400).images, dataset.images)
+    assert not torch.equal(make_affine_test_set(digits, labels, seed=12, limit=400).images, dataset.images)
+
+
+def test_affine_warp_geometry():
+    from capsnet_ext.data.affnist import warp
+    image = torch.zeros(1, 1, 41, 41)
+    image[0, 0, 20, 30] = 1.0   # 10 px right of the centre (20, 20)
+    zero = torch.zeros(1, dtype=torch.float64)
+    one = torch.ones(1, dtype=torch.float64)
+    def params(**kw):
+        base = dict(rotation=zero, shear=zero, scale_x=one, scale_y=one, translate_x=zero, translate_y=zero)
+        base.update({k: torch.tensor([float(v)], dtype=torch.float64) for k, v in kw.items()})
+        return base
+    def ink_at(out):
+        flat = int(out.flatten().argmax())
+        return divmod(flat, 41)
+    assert torch.allclose(warp(image, params()), image, atol=1e-6)
+    assert ink_at(warp(image, params(rotation=90))) == (10, 20)          # counter-clockwise: up
+    assert ink_at(warp(image, params(scale_x=1.2))) == (20, 32)
+    assert ink_at(warp(image, params(translate_x=-3, translate_y=4))) == (24, 27)
+
+
+@needs_mnist
+def test_affnist_bundle(tmp_path):
+    bundle = build_datasets("affnist", download=False, train_limit=50, test_limit=30, seed=2)
+    assert (bundle.in_channels, bundle.input_size, bundle.multi_label) == (1, 40, False)
+    assert len(bundle.train) == 50 and len(bundle.test) == 30
+    train_image = bundle.train[0]["image"]
+    assert train_image.shape == (1, 40, 40)
+    assert train_image[:, :6].max() == 0 and train_image[:, :, -6:].max() == 0   # centred, padded
+    assert bundle.test[0]["image"].shape == (1, 40, 40)
+    with pytest.raises(DataNotFoundError, match="affnist"):
+        build_datasets("affnist", data_dir=tmp_path, download=False, test_source="real")
+
+
+def test_real_affnist_mat_reader(tmp_path):
+    scipy_io = pytest.importorskip("scipy.io")
+    from capsnet_ext.data.affnist import load_affnist_mat
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "test_batches"
+    folder.mkdir()
+    expected_images, expected_labels = [], []
+    for batch in (1, 2, 10):   # numeric, not lexicographic, order
+        images = rng.integers(0, 256, size=(3, 40, 40), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=3)
+        # affNIST stores one row-major image per column.
+        scipy_io.savemat(folder / f"{batch}.mat", {"affNISTdata": {
+            "image": images.reshape(3, 1600).T, "label_int": labels.astype(np.uint8)}})
+        expected_images.append(images)
+        expected_labels.append(labels)
+    images, labels = load_affnist_mat(folder)
+    assert np.array_equal(images, np.concatenate(expected_images))
+    assert np.array_equal(labels, np.concatenate(expected_labels))
+    images, labels = load_affnist_mat(folder, limit=4)
+    assert images.shape == (4, 40, 40)
+    (tmp_path / "bad.mat").write_bytes(b"garbage")
+    with pytest.raises(CorruptDataError, match="bad.mat"):
+        load_affnist_mat(tmp_path / "bad.mat")
+
+
+# --------------------------------------------------------------------------------------------
+# scikit-learn digits
+
+def test_digits_fallback():
+    pytest.importorskip("sklearn")
+    bundle = build_datasets("digits", seed=1)
+    assert (bundle.in_channels, bundle.input_size, bundle.num_classes) == (1, 28, 10)
+    assert len(bundle.train) + len(bundle.test) == 1797 and len(bundle.test) == 359
+    item = bundle.train[0]
+    assert item["image"].shape == (1, 28, 28) and item["image"].dtype == torch.float32
+    assert 0 <= item["image"].min() and item["image"].max() <= 1 and item["image"].max() > 0.5
+    assert set(torch.bincount(bundle.test.labels, minlength=10).tolist()) != {0}
+    same = build_datasets("digits", seed=1)
+    assert torch.equal(same.test.labels, bundle.test.labels)
+    assert not torch.equal(build_datasets("digits", seed=2).test.labels, bundle.test.labels)
+
+
+def test_unknown_dataset_name():
+    with pytest.raises(ValueError, match="mnist.*fashion-mnist"):
+        build_datasets("imagenet")

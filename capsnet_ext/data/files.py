@@ -86,6 +86,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        _public_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         _remove_quietly(tmp)
@@ -100,10 +101,18 @@ def atomic_save(path: PathLike, save: Callable[[str], None], suffix: str = ".tmp
     os.close(fd)
     try:
         save(tmp)
+        _public_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+def _public_mode(path: PathLike) -> None:
+    """mkstemp creates files readable by the owner only; give them the usual umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _remove_quietly(path: PathLike) -> None:
@@ -136,6 +145,7 @@ def download(urls: Sequence[str], destination: PathLike, md5: Optional[str] = No
             with os.fdopen(fd, "wb") as out, _urlopen(url, timeout=timeout) as response:
                 shutil.copyfileobj(response, out, length=1 << 20)
             verify_md5(tmp, md5)
+            _public_mode(tmp)
             os.replace(tmp, destination)
             return destination
         except (urllib.error.URLError, OSError, CorruptDataError, ValueError) as exc:
@@ -146,11 +156,17 @@ def download(urls: Sequence[str], destination: PathLike, md5: Optional[str] = No
 
 
 def not_found_message(dataset: str, filenames: Iterable[str], searched: Iterable[pathlib.Path],
-                      subdir: str, download_note: str) -> str:
-    """The error text for missing files: what was needed, every folder searched, how to fix it."""
+                      subdir: str, download_note: str, existed: Optional[dict] = None) -> str:
+    """The error text for missing files: what was needed, every folder searched, how to fix it.
+
+    ``existed`` maps folders to whether they existed when searched (a failed download may
+    have created the cache folder since).
+    """
     searched = list(searched)
+    existed = existed or {}
     lines = [f"{dataset}: could not find {', '.join(filenames)}.", "Looked in:"]
-    lines += [f"  {folder}" + ("" if folder.is_dir() else "  (does not exist)") for folder in searched]
+    lines += [f"  {folder}" + ("" if existed.get(folder, folder.is_dir()) else "  (does not exist)")
+              for folder in searched]
     lines.append(download_note)
     lines.append(
         f"To provide the files, put them in a folder named '{subdir}/' inside a data folder and "

@@ -84,6 +84,7 @@ def locate_idx_file(spec: IdxSpec, filename: str, data_dir: Optional[PathLike] =
     path, _, searched = find_file((filename, raw_name), roots, spec.subdirs)
     if path is not None:
         return path
+    existed = {folder: folder.is_dir() for folder in searched}
     mirrors = spec.mirrors if mirrors is None else tuple(mirrors)
     if download_missing and mirrors:
         destination = user_cache_dir() / spec.subdirs[0] / filename
@@ -97,7 +98,7 @@ def locate_idx_file(spec: IdxSpec, filename: str, data_dir: Optional[PathLike] =
     else:
         note = "No download mirror is configured."
     raise DataNotFoundError(not_found_message(spec.name, [filename], searched,
-                                              spec.subdirs[0], note))
+                                              spec.subdirs[0], note, existed))
 
 
 def load_idx_file(path: PathLike, md5: Optional[str] = None) -> np.ndarray:
