@@ -1,0 +1,327 @@
+"""The Triton backend against the reference: forward and gradients of predict, dynamic_routing
+and capsule_routing for every option, odd sizes, B = 1, 1 to 5 iterations, non-contiguous
+inputs, float64 gradcheck, float32/float16/bfloat16 within error-ratio tolerances, and the
+same errors as the reference for bad inputs.
+
+Without a GPU these run in Triton's CPU interpreter (``tests/conftest.py`` sets
+``TRITON_INTERPRET=1`` before triton is imported); with one, every test also runs on CUDA
+tensors. Shapes are tiny so the interpreter stays quick.
+"""
+import itertools
+
+import pytest
+import torch
+
+import capsnet_ext as ce
+from capsnet_ext import dispatch, reference
+
+triton_ops = pytest.importorskip("capsnet_ext.triton_ops")
+from capsnet_ext.triton_ops import _routing_core  # noqa: E402
+
+SHAPES = [  # B, I, J, Din, Dout: odd, not powers of two, B = 1
+    (1, 5, 3, 3, 5),
+    (2, 7, 3, 5, 3),
+    (3, 13, 5, 3, 7),
+]
+ROUTING_OPS = ("dynamic_routing", "capsule_routing")
+
+
+def require_triton(device):
+    reason = ce.unavailable_reason("triton", device)
+    if reason is not None:
+        pytest.skip(f"Triton backend unavailable on {device}: {reason}")
+
+
+def make_inputs(op, shape, dtype, device, seed, bias=False):
+    """Fresh random leaf tensors (never zeros) for ``op``; returns ``(args, bias or None)``."""
+    B, I, J, Din, Dout = shape
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * scale)
+    u = rnd(B, I, Din)
+    W = rnd(I, J, Dout, Din, scale=0.5)
+    b = rnd(J, Dout, scale=0.3) if bias else None
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype).requires_grad_()
+    if op == "dynamic_routing":
+        return [cast(reference.predict(u, W))], cast(b)
+    return [cast(u), cast(W)], cast(b)
+
+
+def run(op, backend, args, bias=None, iterations=3, **options):
+    fn = getattr(ce, op)
+    if op == "predict":
+        return fn(*args, backend=backend)
+    return fn(*args, iterations, bias=bias, backend=backend, **options)
+
+
+def outputs_and_grads(op, backend, args, bias, iterations, options, seed=0):
+    """Forward outputs and the gradients of a random projection of ``v`` wrt every input."""
+    out = run(op, backend, args, bias, iterations, **options)
+    v = out[0] if isinstance(out, tuple) else out
+    g = torch.Generator().manual_seed(seed + 1)
+    grad_out = torch.randn(v.shape, generator=g, dtype=torch.float64).to(v)
+    inputs = [t for t in args + [bias] if t is not None]
+    grads = torch.autograd.grad(v, inputs, grad_out)
+    outs = list(out) if isinstance(out, tuple) else [out]
+    return [o.detach() for o in outs], list(grads)
+
+
+def describe_mismatch(actual, expected):
+    diff = (actual.double() - expected.double()).abs()
+    worst = diff.flatten().argmax().item()
+    return (f"max abs error {diff.max().item():.3e} at flat index {worst}; "
+            f"{int((diff > 1e-9).sum())} of {diff.numel()} elements differ; "
+            f"non-finite: {int((~torch.isfinite(actual)).sum())}")
+
+
+def assert_all_close(actual, expected, rtol, atol):
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert a.shape == e.shape and a.dtype == e.dtype, (a.shape, e.shape, a.dtype, e.dtype)
+        assert torch.allclose(a, e, rtol=rtol, atol=atol), describe_mismatch(a, e)
+
+
+# ---------------------------------------------------------------- availability and dispatch
+def test_availability_follows_the_interpreter_switch(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_ops.availability(torch.device("cpu")) is None
+    monkeypatch.delenv("TRITON_INTERPRET")
+    reason = triton_ops.availability(torch.device("cpu"))
+    assert reason and "TRITON_INTERPRET=1" in reason
+    with pytest.raises(ce.BackendUnavailableError, match="backend 'triton' is unavailable on cpu"):
+        ce.capsule_routing(torch.randn(2, 3, 5), torch.randn(3, 2, 4, 5), backend="triton")
+    assert "on meta" in triton_ops.availability(torch.device("meta"))
+
+
+def test_every_option_is_supported_and_auto_never_picks_the_interpreter():
+    for op in ("predict",) + ROUTING_OPS:
+        for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            for flags in itertools.product([False, True], repeat=4):
+                options = dict(zip(("bias", "leaky", "detach_inner", "return_coupling"), flags))
+                assert triton_ops.unsupported_reason(op, dtype=dtype, iterations=5, **options) is None
+    assert "unknown op" in triton_ops.unsupported_reason("conv", dtype=torch.float32)
+    assert dispatch.select("capsule_routing", "auto", torch.device("cpu"), torch.float32).NAME == "reference"
+
+
+# ---------------------------------------------------------------- float64 against the reference
+@pytest.mark.parametrize("shape", SHAPES)
+def test_predict_matches_reference(device, shape):
+    require_triton(device)
+    args, _ = make_inputs("capsule_routing", shape, torch.float64, device, seed=sum(shape))
+    expected = outputs_and_grads("predict", "reference", args, None, 0, {})
+    actual = outputs_and_grads("predict", "triton", args, None, 0, {})
+    assert_all_close(actual[0] + actual[1], expected[0] + expected[1], rtol=1e-12, atol=1e-12)
+
+
+def test_predict_wide_din_and_single_gradient(device):
+    """Din wider than one register chunk (walked in chunks) and gradient wrt one input only."""
+    require_triton(device)
+    (u, W), _ = make_inputs("capsule_routing", (2, 3, 5, 70, 3), torch.float64, device, seed=7)
+    expected = reference.predict(u, W)
+    torch.testing.assert_close(ce.predict(u, W, backend="triton"), expected, rtol=1e-12, atol=1e-12)
+    W_const = W.detach()
+    (du,) = torch.autograd.grad(ce.predict(u, W_const, backend="triton").sum(), [u])
+    (du_ref,) = torch.autograd.grad(reference.predict(u, W_const).sum(), [u])
+    torch.testing.assert_close(du, du_ref, rtol=1e-12, atol=1e-12)
+
+
+# Every option at every iteration count: (bias, leaky) x detach_inner; return_coupling
+# alternates with the iteration count and the shape cycles, so each appears with every option.
+ROUTING_CASES = [
+    (iterations, bias, leaky, detach, iterations % 2 == 1, SHAPES[(iterations + bias + 2 * leaky) % 3])
+    for iterations in range(1, 6)
+    for bias, leaky in [(False, False), (True, False), (False, True), (True, True)]
+    for detach in (False, True)
+]
+
+
+@pytest.mark.parametrize("op", ROUTING_OPS)
+@pytest.mark.parametrize("iterations,bias,leaky,detach_inner,return_coupling,shape", ROUTING_CASES)
+def test_routing_matches_reference(device, op, iterations, bias, leaky, detach_inner, return_coupling, shape):
+    require_triton(device)
+    args, b = make_inputs(op, shape, torch.float64, device, seed=iterations * 31 + sum(shape), bias=bias)
+    options = dict(leaky=leaky, detach_inner=detach_inner, return_coupling=return_coupling)
+    expected = outputs_and_grads(op, "reference", args, b, iterations, options)
+    actual = outputs_and_grads(op, "triton", args, b, iterations, options)
+    assert_all_close(actual[0], expected[0], rtol=1e-10, atol=1e-12)
+    assert_all_close(actual[1], expected[1], rtol=1e-10, atol=1e-12)
+    if return_coupling:
+        out = run(op, "triton", args, b, iterations, **options)
+        assert out[1].shape == (shape[0], shape[1], shape[2]) and not out[1].requires_grad
+
+
+@pytest.mark.parametrize("op", ROUTING_OPS)
+def test_routing_with_non_contiguous_inputs(device, op):
+    require_triton(device)
+    B, I, J, Din, Dout = 3, 7, 3, 5, 3
+    g = torch.Generator().manual_seed(11)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device)
+    # Transposed storage: strides that are not those of a contiguous tensor.
+    bias = rnd(Dout, J).t().requires_grad_()
+    if op == "dynamic_routing":
+        args = [rnd(J, B, Dout, I).permute(1, 3, 0, 2).requires_grad_()]
+    else:
+        args = [rnd(Din, B, I).permute(1, 2, 0).requires_grad_(),
+                (rnd(Din, J, I, Dout) * 0.5).permute(2, 1, 3, 0).requires_grad_()]
+    assert not any(t.is_contiguous() for t in args + [bias])
+    options = dict(leaky=True, return_coupling=True)
+    expected = outputs_and_grads(op, "reference", args, bias, 4, options)
+    actual = outputs_and_grads(op, "triton", args, bias, 4, options)
+    assert_all_close(actual[0] + actual[1], expected[0] + expected[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("op", ROUTING_OPS)
+@pytest.mark.parametrize("splits", [(2, 2), (3, 3)])
+def test_routing_reductions_across_programs(device, op, splits, monkeypatch):
+    """Small tiles and forced splits: the sums over input capsules (forward and backward) and
+    over samples (dW) cross several programs, as they do at real sizes on a GPU."""
+    require_triton(device)
+    monkeypatch.setattr(_routing_core, "TILE_ELEMENTS", 64)
+    monkeypatch.setattr(_routing_core, "FORCE_SPLITS", splits)
+    shape = (3, 13, 3, 3, 5)
+    args, b = make_inputs(op, shape, torch.float64, device, seed=5, bias=True)
+    plan = _routing_core._Plan(3, 13, 3, 5, 3, op == "capsule_routing", torch.device(device))
+    assert plan.n_isplit > 1 and plan.n_bsplit > 1 and plan.n_itiles > plan.n_isplit
+    options = dict(leaky=False, detach_inner=False, return_coupling=True)
+    expected = outputs_and_grads(op, "reference", args, b, 3, options)
+    actual = outputs_and_grads(op, "triton", args, b, 3, options)
+    assert_all_close(actual[0] + actual[1], expected[0] + expected[1], rtol=1e-10, atol=1e-12)
+
+
+def test_capsule_routing_gradient_subsets(device):
+    """Gradient wanted for u only, W only, bias only: each path computes just that."""
+    require_triton(device)
+    shape = (2, 7, 3, 5, 3)
+    (u, W), b = make_inputs("capsule_routing", shape, torch.float64, device, seed=3, bias=True)
+    for wanted in ([u], [W], [b]):
+        leaves = [t if any(t is w for w in wanted) else t.detach() for t in (u, W, b)]
+        grads = [torch.autograd.grad(fn(leaves[0], leaves[1], 3, bias=leaves[2]).sum(), wanted)[0]
+                 for fn in (reference.capsule_routing, triton_ops.capsule_routing)]
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
+
+
+def test_capsule_routing_at_zero_input_is_finite(device):
+    require_triton(device)
+    u = torch.zeros(2, 5, 3, dtype=torch.float64, device=device, requires_grad=True)
+    W = torch.randn(5, 3, 4, 3, dtype=torch.float64, device=device, requires_grad=True)
+    v = ce.capsule_routing(u, W, 3, backend="triton")
+    v.sum().backward()
+    assert torch.equal(v.detach(), torch.zeros_like(v))
+    assert torch.isfinite(u.grad).all() and torch.isfinite(W.grad).all()
+
+
+# ---------------------------------------------------------------- gradcheck (float64)
+@pytest.mark.parametrize("op,iterations,options", [
+    ("predict", 0, {}),
+    ("dynamic_routing", 3, dict(leaky=True)),
+    ("capsule_routing", 3, {}),
+    ("capsule_routing", 5, dict(leaky=True)),
+])
+def test_gradcheck(device, op, iterations, options):
+    """detach_inner is left out: it is a deliberate surrogate gradient (only the last weighted
+    sum is differentiated), which no finite difference reproduces; the comparisons with the
+    reference above cover it."""
+    require_triton(device)
+    shape = (2, 3, 3, 2, 3)
+    args, b = make_inputs("dynamic_routing" if op == "dynamic_routing" else "capsule_routing",
+                          shape, torch.float64, device, seed=13, bias=op != "predict")
+    if op == "predict":
+        fn = lambda *t: ce.predict(*t, backend="triton")
+        inputs = tuple(args)
+    else:
+        fn = lambda *t: getattr(ce, op)(*t[:-1], iterations, bias=t[-1], backend="triton", **options)
+        inputs = tuple(args) + (b,)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+# ---------------------------------------------------------------- low precision
+# Error of the kernel against the float64 reference may be at most RATIO x the error of the
+# reference itself run in the same dtype, plus a floor (relative to the output's largest
+# magnitude) for results the reference happens to get nearly exact. The kernel accumulates in
+# float32 where the reference rounds every intermediate (logits, s) to the low dtype, so it is
+# normally the more accurate of the two; the ratios still fail on a wrong formula or a
+# mis-rounded accumulator.
+LOW_PRECISION = [  # dtype, floor
+    (torch.float32, 2e-6),
+    (torch.float16, 2e-3),
+    (torch.bfloat16, 1.6e-2),
+]
+
+
+def relative_error(x, exact):
+    return ((x.double() - exact).abs().max() / exact.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("dtype,floor", LOW_PRECISION)
+@pytest.mark.parametrize("op", ("predict",) + ROUTING_OPS)
+def test_low_precision_error_ratio(device, op, dtype, floor):
+    require_triton(device)
+    shape = (3, 13, 5, 3, 7)
+    source_op = "capsule_routing" if op == "predict" else op
+    args64, b64 = make_inputs(source_op, shape, torch.float64, device, seed=17, bias=op != "predict")
+    args, b = make_inputs(source_op, shape, dtype, device, seed=17, bias=op != "predict")
+    options = {} if op == "predict" else dict(leaky=True)
+    exact = outputs_and_grads(op, "reference", args64, b64, 3, options)
+    low_ref = outputs_and_grads(op, "reference", args, b, 3, options)
+    kernel = outputs_and_grads(op, "triton", args, b, 3, options)
+    for kind, ratio in ((0, 2.0), (1, 3.0)):  # forward, backward
+        for k, l, e in zip(kernel[kind], low_ref[kind], exact[kind]):
+            assert k.dtype == dtype
+            kernel_err, ref_err = relative_error(k, e), relative_error(l, e)
+            assert kernel_err <= ratio * ref_err + floor, (
+                f"{'forward' if kind == 0 else 'backward'}: kernel error {kernel_err:.3e}, "
+                f"reference-in-{dtype} error {ref_err:.3e}")
+
+
+# ---------------------------------------------------------------- memory kept for backward
+def test_fused_routing_saves_no_prediction_vectors(device):
+    """What autograd keeps for backward is exactly u, W and s^r, V^r per iteration:
+    ``B*I*Din + I*J*Dout*Din + 2*R*B*J*Dout`` elements, nothing of size ``B*I*J*Dout``."""
+    require_triton(device)
+    B, I, J, Din, Dout = 3, 13, 5, 2, 7
+    R = 4
+    (u, W), b = make_inputs("capsule_routing", (B, I, J, Din, Dout), torch.float64, device, seed=2, bias=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        v = ce.capsule_routing(u, W, R, bias=b, backend="triton")
+    assert sum(t.numel() for t in saved) == B * I * Din + I * J * Dout * Din + 2 * R * B * J * Dout
+    assert sorted(tuple(t.shape) for t in saved) == sorted(
+        [(B, I, Din), (I, J, Dout, Din), (R, B, J, Dout), (R, B, J, Dout)])
+    v.sum().backward()  # the saved tensors suffice for backward
+    assert torch.isfinite(W.grad).all()
+
+
+# ---------------------------------------------------------------- bad input
+U = lambda *s: torch.randn(*s)
+
+BAD_CALLS = [
+    lambda be: ce.predict(U(2, 3), U(3, 2, 4, 5), backend=be),
+    lambda be: ce.predict(U(2, 3, 5), U(4, 2, 4, 5), backend=be),
+    lambda be: ce.predict(U(2, 3, 5), U(3, 2, 4, 6), backend=be),
+    lambda be: ce.predict(torch.ones(2, 3, 5, dtype=torch.int64), U(3, 2, 4, 5), backend=be),
+    lambda be: ce.predict(U(2, 3, 5), U(3, 2, 4, 5).double(), backend=be),
+    lambda be: ce.dynamic_routing(U(2, 3, 4), 3, backend=be),
+    lambda be: ce.dynamic_routing(U(2, 3, 4, 5), 0, backend=be),
+    lambda be: ce.dynamic_routing(U(2, 3, 4, 5), 2.0, backend=be),
+    lambda be: ce.dynamic_routing(U(2, 3, 4, 5), 3, bias=U(4, 6), backend=be),
+    lambda be: ce.dynamic_routing(U(2, 3, 4, 5), 3, bias=U(4, 5).double(), backend=be),
+    lambda be: ce.capsule_routing(U(2, 3, 5), U(3, 2, 4, 5), 3, bias=U(2, 5), backend=be),
+    lambda be: ce.capsule_routing(U(2, 3, 5), U(3, 2, 4, 5), -1, backend=be),
+    lambda be: ce.capsule_routing(U(0, 3, 5), U(3, 2, 4, 5), 3, backend=be),
+    lambda be: ce.capsule_routing(U(2, 3, 5), torch.empty(3, 2, 4, 5, device="meta"), 3, backend=be),
+]
+
+
+@pytest.mark.parametrize("index", range(len(BAD_CALLS)))
+def test_bad_inputs_raise_the_reference_errors(index):
+    require_triton("cpu")
+    errors = []
+    for backend in ("reference", "triton"):
+        with pytest.raises((TypeError, ValueError)) as info:
+            BAD_CALLS[index](backend)
+        errors.append((type(info.value), str(info.value)))
+    assert errors[0] == errors[1]
