@@ -348,3 +348,39 @@ def test_analyze_command_line_reports_a_missing_checkpoint(tmp_path, capsys):
 
     assert main([str(tmp_path / "nope.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_depth_study_writes_table_and_figure_and_resumes(tmp_path, monkeypatch):
+    from capsnet_ext.analysis import depth_study
+
+    kwargs = dict(depths=[1, 2], iterations=[1], preset=None, grad_flow_every=1, device="cpu",
+                  train_overrides=dict(epochs=1, max_steps=2, batch_size=8, max_shift=0, tensorboard=False,
+                                       progress=False),
+                  model_kwargs=dict(width=5, dim=4, num_classes=4, input_size=20, conv_channels=8,
+                                    primary_channels=4, decoder_hidden=[16]),
+                  analysis_limit=16, datasets=synthetic_bundle(), command="test")
+    done = depth_study.run_depth_study(tmp_path, **kwargs)
+    rows = done["rows"]
+    assert [(r["depth"], r["iterations"]) for r in rows] == [(1, 1), (2, 1)]
+    for r in rows:
+        assert r["steps"] == 2 and 0 <= r["test_accuracy"] <= 1
+        assert len(r["dead_fraction"]) == r["depth"] + 1 and len(r["dynamics"]) == r["depth"]
+        assert len(r["grad_norm_lower"]) == r["depth"] and all(g > 0 for g in r["grad_norm_lower"])
+    table = (tmp_path / "depth_study.md").read_text()
+    assert table.count("\n| 1 | 1 |") + table.count("\n| 2 | 1 |") == 2
+    assert (tmp_path / "depth_study.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "depth2-r1" / "analysis" / "report.md").is_file()
+    # A second start reuses the finished runs instead of training again.
+    monkeypatch.setattr(depth_study, "run_one", lambda *a, **k: pytest.fail("finished run retrained"))
+    again = depth_study.run_depth_study(tmp_path, **kwargs)
+    assert [r["test_accuracy"] for r in again["rows"]] == pytest.approx([r["test_accuracy"] for r in rows])
+
+
+def test_depth_model_layers():
+    from capsnet_ext.analysis.depth_study import depth_model
+
+    assert depth_model(1)["caps"] == [10] and depth_model(1)["dims"] == [16]
+    cfg = depth_model(4, width=24, dim=6, num_classes=5)
+    assert cfg["caps"] == [24, 24, 24, 5] and cfg["dims"] == [6, 6, 6, 16]
+    with pytest.raises(ValueError, match="depth"):
+        depth_model(0)
