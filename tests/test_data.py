@@ -410,3 +410,114 @@ def test_digits_fallback():
 def test_unknown_dataset_name():
     with pytest.raises(ValueError, match="mnist.*fashion-mnist"):
         build_datasets("imagenet")
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-10, SVHN, smallNORB: the real files are large and not in CI, so these tests write small
+# files in the official formats and read them through the public entry point.
+
+def _cifar_batch(count, seed):
+    import pickle
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, size=(count, 3072), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=count).tolist()
+    return pickle.dumps({b"data": data, b"labels": labels, b"batch_label": b"x"}), data, labels
+
+
+def test_cifar10_reader_from_archive_and_folder(tmp_path, isolated_cache, monkeypatch):
+    import io
+    import tarfile
+    _offline(monkeypatch)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    batches = {name: _cifar_batch(4, seed) for seed, name in enumerate(names)}
+    archive = tmp_path / "data" / "cifar10" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir(parents=True)
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, (raw, _, _) in batches.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    # The published checksum protects the real archive: this one is refused by name...
+    with pytest.raises(CorruptDataError, match="cifar-10-python.tar.gz.*MD5"):
+        build_datasets("cifar10", data_dir=tmp_path / "data")
+    # ...and read when verification is switched off.
+    bundle = build_datasets("cifar10", data_dir=tmp_path / "data", verify=False)
+    assert (bundle.in_channels, bundle.input_size, bundle.num_classes) == (3, 32, 10)
+    assert len(bundle.train) == 20 and len(bundle.test) == 4
+    _, data, labels = batches["data_batch_2"]
+    item = bundle.train[5]   # second image of the second batch
+    assert item["image"].shape == (3, 32, 32) and int(item["label"]) == labels[1]
+    assert torch.equal((item["image"] * 255).round().to(torch.uint8).flatten(), torch.from_numpy(data[1]))
+    # An extracted folder (torchvision layout, directly in the root) is read too.
+    folder = tmp_path / "tv" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name, (raw, _, _) in batches.items():
+        (folder / name).write_bytes(raw)
+    assert len(build_datasets("cifar10", data_dir=tmp_path / "tv", verify=False).test) == 4
+    # A pickle that tries to import anything but numpy arrays is refused, naming the file.
+    import pickle
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": pathlib.Path("x"), b"labels": []}))
+    with pytest.raises(CorruptDataError, match="test_batch.*refusing"):
+        build_datasets("cifar10", data_dir=tmp_path / "tv", verify=False)
+
+
+def test_cifar10_missing_offline_lists_folders(tmp_path, isolated_cache, monkeypatch):
+    _offline(monkeypatch)
+    with pytest.raises(DataNotFoundError) as info:
+        build_datasets("cifar10", data_dir=tmp_path)
+    assert str(tmp_path / "cifar10") in str(info.value) and "www.cs.toronto.edu" in str(info.value)
+
+
+def test_svhn_reader(tmp_path, isolated_cache, monkeypatch):
+    scipy_io = pytest.importorskip("scipy.io")
+    _offline(monkeypatch)
+    folder = tmp_path / "svhn"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    images = {split: rng.integers(0, 256, size=(32, 32, 3, n), dtype=np.uint8) for split, n in (("train", 6), ("test", 3))}
+    labels = {"train": np.array([[10], [1], [2], [3], [9], [10]], dtype=np.uint8), "test": np.array([[5], [10], [7]], dtype=np.uint8)}
+    for split in ("train", "test"):
+        scipy_io.savemat(folder / f"{split}_32x32.mat", {"X": images[split], "y": labels[split]})
+    with pytest.raises(CorruptDataError, match="train_32x32.mat.*MD5"):
+        build_datasets("svhn", data_dir=tmp_path)
+    bundle = build_datasets("svhn", data_dir=tmp_path, verify=False)
+    assert (bundle.in_channels, bundle.input_size) == (3, 32)
+    assert bundle.train.labels.tolist() == [0, 1, 2, 3, 9, 0] and bundle.test.labels.tolist() == [5, 0, 7]
+    item = bundle.test[1]
+    expected = torch.from_numpy(images["test"][:, :, :, 1].transpose(2, 0, 1).copy())
+    assert torch.equal((item["image"] * 255).round().to(torch.uint8), expected)
+
+
+def _norb_bytes(array, magic):
+    dims = list(array.shape) + [1] * max(0, 3 - array.ndim)
+    header = np.array([magic, array.ndim] + dims, dtype="<i4").tobytes()
+    return header + array.astype(array.dtype.newbyteorder("<")).tobytes()
+
+
+def test_smallnorb_reader(tmp_path, isolated_cache, monkeypatch):
+    from capsnet_ext.data.smallnorb import FILES
+    _offline(monkeypatch)
+    folder = tmp_path / "smallnorb"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    stored = {}
+    for split, count in (("train", 5), ("test", 3)):
+        dat = rng.integers(0, 256, size=(count, 2, 96, 96), dtype=np.uint8)
+        cat = rng.integers(0, 5, size=count).astype(np.int32)
+        dat_name, cat_name = FILES[split]
+        with gzip.open(folder / dat_name, "wb") as handle:
+            handle.write(_norb_bytes(dat, 0x1E3D4C55))
+        (folder / cat_name[:-3]).write_bytes(_norb_bytes(cat, 0x1E3D4C54))   # uncompressed works too
+        stored[split] = (dat, cat)
+    bundle = build_datasets("smallnorb", data_dir=tmp_path)
+    assert (bundle.in_channels, bundle.input_size, bundle.num_classes) == (2, 48, 5)
+    assert len(bundle.train) == 5 and bundle.test.labels.tolist() == stored["test"][1].tolist()
+    dat = stored["train"][0].astype(np.float64)
+    expected = dat.reshape(5, 2, 48, 2, 48, 2).mean((3, 5))   # area downsampling by 2
+    assert np.abs(bundle.train.images.numpy() - expected).max() <= 0.5 + 1e-9
+    mono = build_datasets("smallnorb", data_dir=tmp_path, size=32, stereo=False)
+    assert mono.in_channels == 1 and mono.train[0]["image"].shape == (1, 32, 32)
+    # A truncated file is refused by name.
+    (folder / FILES["test"][1][:-3]).write_bytes(_norb_bytes(stored["test"][1], 0x1E3D4C54)[:-2])
+    with pytest.raises(CorruptDataError, match="testing-cat.mat.*truncated"):
+        build_datasets("smallnorb", data_dir=tmp_path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import pathlib
 import shutil
 import tempfile
@@ -202,3 +203,64 @@ def writable_dir(candidates: Sequence[pathlib.Path]) -> pathlib.Path:
         if os.access(folder, os.W_OK):
             return folder
     raise PermissionError("none of these folders is writable: " + ", ".join(map(str, candidates)))
+
+
+def locate_file(dataset: str, filename: str, subdirs: Sequence[str],
+                data_dir: Optional[PathLike] = None, download_missing: bool = True,
+                mirrors: Sequence[str] = (), md5: Optional[str] = None,
+                alternatives: Sequence[str] = (), manual_note: str = "") -> pathlib.Path:
+    """Path of a dataset file: found under ``<root>/<subdir>/`` or downloaded to the user cache.
+
+    Args:
+        dataset: name used in messages.
+        filename: the file to find (and the name downloaded from each mirror).
+        subdirs: folder names searched inside every data root (the first is where downloads go).
+        alternatives: other acceptable names (e.g. the uncompressed file), searched after it.
+        mirrors: base URLs; ``mirror + "/" + filename`` is fetched, verified against ``md5``.
+        manual_note: added to the error when the file cannot be found or downloaded.
+
+    Raises ``DataNotFoundError`` naming every folder searched and every mirror tried.
+    """
+    roots = data_roots(data_dir)
+    path, _, searched = find_file((filename, *alternatives), roots, subdirs)
+    if path is not None:
+        return path
+    existed = {folder: folder.is_dir() for folder in searched}
+    mirrors = tuple(mirrors)
+    if download_missing and mirrors:
+        destination = user_cache_dir() / subdirs[0] / filename
+        urls = [mirror.rstrip("/") + "/" + filename for mirror in mirrors]
+        try:
+            return download(urls, destination, md5=md5)
+        except DataNotFoundError as exc:
+            note = f"Download failed (offline?):\n{exc}"
+    elif not download_missing:
+        note = "Downloading was switched off (download=False)."
+    else:
+        note = "No download mirror is configured."
+    if manual_note:
+        note += "\n" + manual_note
+    raise DataNotFoundError(not_found_message(dataset, [filename], searched, subdirs[0], note, existed))
+
+
+_memory_cache: dict = {}
+_memory_lock = threading.Lock()
+
+
+def cached_in_memory(paths: Sequence[PathLike], options: tuple, load: Callable[[], object]):
+    """``load()`` once per process for these files (by path, size, mtime) and ``options``."""
+    key = tuple((str(pathlib.Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns)
+                for p in paths) + (options,)
+    with _memory_lock:
+        if key in _memory_cache:
+            return _memory_cache[key]
+    value = load()
+    with _memory_lock:
+        _memory_cache[key] = value
+    return value
+
+
+def clear_memory_cache() -> None:
+    """Forget every dataset decoded by ``cached_in_memory``."""
+    with _memory_lock:
+        _memory_cache.clear()

@@ -17,8 +17,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .files import (CorruptDataError, DataNotFoundError, PathLike, data_roots, download, find_file,
-                    not_found_message, user_cache_dir, verify_md5)
+from .files import CorruptDataError, PathLike, locate_file, verify_md5
 from .idx import read_idx
 
 
@@ -79,26 +78,10 @@ def locate_idx_file(spec: IdxSpec, filename: str, data_dir: Optional[PathLike] =
     when only that exists. Raises ``DataNotFoundError`` listing every folder searched (and
     every mirror tried) when the file is nowhere and cannot be downloaded.
     """
-    roots = data_roots(data_dir)
     raw_name = filename[:-3] if filename.endswith(".gz") else filename
-    path, _, searched = find_file((filename, raw_name), roots, spec.subdirs)
-    if path is not None:
-        return path
-    existed = {folder: folder.is_dir() for folder in searched}
-    mirrors = spec.mirrors if mirrors is None else tuple(mirrors)
-    if download_missing and mirrors:
-        destination = user_cache_dir() / spec.subdirs[0] / filename
-        urls = [mirror.rstrip("/") + "/" + filename for mirror in mirrors]
-        try:
-            return download(urls, destination, md5=spec.md5.get(filename))
-        except DataNotFoundError as exc:
-            note = f"Download failed (offline?):\n{exc}"
-    elif not download_missing:
-        note = "Downloading was switched off (download=False)."
-    else:
-        note = "No download mirror is configured."
-    raise DataNotFoundError(not_found_message(spec.name, [filename], searched,
-                                              spec.subdirs[0], note, existed))
+    return locate_file(spec.name, filename, spec.subdirs, data_dir, download_missing,
+                       spec.mirrors if mirrors is None else mirrors, spec.md5.get(filename),
+                       alternatives=(raw_name,))
 
 
 def load_idx_file(path: PathLike, md5: Optional[str] = None) -> np.ndarray:
