@@ -120,7 +120,7 @@ std::tuple<Tensor, Tensor> predict_backward_op(const Tensor& grad_in, const Tens
   check_shape(grad_in, "grad_u_hat", {B, I, J, D}, "[B, I, J, Dout]");
   const c10::DeviceGuard guard(u_in.device());
   const Tensor g = grad_in.contiguous(), u = u_in.contiguous(), W = W_in.contiguous();
-  Tensor du = at::empty_like(u), dW = at::empty_like(W);
+  Tensor du = at::empty(u.sizes(), u.options()), dW = at::empty(W.sizes(), W.options());
   const Status st = predict_backward(dtype_of(u, "u"), g.data_ptr(), u.data_ptr(), W.data_ptr(), du.data_ptr(),
                                      dW.data_ptr(), B, I, J, D, K, stream_of(u));
   CAPSNET_CHECK_STATUS(st);
@@ -202,7 +202,7 @@ std::tuple<Tensor, Tensor> routing_backward_op(const Tensor& grad_v_in, const Te
   const Tensor s_all = s_all_in.contiguous(), V_all = V_all_in.contiguous();
   const SweepPlan plan = plan_for(u_hat, shape.B, shape.I, shape.J, shape.D);
   const auto acc_opts = u_hat.options().dtype(acc_type(u_hat));
-  Tensor grad_u_hat = at::empty_like(u_hat);
+  Tensor grad_u_hat = at::empty(u_hat.sizes(), u_hat.options());
   Tensor grad_bias = at::empty({shape.J, shape.D}, u_hat.options());
   Tensor gs_all = at::empty({iterations, shape.B, shape.J, shape.D}, acc_opts);
   Tensor G = at::empty({shape.B, shape.J, shape.D}, acc_opts);
@@ -243,7 +243,7 @@ std::tuple<Tensor, Tensor, Tensor> capsule_routing_backward_op(const Tensor& gra
   const Tensor s_all = s_all_in.contiguous(), V_all = V_all_in.contiguous();
   const SweepPlan plan = plan_for(u, shape.B, shape.I, shape.J, shape.D);
   const auto acc_opts = u.options().dtype(acc_type(u));
-  Tensor du = at::empty_like(u), dW = at::empty_like(W);
+  Tensor du = at::empty(u.sizes(), u.options()), dW = at::empty(W.sizes(), W.options());
   Tensor grad_bias = at::empty({shape.J, shape.D}, u.options());
   Tensor gs_all = at::empty({iterations, shape.B, shape.J, shape.D}, acc_opts);
   Tensor G = at::empty({shape.B, shape.J, shape.D}, acc_opts);

@@ -1,0 +1,132 @@
+"""Schemas of the ``capsnet_ext`` CUDA ops, and their Python-side registrations.
+
+The schemas are defined in C++ (``TORCH_LIBRARY(capsnet_ext, m)`` in
+``csrc/capsnet_ext_ops.cpp``) and mirrored here; a test checks that both say the same. This
+module registers, for the ops of a namespace, the fake (meta) implementations that let
+``torch.compile`` trace them, and the autograd formulas that tie each forward op to its
+backward op. It is written against the namespace as a parameter so the same registrations can
+be exercised on the CPU against a test implementation of the ops.
+
+Saved routing state (accumulation dtype: float32, or float64 for float64 inputs):
+``s_all [R, B, J, D]`` holds every iteration's ``s^r`` (bias included) and
+``V_all [R, B, J, D]`` the running sums ``V^r = v^0 + ... + v^(r-1)`` (``V^0 = 0``). With
+``u`` and ``W`` (or ``u_hat``) they are all the backward needs: O(R·B·J·D) numbers instead of
+anything of size ``B·I·J·D``.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+SCHEMAS: Dict[str, str] = {
+    "predict": "predict(Tensor u, Tensor W) -> Tensor",
+    "predict_backward": "predict_backward(Tensor grad_u_hat, Tensor u, Tensor W) -> (Tensor, Tensor)",
+    "routing_forward": (
+        "routing_forward(Tensor u_hat, Tensor? bias, int iterations, bool leaky, bool detach_inner, "
+        "bool return_coupling) -> (Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "routing_backward": (
+        "routing_backward(Tensor grad_v, Tensor u_hat, Tensor s_all, Tensor V_all, int iterations, "
+        "bool leaky, bool detach_inner) -> (Tensor, Tensor)"
+    ),
+    "capsule_routing_forward": (
+        "capsule_routing_forward(Tensor u, Tensor W, Tensor? bias, int iterations, bool leaky, "
+        "bool detach_inner, bool return_coupling) -> (Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "capsule_routing_backward": (
+        "capsule_routing_backward(Tensor grad_v, Tensor u, Tensor W, Tensor s_all, Tensor V_all, "
+        "int iterations, bool leaky, bool detach_inner) -> (Tensor, Tensor, Tensor)"
+    ),
+}
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' accumulation dtype, which is also the dtype of the saved routing state."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _routing_outputs(ref: torch.Tensor, B: int, I: int, J: int, D: int, iterations: int,
+                     return_coupling: bool):
+    v = ref.new_empty((B, J, D))
+    c = ref.new_empty((B, I, J)) if return_coupling else ref.new_empty((0,))
+    state = dict(dtype=acc_dtype(ref.dtype))
+    return v, c, ref.new_empty((iterations, B, J, D), **state), ref.new_empty((iterations, B, J, D), **state)
+
+
+def register(namespace: str) -> None:
+    """Register fakes and autograd for the ops ``namespace::<name>`` (already defined)."""
+    ops = getattr(torch.ops, namespace)
+    qual = lambda name: f"{namespace}::{name}"  # noqa: E731
+
+    # ---- fakes: output shapes and dtypes only (every output is a fresh contiguous tensor) --
+    @torch.library.register_fake(qual("predict"))
+    def _predict_fake(u, W):
+        return u.new_empty((u.shape[0], u.shape[1], W.shape[1], W.shape[2]))
+
+    @torch.library.register_fake(qual("predict_backward"))
+    def _predict_backward_fake(grad_u_hat, u, W):
+        return u.new_empty(u.shape), W.new_empty(W.shape)
+
+    @torch.library.register_fake(qual("routing_forward"))
+    def _routing_forward_fake(u_hat, bias, iterations, leaky, detach_inner, return_coupling):
+        B, I, J, D = u_hat.shape
+        return _routing_outputs(u_hat, B, I, J, D, iterations, return_coupling)
+
+    @torch.library.register_fake(qual("routing_backward"))
+    def _routing_backward_fake(grad_v, u_hat, s_all, V_all, iterations, leaky, detach_inner):
+        return u_hat.new_empty(u_hat.shape), u_hat.new_empty((u_hat.shape[2], u_hat.shape[3]))
+
+    @torch.library.register_fake(qual("capsule_routing_forward"))
+    def _capsule_routing_forward_fake(u, W, bias, iterations, leaky, detach_inner, return_coupling):
+        return _routing_outputs(u, u.shape[0], u.shape[1], W.shape[1], W.shape[2], iterations, return_coupling)
+
+    @torch.library.register_fake(qual("capsule_routing_backward"))
+    def _capsule_routing_backward_fake(grad_v, u, W, s_all, V_all, iterations, leaky, detach_inner):
+        return u.new_empty(u.shape), W.new_empty(W.shape), u.new_empty((W.shape[1], W.shape[2]))
+
+    # ---- autograd -------------------------------------------------------------------------
+    # predict: du = sum_jd W^T g, dW = sum_b g u^T.
+    def _predict_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _predict_backward(ctx, grad_u_hat):
+        u, W = ctx.saved_tensors
+        du, dW = ops.predict_backward(grad_u_hat, u, W)
+        return du, dW
+
+    torch.library.register_autograd(qual("predict"), _predict_backward, setup_context=_predict_setup)
+
+    # Routing: the couplings and the saved state are outputs without gradient; the backward
+    # runs the reverse sweeps and the final gradient sweep (see docs/cuda-backend.md).
+    def _routing_setup(ctx, inputs, output):
+        u_hat, bias, iterations, leaky, detach_inner, _ = inputs
+        _, c, s_all, V_all = output
+        ctx.mark_non_differentiable(c, s_all, V_all)
+        ctx.save_for_backward(u_hat, s_all, V_all)
+        ctx.options = (iterations, leaky, detach_inner)
+        ctx.has_bias = bias is not None
+
+    def _routing_backward(ctx, grad_v, *unused):
+        u_hat, s_all, V_all = ctx.saved_tensors
+        grad_u_hat, grad_bias = ops.routing_backward(grad_v, u_hat, s_all, V_all, *ctx.options)
+        return grad_u_hat, (grad_bias if ctx.has_bias else None), None, None, None, None
+
+    torch.library.register_autograd(qual("routing_forward"), _routing_backward, setup_context=_routing_setup)
+
+    def _capsule_routing_setup(ctx, inputs, output):
+        u, W, bias, iterations, leaky, detach_inner, _ = inputs
+        _, c, s_all, V_all = output
+        ctx.mark_non_differentiable(c, s_all, V_all)
+        ctx.save_for_backward(u, W, s_all, V_all)
+        ctx.options = (iterations, leaky, detach_inner)
+        ctx.has_bias = bias is not None
+
+    def _capsule_routing_backward(ctx, grad_v, *unused):
+        u, W, s_all, V_all = ctx.saved_tensors
+        du, dW, grad_bias = ops.capsule_routing_backward(grad_v, u, W, s_all, V_all, *ctx.options)
+        return du, dW, (grad_bias if ctx.has_bias else None), None, None, None, None
+
+    torch.library.register_autograd(
+        qual("capsule_routing_forward"), _capsule_routing_backward, setup_context=_capsule_routing_setup
+    )
