@@ -301,6 +301,9 @@ def test_multimnist_properties_and_determinism(tmp_path, isolated_cache, monkeyp
     assert not torch.equal(other.train.partners, bundle.train.partners)
     assert not torch.equal(bundle.train.partners[:, :10000], test.partners[:2])  # streams differ per split
     assert len(list((tmp_path / "mm").iterdir())) == 4
+    # Without cache_dir, recipes are written to the user cache, never into a data folder.
+    build_datasets("multimnist", data_dir=SHARED, pairs_per_digit=1, test_pairs_per_digit=1)
+    assert len(list((isolated_cache / "multimnist").glob("*.npz"))) == 2
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import io
 import pathlib
 import pickle
 import tarfile
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 

@@ -28,7 +28,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .base import DatasetBundle, _as_tensor, _check_limit, to_float_image
-from .files import PathLike, atomic_save, data_roots, user_cache_dir, writable_dir
+from .files import (PathLike, atomic_save, cached_in_memory, data_roots, user_cache_dir,
+                    writable_dir)
 from .transforms import pad_to, shift_images
 
 CANVAS_SIZE = 36
@@ -178,14 +179,21 @@ def _labels_digest(labels: np.ndarray) -> str:
     return hashlib.md5(np.ascontiguousarray(labels, dtype=np.uint8).tobytes()).hexdigest()[:12]
 
 
+def _read_recipe(path: pathlib.Path) -> Tuple[np.ndarray, np.ndarray, str]:
+    with np.load(path) as stored:
+        return stored["partners"], stored["shifts"], str(stored["labels_digest"])
+
+
 def cached_pairs(labels: np.ndarray, split: str, pairs_per_digit: int, max_shift: int, seed: int,
                  source: str, data_dir: Optional[PathLike] = None,
                  cache_dir: Optional[PathLike] = None) -> Tuple[np.ndarray, np.ndarray, pathlib.Path]:
     """``generate_pairs`` through an on-disk ``.npz`` cache keyed by every parameter.
 
-    Looked for in ``cache_dir`` (if given) else ``<root>/multimnist/`` of every data root; written
-    to ``cache_dir``, else the first writable of ``data_dir/multimnist`` and the user cache. A
-    cache file that cannot be read, or that was made for other source labels, is regenerated.
+    Looked for in ``cache_dir`` (if given) else ``<root>/multimnist/`` of every data root (so a
+    recipe file can be shipped beside the data); written to ``cache_dir``, else the user cache
+    (never into a data folder, which may be shared). A cache file that cannot be read, or that
+    was made for other source labels, is regenerated. Arrays read from disk stay in memory for
+    the life of the process.
     Returns ``(partners, shifts, path)``.
     """
     digest = _labels_digest(labels)
@@ -196,17 +204,17 @@ def cached_pairs(labels: np.ndarray, split: str, pairs_per_digit: int, max_shift
         targets = folders
     else:
         folders = [root / "multimnist" for root in data_roots(data_dir)]
-        targets = ([pathlib.Path(data_dir) / "multimnist"] if data_dir is not None else []) \
-            + [user_cache_dir() / "multimnist"]
+        # New files go to the user cache only: data folders may be shared or read-only.
+        targets = [user_cache_dir() / "multimnist"]
     for folder in folders:
         path = folder / filename
         if path.is_file():
             try:
-                with np.load(path) as stored:
-                    partners, shifts = stored["partners"], stored["shifts"]
-                    ok = (partners.shape == (pairs_per_digit, labels.size)
-                          and shifts.shape == (pairs_per_digit, labels.size, 4)
-                          and str(stored["labels_digest"]) == digest)
+                partners, shifts, stored_digest = cached_in_memory([path], ("multimnist",),
+                                                                   lambda: _read_recipe(path))
+                ok = (partners.shape == (pairs_per_digit, labels.size)
+                      and shifts.shape == (pairs_per_digit, labels.size, 4)
+                      and stored_digest == digest)
                 if ok:
                     return partners, shifts, path
             except Exception as exc:  # a damaged cache is only a cache: rebuild it
@@ -214,8 +222,11 @@ def cached_pairs(labels: np.ndarray, split: str, pairs_per_digit: int, max_shift
     partners, shifts = generate_pairs(labels, pairs_per_digit, max_shift, seed,
                                       stream=_SPLIT_CODES[split])
     path = writable_dir(targets) / filename
-    atomic_save(path, lambda tmp: np.savez(open(tmp, "wb"), partners=partners, shifts=shifts,
-                                           labels_digest=np.array(digest)))
+
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as handle:   # a file object: np.savez would append ".npz" to a name
+            np.savez(handle, partners=partners, shifts=shifts, labels_digest=np.array(digest))
+    atomic_save(path, save)
     return partners, shifts, path
 
 
@@ -232,7 +243,8 @@ def build_multimnist(data_dir=None, download=True, seed=0, *, pairs_per_digit: i
             pass ``test_limit`` to evaluate on the first N, which use N distinct base digits).
         max_shift: per-digit shift bound in pixels (4).
         source: ``"mnist"`` (the paper) or ``"fashion-mnist"``.
-        cache_dir: where the recipe ``.npz`` files are read and written.
+        cache_dir: where the recipe ``.npz`` files are read and written (default: found in
+            ``<root>/multimnist/`` of any data root, written to the user cache).
         train_limit, test_limit: keep the first N examples.
     """
     from .mnist import load_idx_dataset
