@@ -60,6 +60,7 @@ def test_idx_datasets_decode_with_published_counts(name):
     bundle = build_datasets(name, download=False)
     assert isinstance(bundle, DatasetBundle)
     assert (bundle.in_channels, bundle.input_size, bundle.num_classes, bundle.multi_label) == (1, 28, 10, False)
+    assert len(bundle.classes) == 10 and bundle.classes[9] == ("9" if name == "mnist" else "Ankle boot")
     assert len(bundle.train) == 60000 and len(bundle.test) == 10000
     for split, dataset in (("train", bundle.train), ("test", bundle.test)):
         assert dataset.images.shape == (len(dataset), 1, 28, 28) and dataset.images.dtype == torch.uint8
@@ -215,6 +216,33 @@ def test_random_shift_properties():
         random_shift(images, -1)
     with pytest.raises(ValueError, match="images"):
         random_shift(images[0], 2)
+
+
+def test_random_shift_on_every_device(device):
+    images = torch.rand(16, 3, 9, 9, device=device) + 0.1
+    generator = torch.Generator(device="cpu").manual_seed(0)   # a CPU generator drives any device
+    out = random_shift(images, 1, generator)
+    assert out.device == images.device and out.shape == images.shape
+    again = random_shift(images.cpu(), 1, torch.Generator().manual_seed(0))
+    assert torch.equal(out.cpu(), again)
+    # Every image lost exactly the rows/columns its shift moved out: zero borders only.
+    zero_rows = (out == 0).all(dim=(1, 3)).sum(1)
+    zero_cols = (out == 0).all(dim=(1, 2)).sum(1)
+    assert (zero_rows <= 1).all() and (zero_cols <= 1).all()
+    assert (out.sum((1, 2, 3)) <= images.sum((1, 2, 3)) + 1e-4).all()
+
+
+def test_image_dataset_validation():
+    from capsnet_ext.data import ImageDataset
+    with pytest.raises(ValueError, match="images must be"):
+        ImageDataset(torch.zeros(4, 28, 28), torch.zeros(4))
+    with pytest.raises(ValueError, match="labels must be"):
+        ImageDataset(torch.zeros(4, 1, 28, 28), torch.zeros(3))
+    with pytest.raises(ValueError, match="limit"):
+        ImageDataset(torch.zeros(4, 1, 2, 2), torch.zeros(4), limit=0)
+    dataset = ImageDataset(np.full((4, 1, 2, 2), 255, dtype=np.uint8), np.arange(4), limit=3)
+    assert len(dataset) == 3 and torch.equal(dataset[2]["image"], torch.ones(1, 2, 2))
+    assert dataset[2]["label"].dtype == torch.int64
 
 
 def test_crops():
@@ -410,9 +438,11 @@ def test_digits_fallback():
     assert not torch.equal(build_datasets("digits", seed=2).test.labels, bundle.test.labels)
 
 
-def test_unknown_dataset_name():
+def test_unknown_dataset_name_and_option():
     with pytest.raises(ValueError, match="mnist.*fashion-mnist"):
         build_datasets("imagenet")
+    with pytest.raises(TypeError, match="pairs_per_digit.*train_limit"):
+        build_datasets("mnist", pairs_per_digit=3)
 
 
 # --------------------------------------------------------------------------------------------

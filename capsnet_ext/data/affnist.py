@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import DatasetBundle, ImageDataset
+from .base import DIGIT_CLASSES, DatasetBundle, ImageDataset
 from .files import CorruptDataError, DataNotFoundError, PathLike, data_roots, not_found_message
 from .transforms import pad_to
 
@@ -244,4 +244,4 @@ def build_affnist(data_dir=None, download=True, seed=0, *, test_source: str = "g
         test_digits, test_labels = load_idx_dataset("mnist", "test", data_dir, download, mirrors, verify)
         test = make_affine_test_set(test_digits, test_labels, seed=seed, limit=test_limit)
     return DatasetBundle(train=train, test=test, in_channels=1, input_size=FRAME_SIZE,
-                         num_classes=10, multi_label=False, name="affnist")
+                         num_classes=10, multi_label=False, name="affnist", classes=DIGIT_CLASSES)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -86,6 +86,9 @@ def _check_limit(limit, argument: str) -> Optional[int]:
     return int(limit)
 
 
+DIGIT_CLASSES = tuple(str(digit) for digit in range(10))
+
+
 @dataclass
 class DatasetBundle:
     """Everything a trainer needs about one task.
@@ -93,7 +96,8 @@ class DatasetBundle:
     ``train``/``test``: datasets whose items are dicts (see ``build_datasets``); ``in_channels``
     and ``input_size`` describe one image (``[in_channels, input_size, input_size]``);
     ``num_classes``; ``multi_label`` is True for MultiMNIST (multi-hot labels, two
-    reconstruction targets); ``name`` is the dataset name given to ``build_datasets``.
+    reconstruction targets); ``name`` is the dataset name given to ``build_datasets``;
+    ``classes`` the class names (for figures and reports), where known.
     """
 
     train: Dataset
@@ -103,3 +107,4 @@ class DatasetBundle:
     num_classes: int
     multi_label: bool
     name: str
+    classes: Optional[Tuple[str, ...]] = None   # class names, index = label, where known

@@ -127,4 +127,5 @@ def build_cifar10(data_dir=None, download=True, seed=0, *, train_limit: Optional
     return DatasetBundle(
         train=ImageDataset(*splits["train"], name="cifar10-train", limit=train_limit),
         test=ImageDataset(*splits["test"], name="cifar10-test", limit=test_limit),
-        in_channels=3, input_size=32, num_classes=10, multi_label=False, name="cifar10")
+        in_channels=3, input_size=32, num_classes=10, multi_label=False, name="cifar10",
+        classes=CLASSES)

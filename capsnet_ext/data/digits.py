@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import DatasetBundle, ImageDataset
+from .base import DIGIT_CLASSES, DatasetBundle, ImageDataset
 
 
 def build_digits(data_dir=None, download=True, seed=0, *, size: int = 28,
@@ -38,4 +38,5 @@ def build_digits(data_dir=None, download=True, seed=0, *, size: int = 28,
     return DatasetBundle(
         train=ImageDataset(images[train_index], labels[train_index], "digits-train", train_limit),
         test=ImageDataset(images[test_index], labels[test_index], "digits-test", test_limit),
-        in_channels=1, input_size=size, num_classes=10, multi_label=False, name="digits")
+        in_channels=1, input_size=size, num_classes=10, multi_label=False, name="digits",
+        classes=DIGIT_CLASSES)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .base import DatasetBundle, _as_tensor, _check_limit, to_float_image
+from .base import DIGIT_CLASSES, DatasetBundle, _as_tensor, _check_limit, to_float_image
 from .files import (PathLike, atomic_save, cached_in_memory, data_roots, user_cache_dir,
                     writable_dir)
 from .transforms import pad_to, shift_images
@@ -260,4 +260,4 @@ def build_multimnist(data_dir=None, download=True, seed=0, *, pairs_per_digit: i
                                    name=f"multimnist-{split}")
     return DatasetBundle(train=splits["train"], test=splits["test"], in_channels=1,
                          input_size=CANVAS_SIZE, num_classes=10, multi_label=True,
-                         name="multimnist")
+                         name="multimnist", classes=DIGIT_CLASSES)

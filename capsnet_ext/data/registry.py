@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Callable, Dict, Optional
 
-from .base import DatasetBundle, ImageDataset
+from .base import DIGIT_CLASSES, DatasetBundle, ImageDataset
 from .files import PathLike
 
 # name -> "module:function"; modules load on first use so optional dependencies (scipy for
@@ -46,6 +47,12 @@ def build_datasets(name: str, data_dir: Optional[PathLike] = None, *, download: 
         raise ValueError(f"name must be one of {', '.join(DATASET_NAMES)}; got {name!r}")
     module_name, function_name = _BUILDERS[name].split(":")
     builder: Callable[..., DatasetBundle] = getattr(importlib.import_module(module_name), function_name)
+    accepted = [p.name for p in inspect.signature(builder).parameters.values()
+                if p.kind == p.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(f"dataset {name!r} does not take option(s) {', '.join(unknown)}; it takes "
+                        f"{', '.join(accepted)}")
     return builder(data_dir=data_dir, download=download, seed=seed, **options)
 
 
@@ -57,15 +64,25 @@ def _build_idx(name: str, data_dir, download, seed, train_limit=None, test_limit
     for split, limit in (("train", train_limit), ("test", test_limit)):
         images, labels = load_idx_dataset(name, split, data_dir, download, mirrors, verify)
         splits[split] = ImageDataset(images[:, None], labels, name=f"{name}-{split}", limit=limit)
+    from .mnist import FASHION_MNIST_CLASSES
     return DatasetBundle(train=splits["train"], test=splits["test"], in_channels=1, input_size=28,
-                         num_classes=10, multi_label=False, name=name)
+                         num_classes=10, multi_label=False, name=name,
+                         classes=FASHION_MNIST_CLASSES if name == "fashion-mnist" else DIGIT_CLASSES)
 
 
-def build_mnist(data_dir=None, download=True, seed=0, **options) -> DatasetBundle:
-    """MNIST: 60,000 / 10,000 images of 1x28x28. Options: train_limit, test_limit, mirrors, verify."""
-    return _build_idx("mnist", data_dir, download, seed, **options)
+def build_mnist(data_dir=None, download=True, seed=0, *, train_limit: Optional[int] = None,
+                test_limit: Optional[int] = None, mirrors=None, verify: bool = True) -> DatasetBundle:
+    """MNIST: 60,000 / 10,000 images of 1x28x28.
+
+    Options: ``train_limit``/``test_limit`` (first N examples), ``mirrors`` (download base URLs),
+    ``verify`` (check the published MD5s; on by default).
+    """
+    return _build_idx("mnist", data_dir, download, seed, train_limit, test_limit, mirrors, verify)
 
 
-def build_fashion_mnist(data_dir=None, download=True, seed=0, **options) -> DatasetBundle:
+def build_fashion_mnist(data_dir=None, download=True, seed=0, *, train_limit: Optional[int] = None,
+                        test_limit: Optional[int] = None, mirrors=None,
+                        verify: bool = True) -> DatasetBundle:
     """Fashion-MNIST: 60,000 / 10,000 images of 1x28x28. Options as ``build_mnist``."""
-    return _build_idx("fashion-mnist", data_dir, download, seed, **options)
+    return _build_idx("fashion-mnist", data_dir, download, seed, train_limit, test_limit,
+                      mirrors, verify)

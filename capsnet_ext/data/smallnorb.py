@@ -105,4 +105,4 @@ def build_smallnorb(data_dir=None, download=True, seed=0, *, size: int = 48, ste
         train=ImageDataset(*splits["train"], name="smallnorb-train", limit=train_limit),
         test=ImageDataset(*splits["test"], name="smallnorb-test", limit=test_limit),
         in_channels=2 if stereo else 1, input_size=size, num_classes=5, multi_label=False,
-        name="smallnorb")
+        name="smallnorb", classes=CLASSES)

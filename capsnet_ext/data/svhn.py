@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .base import DatasetBundle, ImageDataset
+from .base import DIGIT_CLASSES, DatasetBundle, ImageDataset
 from .files import CorruptDataError, PathLike, cached_in_memory, locate_file, verify_md5
 
 MIRRORS = ("http://ufldl.stanford.edu/housenumbers/",)
@@ -58,4 +58,5 @@ def build_svhn(data_dir=None, download=True, seed=0, *, include_extra: bool = Fa
     test = load_svhn_file("test_32x32.mat", data_dir, download, verify, mirrors)
     return DatasetBundle(train=ImageDataset(*train, name="svhn-train", limit=train_limit),
                          test=ImageDataset(*test, name="svhn-test", limit=test_limit),
-                         in_channels=3, input_size=32, num_classes=10, multi_label=False, name="svhn")
+                         in_channels=3, input_size=32, num_classes=10, multi_label=False, name="svhn",
+                         classes=DIGIT_CLASSES)
