@@ -126,3 +126,29 @@ def test_truncation_correction_of_auto_init():
     std = auto_init_std(100, 10, 4)
     layer = RoutingCapsules(100, 10, 4, 4, init_std=std)
     assert float(layer.weight.detach().std()) == pytest.approx(10 / (0.5 * math.sqrt(100 * 4)), rel=0.05)
+
+
+def test_stacked_layers_on_the_triton_backend_match_the_reference(device):
+    """Every routing layer of the stack runs on the Triton kernels (the CPU interpreter without
+    a GPU) with the same outputs, couplings and weight gradients as the reference."""
+    from capsnet_ext import unavailable_reason
+
+    reason = unavailable_reason("triton", device)
+    if reason is not None:
+        pytest.skip(f"Triton backend unavailable on {device}: {reason}")
+    torch.manual_seed(6)
+    config = dict(num_classes=4, caps=[6, 5, 4], dims=[4, 4, 6], iterations=[1, 3, 2], leaky=True,
+                  decoder=False, **{k: v for k, v in SMALL.items() if k != "decoder_hidden"})
+    ref = DeepCapsNet(backend="reference", **config).to(device)
+    tri = DeepCapsNet(backend="triton", **config).to(device)
+    tri.load_state_dict(ref.state_dict())
+    x = torch.rand(3, 1, 20, 20, device=device)
+    out_ref, out_tri = ref(x, return_coupling=True), tri(x, return_coupling=True)
+    torch.testing.assert_close(out_tri.capsules, out_ref.capsules, rtol=1e-4, atol=1e-5)
+    for c_tri, c_ref in zip(out_tri.couplings, out_ref.couplings):
+        torch.testing.assert_close(c_tri, c_ref, rtol=1e-4, atol=1e-5)
+    weights = torch.rand(3, 4, device=device)
+    (out_ref.lengths * weights).sum().backward()
+    (out_tri.lengths * weights).sum().backward()
+    for l_tri, l_ref in zip(tri.routing, ref.routing):
+        torch.testing.assert_close(l_tri.weight.grad, l_ref.weight.grad, rtol=1e-3, atol=1e-6)

@@ -143,6 +143,8 @@ def plot_study(rows: Sequence[dict], path: pathlib.Path) -> pathlib.Path:
         ax.set_xlabel("capsule layer (0: primary)" if from_primary else "routing layer")
         ax.set_ylabel(label)
         ax.set_title(label.split(" (")[0] + " per layer")
+        if key == "dead_fraction":
+            ax.set_ylim(-0.03, 1.03)
         if key == "grad_norm_lower":
             positive = [v for r in rows for v in _nan_list(r[key]) if v > 0]
             if positive:

@@ -45,6 +45,10 @@ Definitions (``tau = 1.5 / J``; ``Ct = C`` where ``C > tau`` and 0 elsewhere):
   sum 1 over the real parents; 1 when every capsule routes one-hot, 0 when uniformly.
 * **d_score** (Peer et al.): the largest standard deviation over inputs of an upper capsule's
   length; near 0 when the layer's output hardly depends on the input.
+* **lower/upper_mean_length**: mean capsule length over inputs and capsules;
+  **lower/upper_squash_slope**: the squash's slope ``d|v|/d|s| = 2|s| / (1 + |s|^2)^2`` at
+  each capsule's mean length (``|s|`` recovered from ``|v|``), averaged over capsules: near 0
+  for capsules that are either starved or saturated.
 
 Everything is accumulated as float64 sums over chunks of inputs, so a whole test set never has
 to be in memory, and chunked and unchunked results agree to rounding.
