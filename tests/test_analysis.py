@@ -384,3 +384,27 @@ def test_depth_model_layers():
     assert cfg["caps"] == [24, 24, 24, 5] and cfg["dims"] == [6, 6, 6, 16]
     with pytest.raises(ValueError, match="depth"):
         depth_model(0)
+
+
+def test_analyze_model_handles_the_single_layer_capsnet_and_rejects_other_models():
+    from capsnet_ext.analysis.collect import analyze_model
+    from capsnet_ext.nn import BaselineCNN, CapsNet
+
+    torch.manual_seed(8)
+    bundle = synthetic_bundle(n_test=24)
+    model = CapsNet(input_size=20, num_classes=4, conv_channels=8, primary_channels=4, digit_dim=6, decoder=False)
+    res = analyze_model(model, bundle.test, batch_size=10)
+    assert res["num_inputs"] == 24 and len(res["layers"]) == 1
+    assert res["capsule_layers"] == [dict(capsules=16, dim=8), dict(capsules=4, dim=6)]
+    # Same numbers as the metrics of the couplings computed directly on the whole set.
+    with torch.no_grad():
+        images = bundle.test.batch(torch.arange(24))["image"]
+        u = model.primary_capsules(images)
+        v, c = model.digits(u, return_coupling=True)
+    direct = routing_metrics(c, u.norm(dim=-1), v.norm(dim=-1))
+    for key in SCALAR_KEYS:
+        assert res["layers"][0][key] == pytest.approx(direct[key], abs=1e-6, nan_ok=True), key
+    with pytest.raises(TypeError, match="not a capsule model"):
+        analyze_model(BaselineCNN(input_size=20, num_classes=4), bundle.test)
+    with pytest.raises(ValueError, match="limit"):
+        analyze_model(model, bundle.test, limit=0)
