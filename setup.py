@@ -17,6 +17,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def cuda_extensions():
+    """The CUDA extension ``capsnet_ext._C`` when a CUDA torch and nvcc are present, else none
+    (with a message saying why). Sources: ``csrc/*.cu`` (kernels, no torch headers) and
+    ``csrc/*.cpp`` (the torch binding, which registers ``torch.ops.capsnet_ext``)."""
     if os.environ.get("CAPSNET_EXT_SKIP_CUDA_BUILD") == "1":
         print("capsnet_ext: CAPSNET_EXT_SKIP_CUDA_BUILD=1, CUDA extension skipped")
         return [], {}
@@ -28,19 +31,23 @@ def cuda_extensions():
         return [], {}
     nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
     if torch.version.cuda is None or not nvcc or not os.path.exists(nvcc):
-        print("capsnet_ext: CPU-only torch or no nvcc found; CUDA extension skipped "
-              "(the reference and Triton backends are unaffected)")
+        why = "the installed torch is a CPU-only build" if torch.version.cuda is None else "no nvcc was found"
+        print(f"capsnet_ext: {why}; CUDA extension skipped (the reference and Triton backends are "
+              "unaffected; the CUDA backend can still be compiled just in time where CUDA exists)")
         return [], {}
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
     if not sources:
+        print("capsnet_ext: no sources in csrc/; CUDA extension skipped")
         return [], {}
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    print(f"capsnet_ext: building the CUDA extension for TORCH_CUDA_ARCH_LIST={arch_list}")
     ext = CUDAExtension(
         name="capsnet_ext._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]},
+        # The binding needs the C++ standard of torch's headers; the kernels include no torch.
+        extra_compile_args={"cxx": ["-O3", "-std=c++20"],
+                            "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
