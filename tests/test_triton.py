@@ -7,6 +7,7 @@ Without a GPU these run in Triton's CPU interpreter (``tests/conftest.py`` sets
 ``TRITON_INTERPRET=1`` before triton is imported); with one, every test also runs on CUDA
 tensors. Shapes are tiny so the interpreter stays quick.
 """
+import importlib
 import itertools
 
 import pytest
@@ -293,6 +294,42 @@ def test_fused_routing_saves_no_prediction_vectors(device):
         [(B, I, Din), (I, J, Dout, Din), (R, B, J, Dout), (R, B, J, Dout)])
     v.sum().backward()  # the saved tensors suffice for backward
     assert torch.isfinite(W.grad).all()
+
+
+# ---------------------------------------------------------------- torch.compile
+def test_registered_operators_pass_opcheck(device):
+    """Schema, fake tensors, autograd registration and AOT dispatch of the operators that
+    torch.compile sees."""
+    require_triton(device)
+    core = importlib.import_module("capsnet_ext.triton_ops._routing_core")
+    predict_module = importlib.import_module("capsnet_ext.triton_ops.predict")
+    (u, W), b = make_inputs("capsule_routing", (2, 5, 3, 3, 4), torch.float64, device, seed=19, bias=True)
+    (u_hat,), _ = make_inputs("dynamic_routing", (2, 5, 3, 3, 4), torch.float64, device, seed=19)
+    cases = [
+        (core.routing_forward_op, (u, W, b, 3, True, False, True)),
+        (core.routing_forward_op, (u.detach(), W, None, 2, False, True, False)),
+        (core.routing_forward_op, (u_hat, None, b, 3, False, False, True)),
+        (predict_module.predict_op, (u, W)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph_matches_reference(device):
+    require_triton(device)
+    torch._dynamo.reset()
+    (u, W), b = make_inputs("capsule_routing", (2, 5, 3, 3, 4), torch.float64, device, seed=23, bias=True)
+    options = dict(leaky=True, return_coupling=True)
+    ce.capsule_routing(u, W, 3, bias=b, backend="triton", **options)  # backend module loaded eagerly
+    compiled = torch.compile(
+        lambda u, W, b: ce.capsule_routing(u, W, 3, bias=b, backend="triton", **options), fullgraph=True)
+    v, c = compiled(u, W, b)
+    v_ref, c_ref = ce.capsule_routing(u, W, 3, bias=b, backend="reference", **options)
+    grads = torch.autograd.grad((v * v_ref.detach()).sum(), [u, W, b])
+    grads_ref = torch.autograd.grad((v_ref * v_ref.detach()).sum(), [u, W, b])
+    assert not c.requires_grad
+    assert_all_close([v.detach(), c] + list(grads), [v_ref.detach(), c_ref] + list(grads_ref),
+                     rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------- bad input

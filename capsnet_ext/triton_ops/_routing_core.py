@@ -46,7 +46,7 @@ autograd over the reference.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -508,11 +508,100 @@ class RoutingFunction(torch.autograd.Function):
         return d_src if need_src else None, dW, d_bias, None, None, None, None
 
 
+# --------------------------------------------------------------------------------------------
+# The same launchers as registered operators, for torch.compile: Dynamo cannot trace into a
+# Triton launch on every setup (the CPU interpreter in particular), but it keeps an opaque
+# custom op in the graph, with the fake implementations below giving output shapes.
+# --------------------------------------------------------------------------------------------
+def _empty_like_none(ref: torch.Tensor) -> torch.Tensor:
+    """An operator must return tensors: an empty one stands for "not computed"."""
+    return ref.new_empty(0)
+
+
+def _routing_shapes(src, W):
+    if W is not None:
+        B, I, _ = src.shape
+        _, J, D, _ = W.shape
+    else:
+        B, I, J, D = src.shape
+    return B, I, J, D
+
+
+@torch.library.custom_op("capsnet_ext_triton::routing_forward", mutates_args=())
+def routing_forward_op(src: torch.Tensor, W: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                       iterations: int, leaky: bool, detach_inner: bool, return_coupling: bool
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(v, s_all, V_all, c)``; ``c`` is empty unless ``return_coupling``. ``detach_inner``
+    only matters to the backward registered below."""
+    v, s_all, V_all, c = routing_forward(src, W, iterations, bias, leaky, return_coupling)
+    return v, s_all, V_all, (c if c is not None else _empty_like_none(src))
+
+
+@routing_forward_op.register_fake
+def _(src, W, bias, iterations, leaky, detach_inner, return_coupling):
+    B, I, J, D = _routing_shapes(src, W)
+    acc = acc_dtype(src.dtype)
+    c = src.new_empty(B, I, J) if return_coupling else src.new_empty(0)
+    return (src.new_empty(B, J, D), src.new_empty(iterations, B, J, D, dtype=acc),
+            src.new_empty(iterations, B, J, D, dtype=acc), c)
+
+
+@torch.library.custom_op("capsnet_ext_triton::routing_backward", mutates_args=())
+def routing_backward_op(grad_v: torch.Tensor, src: torch.Tensor, W: Optional[torch.Tensor],
+                        s_all: torch.Tensor, V_all: torch.Tensor, leaky: bool, detach_inner: bool,
+                        need_src: bool, need_w: bool
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(d_src, dW, gs_all)``; gradients not asked for are empty."""
+    d_src, dW, gs_all = routing_backward(src, W, grad_v, s_all, V_all, leaky, detach_inner,
+                                         need_src, need_w)
+    return (d_src if d_src is not None else _empty_like_none(src),
+            dW if dW is not None else _empty_like_none(src), gs_all)
+
+
+@routing_backward_op.register_fake
+def _(grad_v, src, W, s_all, V_all, leaky, detach_inner, need_src, need_w):
+    d_src = src.new_empty(src.shape) if need_src else src.new_empty(0)
+    dW = W.new_empty(W.shape) if (W is not None and need_w) else src.new_empty(0)
+    return d_src, dW, s_all.new_empty(s_all.shape)
+
+
+def _routing_setup_context(ctx, inputs, output):
+    src, W, bias, iterations, leaky, detach_inner, return_coupling = inputs
+    _, s_all, V_all, c = output
+    ctx.save_for_backward(src, W, s_all, V_all)
+    ctx.leaky = leaky
+    ctx.detach_inner = detach_inner
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.mark_non_differentiable(s_all, V_all, c)
+
+
+def _routing_backward_formula(ctx, grad_v, grad_s_all, grad_V_all, grad_c):
+    src, W, s_all, V_all = ctx.saved_tensors
+    need_src = ctx.needs_input_grad[0]
+    need_w = W is not None and ctx.needs_input_grad[1]
+    d_src, dW, gs_all = routing_backward_op(grad_v, src, W, s_all, V_all, ctx.leaky,
+                                            ctx.detach_inner, need_src, need_w)
+    d_bias = None
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+        d_bias = gs_all.sum((0, 1)).to(ctx.bias_dtype)
+    return (d_src if need_src else None, dW if need_w else None, d_bias,
+            None, None, None, None)
+
+
+routing_forward_op.register_autograd(_routing_backward_formula, setup_context=_routing_setup_context)
+
+
 def run_routing(src, W, iterations, bias, leaky, detach_inner, return_coupling):
     """Shared entry of the two public wrappers: make the small inputs contiguous (``u`` and
-    ``W`` are re-read in every pass; ``u_hat`` is read through its strides) and apply."""
+    ``W`` are re-read in every pass; ``u_hat`` is read through its strides) and apply.
+
+    Eager calls go through :class:`RoutingFunction` (the least per-call overhead); under
+    ``torch.compile`` the registered operator is used, with the same launchers."""
     if W is not None:
         src = src.contiguous()
         W = W.contiguous()
-    out = RoutingFunction.apply(src, W, bias, iterations, leaky, detach_inner, return_coupling)
-    return out
+    if torch.compiler.is_compiling():
+        v, _, _, c = routing_forward_op(src, W, bias, iterations, leaky, detach_inner,
+                                        return_coupling)
+        return (v, c) if return_coupling else v
+    return RoutingFunction.apply(src, W, bias, iterations, leaky, detach_inner, return_coupling)

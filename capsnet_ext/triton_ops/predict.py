@@ -21,6 +21,8 @@ bfloat16 are accumulated in float32, float64 in float64. Inputs are read through
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 import triton
 import triton.language as tl
@@ -169,8 +171,50 @@ class PredictFunction(torch.autograd.Function):
         return _predict_backward(grad, u, W, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
 
 
+@torch.library.custom_op("capsnet_ext_triton::predict", mutates_args=())
+def predict_op(u: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """The forward as a registered operator, so torch.compile keeps it in the graph."""
+    return _predict_forward(u, W)
+
+
+@predict_op.register_fake
+def _(u, W):
+    return u.new_empty(u.shape[0], u.shape[1], W.shape[1], W.shape[2])
+
+
+@torch.library.custom_op("capsnet_ext_triton::predict_backward", mutates_args=())
+def predict_backward_op(grad: torch.Tensor, u: torch.Tensor, W: torch.Tensor, need_u: bool,
+                        need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(du, dW)``; a gradient not asked for is empty."""
+    du, dW = _predict_backward(grad, u, W, need_u, need_w)
+    return (du if du is not None else u.new_empty(0)), (dW if dW is not None else W.new_empty(0))
+
+
+@predict_backward_op.register_fake
+def _(grad, u, W, need_u, need_w):
+    return (u.new_empty(u.shape) if need_u else u.new_empty(0),
+            W.new_empty(W.shape) if need_w else W.new_empty(0))
+
+
+def _predict_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _predict_backward_formula(ctx, grad):
+    u, W = ctx.saved_tensors
+    need_u, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    du, dW = predict_backward_op(grad, u, W, need_u, need_w)
+    return (du if need_u else None), (dW if need_w else None)
+
+
+predict_op.register_autograd(_predict_backward_formula, setup_context=_predict_setup_context)
+
+
 def predict(u: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """Prediction vectors ``u_hat [B, I, J, Dout]`` from ``u [B, I, Din]`` and
     ``W [I, J, Dout, Din]``: ``u_hat[b, i, j] = W[i, j] @ u[b, i]``. Inputs are checked by
-    :func:`capsnet_ext.ops.predict`."""
+    :func:`capsnet_ext.ops.predict`. Eager calls use :class:`PredictFunction`; under
+    torch.compile the registered operator (same launchers) is used."""
+    if torch.compiler.is_compiling():
+        return predict_op(u, W)
     return PredictFunction.apply(u, W)
