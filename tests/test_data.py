@@ -329,8 +329,16 @@ def test_multimnist_properties_and_determinism(tmp_path, isolated_cache, monkeyp
     assert not torch.equal(other.train.partners, bundle.train.partners)
     assert not torch.equal(bundle.train.partners[:, :10000], test.partners[:2])  # streams differ per split
     assert len(list((tmp_path / "mm").iterdir())) == 4
+    # A limited set is a prefix of the full one and generates only the pairings it reaches.
+    prefix = build_datasets("multimnist", pairs_per_digit=2, test_pairs_per_digit=3,
+                            cache_dir=tmp_path / "mm", seed=3, train_limit=10, test_limit=10005)
+    assert prefix.test.partners.shape == (2, 10000) and len(prefix.test) == 10005
+    assert torch.equal(prefix.test.partners, test.partners[:2]) and torch.equal(prefix.test.shifts, test.shifts[:2])
+    assert torch.equal(prefix.test.batch([10004])["image"], test.batch([10004])["image"])
+    assert prefix.train.partners.shape == (1, 60000)
     # Without cache_dir, recipes are written to the user cache, never into a data folder.
-    build_datasets("multimnist", data_dir=SHARED, pairs_per_digit=1, test_pairs_per_digit=1)
+    build_datasets("multimnist", data_dir=SHARED, pairs_per_digit=5, test_pairs_per_digit=1,
+                   train_limit=1)
     assert len(list((isolated_cache / "multimnist").glob("*.npz"))) == 2
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import DIGIT_CLASSES, DatasetBundle, ImageDataset
+from .base import DIGIT_CLASSES, DatasetBundle, ImageDataset, _check_limit
 from .files import CorruptDataError, DataNotFoundError, PathLike, data_roots, not_found_message
 from .transforms import pad_to
 
@@ -142,6 +142,7 @@ class AffineMNIST(ImageDataset):
 def make_affine_test_set(digits, labels, seed: int = 0, frame_size: int = FRAME_SIZE,
                          limit: Optional[int] = None, chunk: int = 2000) -> AffineMNIST:
     """Warp ``digits [N, 28, 28]`` uint8 onto ``frame_size`` squares (module docstring recipe)."""
+    limit = _check_limit(limit, "limit")
     digits = torch.as_tensor(np.array(digits[:limit] if limit else digits))
     labels = torch.as_tensor(np.array(labels[:limit] if limit else labels))
     framed = pad_to(digits[:, None], frame_size)
@@ -224,6 +225,7 @@ def build_affnist(data_dir=None, download=True, seed=0, *, test_source: str = "g
     from .mnist import load_idx_dataset
     if test_source not in ("generated", "real", "auto"):
         raise ValueError(f"test_source must be 'generated', 'real' or 'auto', got {test_source!r}")
+    train_limit, test_limit = _check_limit(train_limit, "train_limit"), _check_limit(test_limit, "test_limit")
     digits, labels = load_idx_dataset("mnist", "train", data_dir, download, mirrors, verify)
     limit = train_limit or digits.shape[0]
     train = ImageDataset(pad_to(torch.from_numpy(np.array(digits[:limit]))[:, None], FRAME_SIZE),

@@ -245,7 +245,8 @@ def build_multimnist(data_dir=None, download=True, seed=0, *, pairs_per_digit: i
         source: ``"mnist"`` (the paper) or ``"fashion-mnist"``.
         cache_dir: where the recipe ``.npz`` files are read and written (default: found in
             ``<root>/multimnist/`` of any data root, written to the user cache).
-        train_limit, test_limit: keep the first N examples.
+        train_limit, test_limit: keep the first N examples (the same as the first N of the
+            full set; only the pairings they use are generated).
     """
     from .mnist import load_idx_dataset
     if source not in ("mnist", "fashion-mnist"):
@@ -254,6 +255,12 @@ def build_multimnist(data_dir=None, download=True, seed=0, *, pairs_per_digit: i
     for split, pairs, limit in (("train", pairs_per_digit, train_limit),
                                 ("test", test_pairs_per_digit, test_limit)):
         digits, labels = load_idx_dataset(source, split, data_dir, download, mirrors, verify)
+        limit = _check_limit(limit, f"{split}_limit")
+        if limit is not None:
+            # Pairings are drawn one after another from one stream, so the first k of them do
+            # not depend on how many follow: a limited set is a prefix of the full one, and
+            # only the pairings it reaches are generated.
+            pairs = min(pairs, -(-limit // labels.size))
         partners, shifts, _ = cached_pairs(labels, split, pairs, max_shift, seed, source,
                                            data_dir, cache_dir)
         splits[split] = MultiMNIST(digits, labels, partners, shifts, limit=limit,
