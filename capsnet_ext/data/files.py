@@ -9,11 +9,11 @@ file and a failed download or a checksum mismatch leaves nothing behind.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
-import threading
 import pathlib
-import shutil
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 from typing import Callable, Iterable, List, Optional, Sequence, Union
@@ -57,7 +57,7 @@ def data_roots(data_dir: Optional[PathLike] = None) -> List[pathlib.Path]:
 
 def md5sum(path: PathLike, chunk_size: int = 1 << 20) -> str:
     """Hex MD5 digest of a file, read in chunks."""
-    digest = hashlib.md5()
+    digest = hashlib.md5(usedforsecurity=False)   # an integrity check, not a security one
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(chunk_size), b""):
             digest.update(chunk)
@@ -127,6 +127,17 @@ def _remove_quietly(path: PathLike) -> None:
 _urlopen = urllib.request.urlopen
 
 
+def _copy_with_progress(response, out, name: str, chunk_size: int = 1 << 20) -> None:
+    """Stream ``response`` into ``out``; a tqdm bar on a terminal (none in logs or CI)."""
+    from tqdm.auto import tqdm
+    total = response.headers.get("Content-Length") if hasattr(response, "headers") else None
+    with tqdm(total=int(total) if total else None, unit="B", unit_scale=True,
+              desc=f"downloading {name}", disable=None, leave=False) as bar:
+        for chunk in iter(lambda: response.read(chunk_size), b""):
+            out.write(chunk)
+            bar.update(len(chunk))
+
+
 def download(urls: Sequence[str], destination: PathLike, md5: Optional[str] = None,
              timeout: float = 60.0) -> pathlib.Path:
     """Download the first of ``urls`` that works to ``destination``, verified and written atomically.
@@ -144,12 +155,13 @@ def download(urls: Sequence[str], destination: PathLike, md5: Optional[str] = No
                                    suffix=".part")
         try:
             with os.fdopen(fd, "wb") as out, _urlopen(url, timeout=timeout) as response:
-                shutil.copyfileobj(response, out, length=1 << 20)
+                _copy_with_progress(response, out, destination.name)
             verify_md5(tmp, md5)
             _public_mode(tmp)
             os.replace(tmp, destination)
             return destination
-        except (urllib.error.URLError, OSError, CorruptDataError, ValueError) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException, CorruptDataError,
+                ValueError) as exc:
             errors.append(f"{url}: {exc}")
         finally:
             _remove_quietly(tmp)
