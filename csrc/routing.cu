@@ -41,8 +41,9 @@ constexpr int64_t kDefaultSmemLimit = 48 * 1024;
 // Every helper is executed by all 32 lanes of a warp. Scratch arrays live in shared memory;
 // entries indexed by jd (= j * D + d) or j are owned by lane (index % 32) when written.
 
-// uh[jd] = u_hat[b, i, jd]: recomputed from W_s (W[i] staged by the block) and u[b, i], or
-// loaded. u_s receives u[b, i] (recompute only).
+// uh[jd] = u_hat[b, i, jd]: recomputed from W_s (W[i] staged by the block, transposed to
+// [K, JD] so that consecutive lanes read consecutive banks) and u[b, i], or loaded.
+// u_s receives u[b, i] (recompute only).
 template <typename scalar_t, typename acc, bool kRecompute>
 __device__ __forceinline__ void load_prediction(const scalar_t* __restrict__ u_hat, const scalar_t* __restrict__ u,
                                                 const acc* W_s, acc* u_s, acc* uh, int64_t bi, int JD, int K,
@@ -51,9 +52,8 @@ __device__ __forceinline__ void load_prediction(const scalar_t* __restrict__ u_h
     for (int k = lane; k < K; k += kWarpSize) u_s[k] = load_as<acc>(u + bi * K + k);
     __syncwarp();
     for (int jd = lane; jd < JD; jd += kWarpSize) {
-      const acc* w = W_s + jd * K;
       acc sum = 0;
-      for (int k = 0; k < K; ++k) sum += w[k] * u_s[k];
+      for (int k = 0; k < K; ++k) sum += W_s[k * JD + jd] * u_s[k];
       uh[jd] = sum;
     }
   } else {
@@ -106,6 +106,13 @@ __device__ __forceinline__ void logit_grads(const acc* uh, const acc* gs, const 
   __syncwarp();
 }
 
+// W[i] ([JD, K] in global memory, read coalesced) into shared memory as [K, JD].
+template <typename scalar_t, typename acc>
+__device__ __forceinline__ void stage_transposed(const scalar_t* __restrict__ Wi, acc* W_s, int JD, int K, int tid,
+                                                 int nthreads) {
+  for (int e = tid; e < JD * K; e += nthreads) W_s[(e % K) * JD + e / K] = load_as<acc>(Wi + e);
+}
+
 // ---- sweep over the input capsules (forward, and the backward's reverse sweeps) ----------
 // Forward:  partial[chunk, b, jd] = sum_{i in chunk} c_ij u_hat_ij          (c from V_r)
 // Reverse:  partial[chunk, b, jd] = sum_{i in chunk} gl_ij u_hat_ij   (gl from V_r, gs_r)
@@ -126,7 +133,7 @@ routing_sweep_kernel(const scalar_t* __restrict__ u_hat,      // [B, I, JD] or n
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
 
-  acc* W_s = smem;  // [JD, K], recompute only
+  acc* W_s = smem;  // [K, JD] (W[i] transposed), recompute only
   acc* scratch = smem + (kRecompute ? JD * K : 0) + warp * (4 * JD + 2 * J + K);
   acc* uh = scratch;          // [JD]
   acc* V_s = uh + JD;         // [JD]
@@ -153,8 +160,7 @@ routing_sweep_kernel(const scalar_t* __restrict__ u_hat,      // [B, I, JD] or n
   for (int64_t i = i_begin; i < i_end; ++i) {
     if (kRecompute) {
       __syncthreads();  // every warp is done with the previous W[i]
-      const scalar_t* Wi = W + i * JD * K;
-      for (int e = threadIdx.x; e < JD * K; e += kSweepThreads) W_s[e] = load_as<acc>(Wi + e);
+      stage_transposed(W + i * JD * K, W_s, JD, K, threadIdx.x, kSweepThreads);
       __syncthreads();
     }
     if (!active) continue;  // after the barriers: the block's warps reach them together
@@ -291,8 +297,8 @@ routing_grad_kernel(const scalar_t* __restrict__ u_hat,        // [B, I, JD] (gi
   const int lane = threadIdx.x % kWarpSize;
   const int64_t i = blockIdx.x;
 
-  acc* W_s = smem;                                           // [JD, K], recompute only
-  acc* dW_s = W_s + (kRecompute ? JDK : 0);                  // [kGradWarps, JD, K], recompute only
+  acc* W_s = smem;                                           // [K, JD], recompute only
+  acc* dW_s = W_s + (kRecompute ? JDK : 0);                  // [kGradWarps, K, JD], recompute only
   acc* scratch = dW_s + (kRecompute ? kGradWarps * JDK : 0) + warp * (2 * JD + 2 * J + K);
   acc* uh = scratch;     // [JD]
   acc* gu = uh + JD;     // [JD]
@@ -301,8 +307,7 @@ routing_grad_kernel(const scalar_t* __restrict__ u_hat,        // [B, I, JD] (gi
   acc* u_s = gl_s + J;   // [K]
 
   if (kRecompute) {
-    const scalar_t* Wi = W + i * JDK;
-    for (int e = threadIdx.x; e < JDK; e += kGradThreads) W_s[e] = load_as<acc>(Wi + e);
+    stage_transposed(W + i * JDK, W_s, JD, K, threadIdx.x, kGradThreads);
     for (int e = threadIdx.x; e < kGradWarps * JDK; e += kGradThreads) dW_s[e] = 0;
     __syncthreads();
   }
@@ -334,13 +339,13 @@ routing_grad_kernel(const scalar_t* __restrict__ u_hat,        // [B, I, JD] (gi
     } else {
       for (int k = 0; k < K; ++k) {
         acc part = 0;
-        for (int jd = lane; jd < JD; jd += kWarpSize) part += W_s[jd * K + k] * gu[jd];
+        for (int jd = lane; jd < JD; jd += kWarpSize) part += W_s[k * JD + jd] * gu[jd];
         part = warp_sum(part);
         if (lane == 0) store_from(du + bi * K + k, part);
       }
       for (int jd = lane; jd < JD; jd += kWarpSize) {
         const acc g = gu[jd];
-        for (int k = 0; k < K; ++k) dW_w[jd * K + k] += g * u_s[k];
+        for (int k = 0; k < K; ++k) dW_w[k * JD + jd] += g * u_s[k];
       }
     }
     __syncwarp();  // uh, gu, u_s are rewritten for the next sample
@@ -348,9 +353,10 @@ routing_grad_kernel(const scalar_t* __restrict__ u_hat,        // [B, I, JD] (gi
 
   if (kRecompute) {
     __syncthreads();
-    for (int e = threadIdx.x; e < JDK; e += kGradThreads) {
+    for (int e = threadIdx.x; e < JDK; e += kGradThreads) {  // e = jd * K + k, coalesced store
+      const int jd = e / K, k = e % K;
       acc sum = 0;
-      for (int w = 0; w < kGradWarps; ++w) sum += dW_s[w * JDK + e];
+      for (int w = 0; w < kGradWarps; ++w) sum += dW_s[w * JDK + k * JD + jd];
       store_from(dW + i * JDK + e, sum);
     }
   }

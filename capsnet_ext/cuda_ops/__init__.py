@@ -90,3 +90,40 @@ def unsupported_reason(op: str, *, dtype: torch.dtype, iterations: int = 1, bias
     if dtype not in _SUPPORTED_DTYPES:
         return f"dtype {dtype} is not supported; expected one of {_SUPPORTED_DTYPES}"
     return None
+
+
+def record_verification(device_index: int = 0, path: str = VERIFIED_RECORDS, **extra) -> dict:
+    """Append a record that the GPU test suite passed on this GPU (``csrc/gpu_verify.sh`` calls
+    this only after the tests and the memcheck run passed). Written to a temporary file and
+    moved into place, so the record file is never half written."""
+    import datetime
+    import subprocess
+    import tempfile
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except Exception:
+        commit = "unknown"
+    record = {
+        "device": torch.cuda.get_device_name(device_index),
+        "capability": ".".join(map(str, torch.cuda.get_device_capability(device_index))),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        data = {}
+    data.setdefault("records", []).append(record)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return record
