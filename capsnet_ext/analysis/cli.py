@@ -44,11 +44,10 @@ def provenance(device: torch.device, command: Optional[str] = None) -> dict:
                 command=command or "capsnet-ext analyze " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
 
 
-def find_gradient_flow(checkpoint: pathlib.Path, run_dir: pathlib.Path, ckpt: dict) -> Optional[pathlib.Path]:
+def find_gradient_flow(checkpoint: pathlib.Path, run_dir: pathlib.Path) -> Optional[pathlib.Path]:
     """The ``gradient_flow.npz`` of a run: in the run folder (the trainer's ``out``, which
     holds ``checkpoints/``) or beside the checkpoint. (The ``out`` of the stored config is not
     searched: it may be a relative path that now names another run.)"""
-    del ckpt
     for folder in (run_dir, checkpoint.parent if checkpoint.is_file() else checkpoint):
         if (folder / NPZ_NAME).is_file():
             return folder / NPZ_NAME
@@ -95,7 +94,7 @@ def analyze_checkpoint(checkpoint, *, out=None, data_dir=None, device="auto", ba
     result = analyze_model(model, test_set, batch_size=batch_size, limit=limit, device=device)
 
     if gradient_flow is None:
-        gradient_flow = find_gradient_flow(checkpoint, run_dir, ckpt)
+        gradient_flow = find_gradient_flow(checkpoint, run_dir)
     flow = load_gradient_flow(gradient_flow) if gradient_flow is not None else None
     meta = dict(checkpoint=str(checkpoint), step=ckpt.get("step"), dataset=f"{dataset_name} (test split)",
                 model=ckpt["model_config"].get("arch"))
