@@ -101,7 +101,9 @@ def load_cifar10(data_dir: Optional[PathLike] = None, download: bool = True,
             (lambda: _read_folder(folder_hit.parent, verify))
     else:
         archive = locate_file("cifar10", ARCHIVE, ("cifar10", "."), data_dir, download,
-                              MIRRORS if mirrors is None else mirrors, ARCHIVE_MD5)
+                              MIRRORS if mirrors is None else mirrors, ARCHIVE_MD5,
+                              manual_note=f"The extracted '{FOLDER}/' folder of the archive is "
+                                          f"accepted too (inside 'cifar10/' or the data folder).")
 
         def read_archive():
             if verify:
