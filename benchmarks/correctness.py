@@ -32,14 +32,21 @@ def relative_error(x: torch.Tensor, oracle: torch.Tensor) -> float:
         return float("inf")
     x64 = x.detach().to(device=oracle.device, dtype=torch.float64)
     o64 = oracle.detach().to(torch.float64)
-    if not torch.equal(torch.isfinite(x64), torch.isfinite(o64)):
-        return float("inf")
-    finite = torch.isfinite(o64)
-    diff = (x64 - o64)[finite].abs()
-    scale = o64[finite].abs().max() if finite.any() else torch.tensor(0.0, dtype=torch.float64)
-    if diff.numel() == 0:
+    if x64.numel() == 0:
         return 0.0
-    return float(diff.max() / scale.clamp_min(torch.finfo(torch.float64).tiny))
+    finite = torch.isfinite(o64)
+    if not torch.equal(torch.isfinite(x64), finite):
+        return float("inf")
+    if not bool(finite.all()):
+        same = (x64 == o64) | (torch.isnan(x64) & torch.isnan(o64))
+        if not bool((same | finite).all()):
+            return float("inf")  # an inf of the wrong sign, or inf against NaN
+    # Where both are the same non-finite value the difference counts as zero; torch.where
+    # rather than boolean indexing keeps the memory at one extra tensor.
+    zero = o64.new_zeros(())
+    diff = torch.where(finite, (x64 - o64).abs(), zero).max()
+    scale = torch.where(finite, o64.abs(), zero).max()
+    return float(diff / scale.clamp_min(torch.finfo(torch.float64).tiny))
 
 
 @dataclass

@@ -184,5 +184,15 @@ def measure_ceilings(device: torch.device, dtypes, timer, *, copy_bytes: Optiona
         t_mm = timer(lambda x, y, o: torch.mm(x, y, out=o), [(a, b, out)])
         flops[dtype_name(dtype)] = 2 * matmul_n ** 3 / t_mm.median
         details[f"matmul_time_s_{dtype_name(dtype)}"] = t_mm.median
+        if on_gpu and dtype == torch.float32:
+            # Kernels may use TF32 tensor cores for float32 inputs; that ceiling is recorded
+            # beside the true-FP32 one (the floor uses FP32, so such a kernel can pass 100%).
+            previous = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                t_tf32 = timer(lambda x, y, o: torch.mm(x, y, out=o), [(a, b, out)])
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = previous
+            details["matmul_flops_per_s_tf32"] = 2 * matmul_n ** 3 / t_tf32.median
         del a, b, out
     return Ceilings(copy_bytes_per_s=copy_bw, matmul_flops_per_s=flops, details=details)

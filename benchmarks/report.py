@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import subprocess
@@ -76,13 +77,25 @@ def run_metadata(device: torch.device, command: str, argv: Sequence[str]) -> Dic
     )
 
 
+def jsonable(value):
+    """``value`` with non-finite floats as the strings ``"inf"``, ``"-inf"``, ``"nan"`` (strict
+    JSON has no such numbers; a wrong contender's error can be infinite)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
 def write_json_atomic(path: str, payload: dict) -> None:
-    """Write ``payload`` to ``path`` through a temporary file and ``os.replace``."""
+    """Write ``payload`` to ``path`` (strict JSON) through a temporary file and ``os.replace``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1, sort_keys=False, allow_nan=True)
+            json.dump(jsonable(payload), f, indent=1, allow_nan=False)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:

@@ -184,6 +184,15 @@ def run_case(case: Case, contenders: Sequence[Contender], device: torch.device,
     def all_failed(status: str, reason: str) -> List[dict]:
         return [_record(case, c, m, options, status=status, reason=reason) for c in contenders for m in modes]
 
+    if device.type == "cpu":
+        # On the host an allocation that does not fit may end in the kernel's OOM killer rather
+        # than an exception, so cases far too large are recorded without being attempted.
+        needed = host_memory_estimate(case)
+        available = timing._free_memory_bytes(device)
+        if needed > available:
+            return all_failed("oom", f"not attempted: the float64 oracle needs about {needed / 2**30:.1f} GiB, "
+                                     f"{available / 2**30:.1f} GiB of host memory is free")
+
     # Inputs, oracle (float64; on the CPU if the device cannot hold it) and the error baseline.
     try:
         master = make_master_inputs(case.op, case.shape, options, device, seed)
@@ -237,10 +246,26 @@ def run_case(case: Case, contenders: Sequence[Contender], device: torch.device,
     return records
 
 
+ORACLE_ON_DEVICE_LIMIT = 1 << 30  # bytes
+
+
+def host_memory_estimate(case: Case) -> int:
+    """Rough peak bytes of the float64 oracle's forward+backward: about four tensors of the
+    size of ``u_hat`` (the reference keeps ~1.3 of them for backward and makes gradients of
+    the same size)."""
+    s = case.shape
+    return 4 * s.B * s.I * s.J * s.Dout * 8
+
+
 def _oracle(ref_fn, case, options, master, names, grad_out, device) -> Dict[str, torch.Tensor]:
     try:
         tensors = [master[n].to(case.dtype).double().requires_grad_(grad_out is not None) for n in names]
-        return _forward_and_grads(ref_fn, case, options, tensors, grad_out, names)
+        results = _forward_and_grads(ref_fn, case, options, tensors, grad_out, names)
+        del tensors
+        if device.type != "cpu" and sum(t.numel() * 8 for t in results.values()) > ORACLE_ON_DEVICE_LIMIT:
+            # Large oracles wait on the host so that the contenders get the device memory.
+            results = {k: v.cpu() for k, v in results.items()}
+        return results
     except Exception as exc:  # noqa: BLE001
         if device.type == "cpu" or not memory.is_out_of_memory(exc):
             raise
@@ -295,7 +320,7 @@ def _run_contender(case, contender, fn, device, modes, options, master, names, g
 
         one = make_args()
         bytes_per_set = sum(t.numel() * t.element_size() for t in one)
-        arg_sets = [one] + timing.rotated_copies(make_args, bytes_per_set, device)[1:]
+        arg_sets = timing.rotated_copies(make_args, bytes_per_set, device, first=one)
         t = timing.measure(run, arg_sets, device, bytes_per_set=bytes_per_set, **timing_kwargs)
         del arg_sets
         # Peak after timing: warm (no compilation or autotuning buffers in it).

@@ -5,14 +5,16 @@ budget (bounded by ``min_reps`` and ``max_reps``), each call separately, and rep
 and spread (20th and 80th percentiles) rather than a mean that one hiccup can move.
 
 The callable is given argument sets in rotation: :func:`rotated_copies` makes enough copies of
-the inputs that one pass over them exceeds twice the GPU's L2 cache, so a small shape is not
-timed with its inputs already cached. When the copies would cost too much memory, fewer are made
-and the L2 cache is flushed (a buffer of twice its size is zeroed) before every call instead,
-outside the timed region.
+the inputs that one pass over them exceeds twice the GPU's L2 cache (the last-level cache on
+the CPU), so a small shape is not timed with its inputs already cached. On a GPU, when the
+copies would cost too much memory, fewer are made and the L2 cache is flushed (a buffer of
+twice its size is zeroed) before every call instead, outside the timed region.
 """
 from __future__ import annotations
 
+import glob
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -49,25 +51,54 @@ def _summary(samples: List[float]) -> Timing:
                   min=ordered[0], mean=statistics.fmean(ordered), reps=n)
 
 
+def _cpu_last_level_cache_bytes() -> int:
+    """Size of the CPU's largest cache level (Linux sysfs; 32 MiB when it cannot be read)."""
+    best_level, best_size = 0, 32 << 20
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            with open(os.path.join(index, "level")) as f:
+                level = int(f.read())
+            with open(os.path.join(index, "size")) as f:
+                text = f.read().strip().upper()
+        except (OSError, ValueError):
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit() and level > best_level:
+            best_level, best_size = level, int(digits) * scale
+    return best_size
+
+
 def l2_cache_bytes(device: torch.device) -> int:
-    """The GPU's L2 size (0 on the CPU, whose caches rotation does not try to defeat)."""
+    """The cache that rotation must defeat: the GPU's L2, or the CPU's last-level cache."""
     if device.type != "cuda":
-        return 0
+        return _cpu_last_level_cache_bytes()
     props = torch.cuda.get_device_properties(device)
     return int(getattr(props, "L2_cache_size", 50 << 20))
 
 
+def _free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 30
+
+
 def rotated_copies(make_args: Callable[[], tuple], bytes_per_set: int, device: torch.device,
-                   max_sets: int = 16, memory_fraction: float = 0.25) -> List[tuple]:
-    """``[make_args(), ...]``: as many argument sets as take one pass past twice the L2 size,
-    at most ``max_sets`` and at most ``memory_fraction`` of the free GPU memory."""
+                   first: Optional[tuple] = None, max_sets: int = 16,
+                   memory_fraction: float = 0.25) -> List[tuple]:
+    """``[first or make_args(), make_args(), ...]``: as many argument sets as take one pass
+    past twice the cache size (GPU L2, CPU last level), at most ``max_sets`` and at most
+    ``memory_fraction`` of the free memory."""
     wanted = 1
-    l2 = l2_cache_bytes(device)
-    if l2 and bytes_per_set > 0:
-        wanted = max(1, min(max_sets, math.ceil(2 * l2 / bytes_per_set)))
-        free, _ = torch.cuda.mem_get_info(device)
-        wanted = max(1, min(wanted, int(free * memory_fraction // bytes_per_set)))
-    return [make_args() for _ in range(wanted)]
+    cache = l2_cache_bytes(device)
+    if cache and bytes_per_set > 0:
+        wanted = max(1, min(max_sets, math.ceil(2 * cache / bytes_per_set)))
+        wanted = max(1, min(wanted, int(_free_memory_bytes(device) * memory_fraction // bytes_per_set)))
+    sets = [first if first is not None else make_args()]
+    return sets + [make_args() for _ in range(wanted - 1)]
 
 
 def _sync(device: torch.device) -> None:

@@ -57,7 +57,8 @@ def quick_run(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     with open(payload["json_path"]) as f:
-        on_disk = json.load(f)
+        # Strict JSON: no NaN or Infinity literals.
+        on_disk = json.load(f, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     return payload, on_disk, log.getvalue(), out_dir
 
 
