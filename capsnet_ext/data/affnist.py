@@ -19,6 +19,7 @@ The real affNIST (www.cs.toronto.edu/~tijmen/affNIST/) ships MATLAB files whose 
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import pathlib
 import re
@@ -201,6 +202,9 @@ def load_affnist_mat(path: PathLike, limit: Optional[int] = None) -> Tuple[np.nd
     return (images[:limit], labels[:limit]) if limit else (images, labels)
 
 
+_generated_test_sets: Dict[tuple, AffineMNIST] = {}
+
+
 def _find_real_affnist(data_dir) -> Optional[pathlib.Path]:
     for root in data_roots(data_dir):
         for candidate in ("affnist/test.mat", "affnist/test_batches", "affnist/transformed/test.mat",
@@ -244,6 +248,13 @@ def build_affnist(data_dir=None, download=True, seed=0, *, test_source: str = "g
         test = ImageDataset(images[:, None], test_labels, name="affnist-test-real")
     else:
         test_digits, test_labels = load_idx_dataset("mnist", "test", data_dir, download, mirrors, verify)
-        test = make_affine_test_set(test_digits, test_labels, seed=seed, limit=test_limit)
+        # Generated sets are kept for the process, keyed by the source digits' content.
+        source = hashlib.md5(np.ascontiguousarray(test_digits).tobytes(), usedforsecurity=False)
+        source.update(np.ascontiguousarray(test_labels).tobytes())
+        key = (source.hexdigest(), int(seed), test_limit)
+        test = _generated_test_sets.get(key)
+        if test is None:
+            test = make_affine_test_set(test_digits, test_labels, seed=seed, limit=test_limit)
+            _generated_test_sets[key] = test
     return DatasetBundle(train=train, test=test, in_channels=1, input_size=FRAME_SIZE,
                          num_classes=10, multi_label=False, name="affnist", classes=DIGIT_CLASSES)
