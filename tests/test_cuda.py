@@ -200,18 +200,28 @@ def test_backend_reports_unavailable_with_reason_without_gpu():
 
 def test_unverified_backend_is_unavailable_on_any_device(monkeypatch):
     """Without a verification record (the shipped state) the backend never reports itself
-    available, even where a GPU would be present."""
+    available, even where a GPU would be present; with a record for another GPU model neither."""
     from capsnet_ext import cuda_ops
 
     monkeypatch.delenv(cuda_ops.UNVERIFIED_ENV, raising=False)
+    monkeypatch.setattr(cuda_ops, "_availability_cache", {})
     if not cuda_ops.verification_records():
         for device in ("cpu", "cuda"):
             reason = cuda_availability(device)
             assert reason is not None and "test suite has not passed" in reason
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Imaginary GPU")
-    reason = cuda_availability("cuda")
-    assert reason is not None and ("has not passed" in reason)
+    cases = [
+        ([], "has not passed on any GPU"),
+        ([{"device": "Other GPU"}], "has passed on ['Other GPU'] but not on 'Imaginary GPU'"),
+    ]
+    if torch.version.cuda is None:  # verified model, but this torch cannot load the ops
+        cases.append(([{"device": "Imaginary GPU"}], "could not be loaded: the installed torch is a CPU-only"))
+    for records, expected in cases:
+        monkeypatch.setattr(cuda_ops, "_availability_cache", {})
+        monkeypatch.setattr(cuda_ops, "verification_records", lambda records=records: records)
+        reason = cuda_availability("cuda")
+        assert reason is not None and expected in reason, reason
 
 
 def test_cpu_torch_loading_gives_reason():
@@ -421,7 +431,7 @@ def _forms(cuda):
 @gpu
 @pytest.mark.parametrize("form", ["capsule", "given_u_hat"])
 @pytest.mark.parametrize("opts", OPTION_GRID, ids=_option_id)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_gpu_routing_matches_reference(cuda_ops_loaded, form, opts, dtype):
     fn, ref_fn = _forms(cuda_ops_loaded)[form]
     tol = {torch.float32: (2e-5, 1e-4), torch.float64: (1e-12, 1e-10)}[dtype]
@@ -444,7 +454,7 @@ def test_gpu_routing_matches_reference(cuda_ops_loaded, form, opts, dtype):
 
 @gpu
 @pytest.mark.parametrize("form", ["capsule", "given_u_hat"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("opts", [OPTION_GRID[0], OPTION_GRID[-1], dict(bias=True, leaky=False, detach_inner=False)],
                          ids=_option_id)
 def test_gpu_low_precision_by_error_ratio(cuda_ops_loaded, form, dtype, opts):
@@ -468,7 +478,7 @@ def test_gpu_low_precision_by_error_ratio(cuda_ops_loaded, form, dtype, opts):
 
 
 @gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_gpu_predict_matches_reference(cuda_ops_loaded, dtype):
     for shape in SHAPES_GPU:
         B, I, J, D, K = shape
@@ -535,6 +545,8 @@ def test_gpu_compiled_model_fullgraph(cuda_ops_loaded, monkeypatch):
     torch.manual_seed(0)
     layer = RoutingCapsules(1152, 10, 8, 16, iterations=3, bias=True, backend="cuda").cuda()
     u = reference.squash(torch.randn(8, 1152, 8, device="cuda"))
+    torch._dynamo.reset()
+    layer(u)  # eager first: availability and loading are settled before tracing
     compiled = torch.compile(layer, fullgraph=True)
     v = compiled(u)
     v.pow(2).sum().backward()

@@ -63,9 +63,22 @@ def _verification_reason(device: torch.device) -> Optional[str]:
     return None
 
 
+_availability_cache: dict = {}
+
+
 def availability(device) -> Optional[str]:
-    """``None`` when the CUDA kernels can run on tensors of ``device``, else why not."""
+    """``None`` when the CUDA kernels can run on tensors of ``device``, else why not.
+
+    The answer is cached per device (and setting of the override), so that calls from code
+    being traced by ``torch.compile`` after the first eager call are a dictionary read."""
     device = torch.device(device)
+    key = (str(device), os.environ.get(UNVERIFIED_ENV))
+    if key not in _availability_cache:
+        _availability_cache[key] = _availability(device)
+    return _availability_cache[key]
+
+
+def _availability(device: torch.device) -> Optional[str]:
     if device.type != "cuda" or not torch.cuda.is_available():
         reason = (f"the CUDA backend runs on CUDA tensors only, got device {device.type!r}"
                   if device.type != "cuda" else "no CUDA GPU is available (torch.cuda.is_available() is False)")

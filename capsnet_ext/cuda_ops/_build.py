@@ -87,7 +87,12 @@ def _load_jit() -> Optional[str]:
 
 
 def load() -> Optional[str]:
-    """Load the ops once; ``None`` when ``torch.ops.capsnet_ext`` is ready, else why not."""
+    """Load the ops once; ``None`` when ``torch.ops.capsnet_ext`` is ready, else why not.
+
+    After the first call this is a plain dictionary read, which ``torch.compile`` traces
+    without a graph break (the dispatcher asks for availability inside compiled code)."""
+    if _state["done"]:
+        return _state["reason"]
     with _lock:
         if _state["done"]:
             return _state["reason"]
