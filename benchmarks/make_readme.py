@@ -68,6 +68,16 @@ sweep goes on; one that does not support a case is `unsupported`.
 Results go to `benchmarks/results/<device>-<date>.json` (device name, torch/Triton/CUDA
 versions, date, git commit and the exact command) with PNG plots of time and memory against
 `I` in `benchmarks/results/plots/`.
+
+The full suite compiles the reference once per shape, dtype and mode, which takes a while; it
+can be run in parts (`--sweeps mnist,I`, then `--sweeps J,B,iterations`, or one `--ops` at a
+time): runs of one device at the same git commit are merged in the tables below.
+`--quick` uses the MNIST layer at `B=16` and a sweep over `I` of 288, 576 and 1152, in float32.
+
+Reading the numbers: "spread" is half the 20th-80th percentile range relative to the median.
+A fraction of the floor above 100% means the op beat one of the measured ceilings: on the CPU
+a shape whose data fits in cache can outrun the DRAM copy bandwidth; on a GPU a float32 kernel
+on TF32 tensor cores can outrun the FP32 matmul ceiling (the TF32 ceiling is listed beside it).
 """
 
 
@@ -84,14 +94,38 @@ def load_results(results_dir: str = RESULTS_DIR) -> List[dict]:
 
 
 def latest_per_device(runs: Sequence[dict]) -> Dict[str, dict]:
-    """``{device name: latest run}``, full runs preferred over ``--quick`` ones."""
-    best: Dict[str, dict] = {}
+    """``{device: merged run}``: the latest run of each device (full runs preferred over
+    ``--quick`` ones), merged with the other runs of that device at the same git commit and
+    mode, so a suite run in parts (``--sweeps``, ``--ops``) is shown whole. Where parts measured
+    the same thing, the later one is shown."""
+    groups: Dict[str, List[dict]] = {}
     for run in runs:
         key = f"{run['meta']['device']['type']}: {run['meta']['device']['name']}"
-        rank = (not run["meta"].get("quick", False), run["meta"]["date"])
-        if key not in best or rank > (not best[key]["meta"].get("quick", False), best[key]["meta"]["date"]):
-            best[key] = run
-    return best
+        groups.setdefault(key, []).append(run)
+    merged: Dict[str, dict] = {}
+    for key, group in groups.items():
+        group.sort(key=lambda r: (not r["meta"].get("quick", False), r["meta"]["date"]))
+        latest = group[-1]
+        parts = [r for r in group if r["meta"].get("git_commit") == latest["meta"].get("git_commit")
+                 and r["meta"].get("quick", False) == latest["meta"].get("quick", False)]
+        parts.sort(key=lambda r: r["meta"]["date"])
+        results: Dict[tuple, dict] = {}
+        e2e: Dict[tuple, dict] = {}
+        left_out: Dict[str, str] = {}
+        for part in parts:
+            for r in part["results"]:
+                k = (r["op"], r["contender"], r["mode"], r["dtype"], tuple(sorted(r["shape"].items())),
+                     tuple(sorted(r.get("options", {}).items())))
+                if k in results:
+                    r = dict(r, sweeps=sorted(set(results[k]["sweeps"]) | set(r["sweeps"])))
+                results[k] = r
+            for r in part.get("end_to_end") or []:
+                e2e[(r["backend"], r["compiled"], r["precision"], r["batch"])] = r
+            left_out.update(part.get("left_out") or {})
+        merged[key] = dict(meta=latest["meta"], ceilings=latest.get("ceilings"), left_out=left_out,
+                           results=list(results.values()), end_to_end=list(e2e.values()),
+                           _parts=parts)
+    return merged
 
 
 def _meta_lines(run: dict) -> str:
@@ -102,16 +136,19 @@ def _meta_lines(run: dict) -> str:
         if dev["type"] == "cpu" else f", compute capability {dev.get('capability')}")]
     lines.append(f"- machine: {m.get('machine')}")
     lines.append(f"- torch {m['torch']}, Triton {m['triton']}, CUDA {m['cuda']}, Python {m['python']}")
-    lines.append(f"- date {m['date']}, commit `{m['git_commit']}`" + (" (uncommitted changes)" if m.get("git_dirty") else ""))
-    lines.append(f"- command: `{m['command']}`" + (" (quick mode)" if m.get("quick") else ""))
+    lines.append(f"- commit `{m['git_commit']}`" + (" (with uncommitted changes)" if m.get("git_dirty") else ""))
+    for part in run["_parts"]:
+        pm = part["meta"]
+        lines.append(f"- {pm['date']}: `{pm['command']}`" + (" (quick mode)" if pm.get("quick") else "")
+                     + f" -> `{os.path.relpath(part['_path'], BENCH_DIR)}`")
     c = run.get("ceilings")
     if c:
         mm = ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in c["matmul_flops_per_s"].items())
-        lines.append(f"- measured ceilings: copy {c['copy_bytes_per_s'] / 1e9:.3g} GB/s; matmul {mm}")
-    left = run.get("left_out") or {}
-    for name, why in left.items():
+        tf32 = (c.get("details") or {}).get("matmul_flops_per_s_tf32")
+        lines.append(f"- measured ceilings: copy {c['copy_bytes_per_s'] / 1e9:.3g} GB/s; matmul {mm}"
+                     + (f" (TF32 {tf32 / 1e12:.3g} TFLOP/s)" if tf32 else ""))
+    for name, why in (run.get("left_out") or {}).items():
         lines.append(f"- not benchmarked: `{name}`: {why}")
-    lines.append(f"- results file: `{os.path.relpath(run['_path'], BENCH_DIR)}`")
     return "\n".join(lines)
 
 
@@ -149,9 +186,12 @@ def _sweep_table(run: dict, sweep: str, dim: str) -> Optional[str]:
 
 
 def _plots(run: dict) -> List[str]:
-    base = os.path.splitext(os.path.basename(run["_path"]))[0]
-    plot_dir = os.path.join(os.path.dirname(run["_path"]), "plots")
-    return sorted(glob.glob(os.path.join(plot_dir, base + "-*.png")))
+    files: List[str] = []
+    for part in run["_parts"]:
+        base = os.path.splitext(os.path.basename(part["_path"]))[0]
+        plot_dir = os.path.join(os.path.dirname(part["_path"]), "plots")
+        files += sorted(glob.glob(os.path.join(plot_dir, base + "-*.png")))
+    return files
 
 
 def run_section(run: dict, level: str = "###") -> str:

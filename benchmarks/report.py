@@ -152,7 +152,7 @@ def op_table_rows(records: Sequence[dict]) -> List[List[str]]:
         shape = f"B={s['B']} I={s['I']} J={s['J']} Din={s['Din']} Dout={s['Dout']}" + (
             "" if r["op"] == "predict" else f" R={s['iterations']}")
         frac = r.get("fraction_of_floor")
-        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {(r['reason'] or '')[:80]}"
+        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {(r['reason'] or '')[:80].strip()}"
         rows.append([r["op"], r["dtype"], shape, r["mode"], r["contender"], _fmt_time(r["time_s"]),
                      _spread(r["time_s"]), "-" if frac is None else f"{100 * frac:.1f}%",
                      _fmt_bytes(r["peak_bytes"]), _fmt_bytes(r["saved_bytes_beyond_inputs"]), status])
@@ -171,7 +171,7 @@ def e2e_table_rows(records: Sequence[dict]) -> List[List[str]]:
         rows.append([r["backend"], "compiled" if r["compiled"] else "eager", r["precision"], str(r["batch"]),
                      f"{r['steps_per_s']:.2f}" if ok else "-", f"{r['images_per_s']:.1f}" if ok else "-",
                      _fmt_bytes(r.get("peak_bytes")),
-                     "ok" if ok else f"{r['status']}: {(r['reason'] or '')[:80]}"])
+                     "ok" if ok else f"{r['status']}: {(r['reason'] or '')[:100].strip()}"])
     return rows
 
 
