@@ -36,10 +36,15 @@ def _oom_capsule_routing(u, W, iterations, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 TiB (simulated)")
 
 
+def _unsupported_routing(u_hat, iterations, **kwargs):
+    raise NotImplementedError("this contender has no dynamic_routing kernel")
+
+
 EXTRA = [
     Contender("deliberately-wrong", "custom", {"capsule_routing": _wrong_capsule_routing,
                                                 "dynamic_routing": _wrong_gradient_routing}),
-    Contender("always-oom", "custom", {"capsule_routing": _oom_capsule_routing}),
+    Contender("always-oom", "custom", {"capsule_routing": _oom_capsule_routing,
+                                       "dynamic_routing": _unsupported_routing}),
 ]
 
 
@@ -135,6 +140,8 @@ def test_unsupported_and_oom_are_recorded_and_the_run_goes_on(quick_run):
         assert r["status"] == "unsupported"
     oom = _find(data["results"], contender="always-oom", op="capsule_routing")
     assert oom and all(r["status"] == "oom" and "out of memory" in r["reason"] for r in oom)
+    raised = _find(data["results"], contender="always-oom", op="dynamic_routing")
+    assert all(r["status"] == "unsupported" and "no dynamic_routing kernel" in r["reason"] for r in raised)
     # The reference after the failing contender's cases still ran (the sweep went on).
     assert all(r["status"] == "ok" for r in _find(data["results"], contender="reference", op="capsule_routing"))
 
@@ -169,6 +176,34 @@ def test_readme_is_generated_from_the_json(quick_run, tmp_path):
     assert make_readme.main(["--results-dir", str(out_dir), "--output", str(readme), "--check"]) == 0
     readme.write_text(text + "typed by hand\n")
     assert make_readme.main(["--results-dir", str(out_dir), "--output", str(readme), "--check"]) == 1
+
+
+def _fake_gpu_run(date, command, I, median, commit="abc123"):
+    shape = dict(B=128, I=I, J=10, Din=8, Dout=16, iterations=3)
+    rec = dict(op="capsule_routing", contender="reference", contender_kind="eager", mode="forward",
+               dtype="float32", shape=shape, sweeps=["I"], options={}, status="ok", reason=None,
+               time_s=dict(median=median, p20=median, p80=median, min=median, mean=median, reps=10),
+               peak_bytes=1 << 20, saved_bytes=0, saved_bytes_beyond_inputs=0,
+               floor=dict(flops=1.0, bytes=1.0, time_s=median / 2), fraction_of_floor=0.5)
+    meta = dict(date=date, command=command, git_commit=commit, git_dirty=False, quick=False,
+                device=dict(type="cuda", name="Fake GPU", capability="9.0"), machine="m",
+                torch="2", triton="3", cuda="12", python="3.11")
+    return dict(meta=meta, results=[rec], end_to_end=[], left_out={},
+                ceilings=dict(copy_bytes_per_s=1e12, matmul_flops_per_s={"float32": 1e13}, details={}))
+
+
+def test_readme_merges_the_parts_of_a_split_gpu_run(tmp_path):
+    runs = [_fake_gpu_run("2026-01-01T00:00:00+00:00", "capsnet-ext bench --sweeps I-part-1", 1152, 0.001),
+            _fake_gpu_run("2026-01-01T01:00:00+00:00", "capsnet-ext bench --sweeps I-part-2", 2304, 0.002),
+            _fake_gpu_run("2025-01-01T00:00:00+00:00", "capsnet-ext bench --old", 4608, 0.004, commit="old")]
+    for k, run in enumerate(runs):
+        (tmp_path / f"run{k}.json").write_text(json.dumps(run))
+    text = make_readme.render(make_readme.load_results(str(tmp_path)))
+    assert "not yet measured" not in text and "### Fake GPU" in text
+    assert "I-part-1" in text and "I-part-2" in text and "--old" not in text
+    assert "| capsule_routing | forward | float32 | 1152 | 1.000 ms (50.0%) |" in text
+    assert "| capsule_routing | forward | float32 | 2304 | 2.000 ms (50.0%) |" in text
+    assert "4608" not in text
 
 
 # --------------------------------------------------------------------------- floors
