@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Compile-check of the CUDA backend without a GPU:
 #   1. every csrc/*.cu (plain CUDA C++, no torch headers) with nvcc for sm_80 and sm_90;
-#   2. the torch binding csrc/capsnet_ext_ops.cpp with g++ -fsyntax-only against the installed
-#      torch's headers (it uses only device-generic torch headers, so a CPU-only torch suffices).
+#   2. the torch binding csrc/capsnet_ext_ops.cpp with g++ against the installed torch's headers
+#      (it uses only device-generic torch headers, so a CPU-only torch suffices);
+#   3. links both into a shared library with the CUDA runtime and loads it into the installed
+#      torch: the C++ op schemas must equal capsnet_ext/cuda_ops/_schema.py, and forward and
+#      backward of every op must run on meta tensors through the package's fake and autograd
+#      registrations (the CUDA kernels themselves cannot run without a GPU).
 # Exits non-zero on any error. Skips (exit 0, with a message) when nvcc is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +29,7 @@ for src in csrc/*.cu; do
   "$NVCC" -std=c++17 -O3 -lineinfo -Icsrc -Werror all-warnings \
     -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
     -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \
-    -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+    -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 -Xcompiler -fPIC \
     -c "$src" -o "$TMP/$name.o" >"$TMP/$name.log" 2>&1 &
   pids+=("$!:$src:$name")
 done
@@ -41,11 +45,63 @@ for entry in "${pids[@]}"; do
 done
 
 includes="$("$PYTHON" -c 'import torch.utils.cpp_extension as c; print(" ".join("-isystem " + p for p in c.include_paths()))')"
+abi="$("$PYTHON" -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')"
 CXX="${CXX:-g++}"
 # shellcheck disable=SC2086
-if "$CXX" -std=c++20 -fsyntax-only -Wall -Wextra -Werror $includes -Icsrc csrc/capsnet_ext_ops.cpp 2>"$TMP/binding.log"; then
-  echo "compile_cuda: ok   csrc/capsnet_ext_ops.cpp (syntax, against torch $("$PYTHON" -c 'import torch; print(torch.__version__)'))"
+if "$CXX" -std=c++20 -O0 -fPIC -Wall -Wextra -Werror -D_GLIBCXX_USE_CXX11_ABI="$abi" $includes -Icsrc \
+     -c csrc/capsnet_ext_ops.cpp -o "$TMP/capsnet_ext_ops.o" 2>"$TMP/binding.log"; then
+  echo "compile_cuda: ok   csrc/capsnet_ext_ops.cpp (against torch $("$PYTHON" -c 'import torch; print(torch.__version__)'))"
 else
-  echo "compile_cuda: FAIL csrc/capsnet_ext_ops.cpp"; cat "$TMP/binding.log"; status=1
+  echo "compile_cuda: FAIL csrc/capsnet_ext_ops.cpp"; cat "$TMP/binding.log"; exit 1
 fi
-exit $status
+[[ $status -eq 0 ]] || exit $status
+
+CUDA_LIB=""
+for dir in ${CUDA_HOME:+"$CUDA_HOME/lib64"} "$(dirname "$(dirname "$(readlink -f "$NVCC")")")/lib64" \
+           /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  if [[ -e "$dir/libcudart.so" ]]; then CUDA_LIB="$dir"; break; fi
+done
+if [[ -z "$CUDA_LIB" ]]; then
+  echo "compile_cuda: libcudart.so not found (set CUDA_HOME); link-and-load check skipped"
+  exit 0
+fi
+TORCH_LIB="$("$PYTHON" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
+if ! "$CXX" -shared -o "$TMP/capsnet_ext_check.so" "$TMP"/*.o -L"$TORCH_LIB" -lc10 -ltorch -ltorch_cpu \
+     -L"$CUDA_LIB" -lcudart -Wl,-rpath,"$CUDA_LIB" 2>"$TMP/link.log"; then
+  echo "compile_cuda: FAIL linking the extension"; cat "$TMP/link.log"; exit 1
+fi
+"$PYTHON" - "$TMP/capsnet_ext_check.so" <<'PY'
+import sys
+
+import torch
+
+torch.ops.load_library(sys.argv[1])
+from capsnet_ext.cuda_ops import _schema
+
+ops = torch.ops.capsnet_ext
+for name, schema in _schema.SCHEMAS.items():
+    registered = str(getattr(ops, name).default._schema)
+    assert registered == f"capsnet_ext::{schema}", (registered, schema)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"capsnet_ext::{name}", "CUDA"), name
+_schema.register("capsnet_ext")
+
+B, I, J, D, K, R = 5, 37, 10, 16, 8, 3
+meta = dict(device="meta", requires_grad=True)
+for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    u, W = torch.empty(B, I, K, dtype=dtype, **meta), torch.empty(I, J, D, K, dtype=dtype, **meta)
+    bias = torch.empty(J, D, dtype=dtype, **meta)
+    v, c, s_all, V_all = ops.capsule_routing_forward(u, W, bias, R, True, False, True)
+    assert v.shape == (B, J, D) and c.shape == (B, I, J) and s_all.shape == (R, B, J, D), (v.shape, c.shape)
+    assert not c.requires_grad and not s_all.requires_grad and v.dtype == dtype
+    assert s_all.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    du, dW, db = torch.autograd.grad(v.sum(), [u, W, bias])
+    assert du.shape == u.shape and dW.shape == W.shape and db.shape == bias.shape
+    u_hat = ops.predict(u, W)
+    assert u_hat.shape == (B, I, J, D)
+    v2, c2, _, _ = ops.routing_forward(u_hat, None, R, False, True, False)
+    assert c2.shape == (0,)
+    gu, gW = torch.autograd.grad(v2.sum(), [u, W])
+    assert gu.shape == u.shape and gW.shape == W.shape
+print(f"compile_cuda: ok   linked and loaded into torch {torch.__version__}: {len(_schema.SCHEMAS)} op schemas "
+      "match, forward and backward of every op traced on meta tensors")
+PY
