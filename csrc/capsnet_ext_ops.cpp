@@ -84,12 +84,18 @@ void check_shared_memory(const Tensor& ref, int64_t J, int64_t D, int64_t K, boo
   const DType dtype = dtype_of(ref, "input");
   const int64_t limit = device_smem_optin(ref.device().index());
   TORCH_CHECK(limit > 0, "capsnet_ext: could not query the shared memory limit of ", ref.device());
+  TORCH_CHECK(J * D <= (1 << 20) && K <= (1 << 20), "capsnet_ext: J * Dout = ", J * D, " and Din = ", K,
+              " must be at most 2^20");
   const int64_t need = std::max(sweep_smem_bytes(dtype, J, D, K, recompute), grad_smem_bytes(dtype, J, D, K, recompute));
   TORCH_CHECK(need <= limit, "capsnet_ext: J = ", J, ", Dout = ", D, (recompute ? ", Din = " : ""),
               (recompute ? std::to_string(K) : std::string()), " needs ", need,
               " bytes of shared memory per block, more than the ", limit, " bytes ", ref.device(),
               " allows; use backend='triton' or 'reference' for capsules this large");
-  TORCH_CHECK(J * D <= (1 << 20) && K <= (1 << 20), "capsnet_ext: capsule sizes too large");
+}
+
+// Grid limits: the gradient kernel has one block per input capsule.
+void check_grid(int64_t I) {
+  TORCH_CHECK(I < (int64_t{1} << 31), "capsnet_ext: at most 2^31 - 1 input capsules are supported, got ", I);
 }
 
 SweepPlan plan_for(const Tensor& ref, int64_t B, int64_t I, int64_t J, int64_t D) {
@@ -145,6 +151,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> routing_forward_common(const Tensor& 
   }
   const bool recompute = !u_hat.defined();
   check_shared_memory(ref, shape.J, shape.D, shape.K, recompute);
+  check_grid(shape.I);
   const SweepPlan plan = plan_for(ref, shape.B, shape.I, shape.J, shape.D);
   const auto acc_opts = ref.options().dtype(acc_type(ref));
   const int64_t R = shape.iterations;
@@ -197,6 +204,7 @@ std::tuple<Tensor, Tensor> routing_backward_op(const Tensor& grad_v_in, const Te
                            static_cast<int>(iterations)};
   check_saved(u_hat_in, grad_v_in, s_all_in, V_all_in, shape);
   check_shared_memory(u_hat_in, shape.J, shape.D, shape.K, false);
+  check_grid(shape.I);
   const c10::DeviceGuard guard(u_hat_in.device());
   const Tensor u_hat = u_hat_in.contiguous(), grad_v = grad_v_in.contiguous();
   const Tensor s_all = s_all_in.contiguous(), V_all = V_all_in.contiguous();
@@ -238,6 +246,7 @@ std::tuple<Tensor, Tensor, Tensor> capsule_routing_backward_op(const Tensor& gra
                            static_cast<int>(iterations)};
   check_saved(u_in, grad_v_in, s_all_in, V_all_in, shape);
   check_shared_memory(u_in, shape.J, shape.D, shape.K, true);
+  check_grid(shape.I);
   const c10::DeviceGuard guard(u_in.device());
   const Tensor u = u_in.contiguous(), W = W_in.contiguous(), grad_v = grad_v_in.contiguous();
   const Tensor s_all = s_all_in.contiguous(), V_all = V_all_in.contiguous();
