@@ -9,32 +9,34 @@ capsules producing ``s^r_j = sum_i c_ij u_hat_ij``.
 
 Design
 ------
-Tiles: one program holds a tile ``[BLOCK_I, BLOCK_J, BLOCK_D]`` of prediction vectors (all
-output capsules of ``BLOCK_I`` input capsules; J and Dout padded to powers of two and masked).
-In the fused op the tile is recomputed as ``sum_k W[i, j, d, k] * u[b, i, k]`` from a
-``[BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_K]`` tile of W. No tensor core instruction (``tl.dot``) is
-used, so float32 math is exact IEEE float32 whatever the TF32 flags say; float16 and bfloat16
-are loaded and upcast to float32, float64 stays float64.
+Tiles: a sweep program holds prediction vectors for a block of samples and input capsules,
+``[BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D]`` (all output capsules; J and Dout padded to powers of
+two and masked). In the fused op the tile is recomputed in registers as
+``sum_k W[i, j, d, k] * u[b, i, k]``: each ``[BLOCK_I, J, Dout]`` slice of W read from L2 serves
+all ``BLOCK_B`` samples of the program. No tensor core instruction (``tl.dot``) is used, so
+float32 math is exact IEEE float32 whatever the TF32 settings say; float16 and bfloat16 are
+loaded and upcast to float32, float64 stays float64.
 
 Kernels and grids (``n_isplit`` splits of the input capsules, chosen to fill the GPU):
 
-* ``_sweep_kernel``, grid ``(B, n_isplit)``: program ``(b, split)`` walks its range of input
-  capsules in ``BLOCK_I`` chunks holding ``V^r_b`` and a ``[J, Dout]`` accumulator. Forward it
-  accumulates ``sum_i c_ij u_hat_ij``; backward (``BACKWARD``) it accumulates
-  ``D_j = sum_i gl_ij u_hat_ij``, the gradient reaching ``V^r``. Each program writes its partial
-  sum to a workspace ``[n_isplit, B, J, Dout]``: the sum over i crosses programs there,
-  deterministically (no atomics).
+* ``_sweep_kernel``, grid ``(cdiv(B, BLOCK_B), n_isplit)``: program ``(samples, split)`` holds
+  ``V^r`` of its samples and a ``[BLOCK_B, J, Dout]`` accumulator and walks its range of input
+  capsules in ``BLOCK_I`` chunks. Forward it accumulates ``sum_i c_ij u_hat_ij``; backward
+  (``BACKWARD``) ``D_j = sum_i gl_ij u_hat_ij``, the gradient reaching ``V^r``. Each program
+  writes its partial sums to a workspace ``[n_isplit, B, J, Dout]``: the sum over i crosses
+  programs there, deterministically (no atomics).
 * ``_finalize_fwd_kernel``, grid ``(B,)``: sums the partials, adds the bias, squashes, saves
   ``s^r``, writes ``V^(r+1) = V^r + v^r`` (or the output ``v`` after the last iteration).
 * ``_finalize_bwd_kernel``, grid ``(B,)``: sums the backward partials into ``G`` (gradient
   reaching ``V``), forms ``gv^r = G (+ dL/dv on the last iteration)`` and applies the squash
   backward to get ``gs^r``.
-* ``_input_grad_kernel``, grid ``(n_itiles, n_bsplit)``: the final backward sweep. Program
-  ``(tile, split)`` keeps its W tile in registers, loops over its samples and, for each,
-  accumulates ``g_u_hat_ij = sum_r c^r_ij gs^r_j + gl^r_ij V^r_j`` (all iterations, couplings
-  recomputed from the saved ``V^r``), then writes ``du`` and accumulates ``dW`` over its
-  samples in registers; ``n_bsplit > 1`` partial ``dW`` are summed afterwards. Without fusion
-  it writes ``g_u_hat`` instead.
+* ``_input_grad_kernel``, grid ``(cdiv(I, GRAD_BLOCK_I), n_bsplit)``: the final backward sweep.
+  Program ``(tile, split)`` keeps its ``[GRAD_BLOCK_I, J, Dout, Din]`` W tile in registers,
+  loops over its samples and, for each, accumulates
+  ``g_u_hat_ij = sum_r c^r_ij gs^r_j + gl^r_ij V^r_j`` (all iterations, couplings recomputed
+  from the saved ``V^r``), then writes ``du`` and accumulates ``dW`` over its samples in
+  registers; ``n_bsplit > 1`` partial ``dW`` are summed afterwards. Without fusion it writes
+  ``g_u_hat`` instead.
 
 Launches: ``2R`` forward, ``2R`` backward (``R - 1`` sweeps, ``R`` finalizes, one input-gradient
 sweep; ``detach_inner`` needs one finalize and the input-gradient sweep).
@@ -76,8 +78,24 @@ def _target_programs(device: torch.device) -> int:
     return 1  # the interpreter runs programs one after another: fewer is faster
 
 
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(1, x).bit_length() - 1)
+
+
+def _warps(tile_elements: int) -> int:
+    """About 32 elements of the largest tile per thread: no register spills at the MNIST and
+    large shapes (checked by tests/_triton_compile_check.py for sm_90)."""
+    return min(16, max(4, triton.next_power_of_2(tile_elements) // 1024))
+
+
 class _Plan:
-    """Block sizes and grid splits for one call (one helper, fails clearly at its limit)."""
+    """Block sizes and grid splits for one call (one helper, fails clearly at its limit).
+
+    Sweeps: tiles of ``SWEEP_BLOCK_B`` samples x ``SWEEP_BLOCK_I`` input capsules, so a W
+    slice read from L2 serves a whole block of samples. Input-gradient sweep: ``GRAD_BLOCK_I``
+    input capsules whose ``[J, Dout, Din]`` W tile stays in registers for all the samples of
+    the program.
+    """
 
     def __init__(self, B: int, I: int, J: int, D: int, Din: int, fused: bool, device: torch.device):
         self.BLOCK_J = triton.next_power_of_2(J)
@@ -91,78 +109,97 @@ class _Plan:
                 f"{MAX_CAPSULE_ELEMENTS} (got J={J}, Dout={D}{f', Din={Din}' if fused else ''}); "
                 "use backend='reference'"
             )
-        block_i = max(1, TILE_ELEMENTS // per_capsule)
-        self.BLOCK_I = min(triton.next_power_of_2(I), 1 << (block_i.bit_length() - 1))
-        n_chunks = triton.cdiv(I, self.BLOCK_I)
         target = _target_programs(device)
-        if FORCE_SPLITS is not None:
-            n_isplit, n_bsplit = FORCE_SPLITS
-        else:
-            n_isplit = triton.cdiv(target, B)
-            n_bsplit = triton.cdiv(target, n_chunks)
+        jd = self.BLOCK_J * self.BLOCK_D
+        # Sweeps.
+        self.SWEEP_BLOCK_B = min(triton.next_power_of_2(B), 16, _pow2_floor(TILE_ELEMENTS // jd))
+        self.SWEEP_BLOCK_I = min(triton.next_power_of_2(I),
+                                 _pow2_floor(TILE_ELEMENTS // (self.SWEEP_BLOCK_B * jd)))
+        self.n_bblocks = triton.cdiv(B, self.SWEEP_BLOCK_B)
+        n_chunks = triton.cdiv(I, self.SWEEP_BLOCK_I)
+        n_isplit = FORCE_SPLITS[0] if FORCE_SPLITS is not None else triton.cdiv(target, self.n_bblocks)
         n_isplit = max(1, min(n_isplit, n_chunks))
         # Every split covers a whole number of chunks.
-        self.i_per_split = triton.cdiv(n_chunks, n_isplit) * self.BLOCK_I
+        self.i_per_split = triton.cdiv(n_chunks, n_isplit) * self.SWEEP_BLOCK_I
         self.n_isplit = triton.cdiv(I, self.i_per_split)
-        self.n_itiles = n_chunks
+        self.sweep_warps = _warps(self.SWEEP_BLOCK_B * self.SWEEP_BLOCK_I * jd)
+        # Input-gradient sweep.
+        self.GRAD_BLOCK_I = min(triton.next_power_of_2(I), _pow2_floor(TILE_ELEMENTS // per_capsule))
+        self.n_itiles = triton.cdiv(I, self.GRAD_BLOCK_I)
+        n_bsplit = FORCE_SPLITS[1] if FORCE_SPLITS is not None else triton.cdiv(target, self.n_itiles)
         n_bsplit = max(1, min(n_bsplit, B))
         self.b_per_split = triton.cdiv(B, n_bsplit)
         self.n_bsplit = triton.cdiv(B, self.b_per_split)
-        self.num_warps = 4 if per_capsule * self.BLOCK_I <= 4096 else 8
+        self.grad_warps = _warps(self.GRAD_BLOCK_I * per_capsule)
 
 
 # --------------------------------------------------------------------------------------------
 # Device helpers
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _u_hat_tile(
-    b, i_offs, i_mask,
+def _u_hat_block(
+    b_offs, b_mask, i_offs, i_mask,
     src_ptr, s_b, s_i, s_j, s_d,  # u_hat [B, I, J, D], or u [B, I, Din] (s_j is Din's stride)
     w_ptr, w_i, w_j, w_d, w_k,  # W [I, J, D, Din] (fused only)
     J, D, Din,
-    FUSED: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    FUSED: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Prediction vectors of input capsules ``i_offs`` of sample ``b``: [BLOCK_I, BLOCK_J, BLOCK_D],
-    zero outside the valid range."""
+    """Prediction vectors of samples ``b_offs`` and input capsules ``i_offs``:
+    [BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D], zero outside the valid range."""
     j_offs = tl.arange(0, BLOCK_J)
     d_offs = tl.arange(0, BLOCK_D)
     i3 = i_offs[:, None, None]
     j3 = j_offs[None, :, None]
     d3 = d_offs[None, None, :]
+    mask3 = i_mask[:, None, None] & (j3 < J) & (d3 < D)
+    bi_mask = b_mask[:, None] & i_mask[None, :]
     if FUSED:
-        k_offs = tl.arange(0, BLOCK_K)
-        u_tile = tl.load(
-            src_ptr + b * s_b + i_offs[:, None] * s_i + k_offs[None, :] * s_j,
-            mask=i_mask[:, None] & (k_offs[None, :] < Din), other=0.0,
-        ).to(ACC)
-        w_mask = (i_mask[:, None, None, None] & (j3 < J)[:, :, :, None] & (d3 < D)[:, :, :, None]
-                  & (k_offs < Din)[None, None, None, :])
-        w_tile = tl.load(
-            w_ptr + i3[:, :, :, None] * w_i + j3[:, :, :, None] * w_j + d3[:, :, :, None] * w_d
-            + k_offs[None, None, None, :] * w_k,
-            mask=w_mask, other=0.0,
-        ).to(ACC)
-        return tl.sum(w_tile * u_tile[:, None, None, :], axis=3)
+        # One [BLOCK_I, J, D] slice of W per k, applied to every sample of the block.
+        u_hat = tl.zeros([BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D], dtype=ACC)
+        for k in range(0, Din):
+            w_slice = tl.load(w_ptr + i3 * w_i + j3 * w_j + d3 * w_d + k * w_k, mask=mask3,
+                              other=0.0).to(ACC)
+            u_slice = tl.load(src_ptr + b_offs[:, None] * s_b + i_offs[None, :] * s_i + k * s_j,
+                              mask=bi_mask, other=0.0).to(ACC)
+            u_hat += u_slice[:, :, None, None] * w_slice[None, :, :, :]
+        return u_hat
     else:
-        mask = i_mask[:, None, None] & (j3 < J) & (d3 < D)
-        return tl.load(src_ptr + b * s_b + i3 * s_i + j3 * s_j + d3 * s_d, mask=mask, other=0.0).to(ACC)
+        offs = b_offs[:, None, None, None] * s_b + (i3 * s_i + j3 * s_j + d3 * s_d)[None, :, :, :]
+        return tl.load(src_ptr + offs, mask=b_mask[:, None, None, None] & mask3[None, :, :, :],
+                       other=0.0).to(ACC)
 
 
 @triton.jit
-def _coupling(u_hat, V, j_mask, LEAKY: tl.constexpr):
-    """Couplings ``softmax_j <u_hat_ij, V_j>`` of a tile: [BLOCK_I, BLOCK_J]. ``leaky`` adds a
+def _coupling(logits, j_mask, LEAKY: tl.constexpr):
+    """Couplings ``softmax_j`` of routing logits whose last axis is j. ``leaky`` adds a
     constant zero logit to each softmax (its coefficient is not returned)."""
-    logits = tl.sum(u_hat * V[None, :, :], axis=2)
-    logits = tl.where(j_mask[None, :], logits, float("-inf"))
-    row_max = tl.max(logits, axis=1)
+    logits = tl.where(j_mask, logits, float("-inf"))
+    row_max = tl.max(logits, axis=-1)
     if LEAKY:
         row_max = tl.maximum(row_max, 0.0)
-    e = tl.exp(logits - row_max[:, None])
-    denom = tl.sum(e, axis=1)
+    e = tl.exp(logits - tl.expand_dims(row_max, -1))
+    denom = tl.sum(e, axis=-1)
     if LEAKY:
         denom += tl.exp(-row_max)
-    return e / denom[:, None]
+    return e / tl.expand_dims(denom, -1)
+
+
+@triton.jit
+def _load_bjd(ptr, b_offs, b_mask, J, D, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """Rows ``b_offs`` of a contiguous [B, J, D] tensor as a zero-padded [BLOCK_B, BLOCK_J, BLOCK_D] tile."""
+    j = tl.arange(0, BLOCK_J)[None, :, None]
+    d = tl.arange(0, BLOCK_D)[None, None, :]
+    mask = b_mask[:, None, None] & (j < J) & (d < D)
+    return tl.load(ptr + (b_offs[:, None, None] * J + j) * D + d, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _store_bjd(ptr, value, b_offs, b_mask, J, D, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    j = tl.arange(0, BLOCK_J)[None, :, None]
+    d = tl.arange(0, BLOCK_D)[None, None, :]
+    mask = b_mask[:, None, None] & (j < J) & (d < D)
+    tl.store(ptr + (b_offs[:, None, None] * J + j) * D + d, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -193,39 +230,42 @@ def _sweep_kernel(
     c_ptr,  # [B, I, J] output couplings (STORE_C only)
     B, I, J, D, Din, i_per_split,
     FUSED: tl.constexpr, BACKWARD: tl.constexpr, LEAKY: tl.constexpr, STORE_C: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    """Forward: ``partial_j = sum_i c_ij u_hat_ij`` over this program's input capsules.
-    Backward: ``partial_j = sum_i gl_ij u_hat_ij`` with ``gc_ij = <gs_j, u_hat_ij>`` and the
-    softmax backward ``gl_ij = c_ij (gc_ij - sum_k c_ik gc_ik)`` (sum over the real outputs
-    only: a leaky logit is a constant)."""
-    b = tl.program_id(0)
+    """Forward: ``partial_j = sum_i c_ij u_hat_ij`` over this program's input capsules, for
+    each of its samples. Backward: ``partial_j = sum_i gl_ij u_hat_ij`` with
+    ``gc_ij = <gs_j, u_hat_ij>`` and the softmax backward ``gl_ij = c_ij (gc_ij - sum_k c_ik gc_ik)``
+    (sum over the real outputs only: a leaky logit is a constant)."""
+    b_offs = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_mask = b_offs < B
     split = tl.program_id(1)
     j_offs = tl.arange(0, BLOCK_J)
-    j_mask = j_offs < J
-    V = _load_jd(V_ptr + b * J * D, J, D, BLOCK_J, BLOCK_D, ACC)
+    j_mask = (j_offs < J)[None, None, :]
+    V = _load_bjd(V_ptr, b_offs, b_mask, J, D, BLOCK_J, BLOCK_D, ACC)[:, None, :, :]
     if BACKWARD:
-        gs = _load_jd(gs_ptr + b * J * D, J, D, BLOCK_J, BLOCK_D, ACC)
-    acc = tl.zeros([BLOCK_J, BLOCK_D], dtype=ACC)
+        gs = _load_bjd(gs_ptr, b_offs, b_mask, J, D, BLOCK_J, BLOCK_D, ACC)[:, None, :, :]
+    acc = tl.zeros([BLOCK_B, BLOCK_J, BLOCK_D], dtype=ACC)
     i_begin = split * i_per_split
     i_end = tl.minimum(i_begin + i_per_split, I)
     for i0 in range(i_begin, i_end, BLOCK_I):
         i_offs = i0 + tl.arange(0, BLOCK_I)
         i_mask = i_offs < I
-        u_hat = _u_hat_tile(b, i_offs, i_mask, src_ptr, s_b, s_i, s_j, s_d, w_ptr, w_i, w_j, w_d, w_k,
-                            J, D, Din, FUSED, ACC, BLOCK_J, BLOCK_D, BLOCK_K)
-        c = _coupling(u_hat, V, j_mask, LEAKY)
+        u_hat = _u_hat_block(b_offs, b_mask, i_offs, i_mask, src_ptr, s_b, s_i, s_j, s_d,
+                             w_ptr, w_i, w_j, w_d, w_k, J, D, Din, FUSED, ACC, BLOCK_B, BLOCK_I,
+                             BLOCK_J, BLOCK_D)
+        c = _coupling(tl.sum(u_hat * V, axis=3), j_mask, LEAKY)  # [BLOCK_B, BLOCK_I, BLOCK_J]
         if BACKWARD:
-            gc = tl.sum(u_hat * gs[None, :, :], axis=2)
-            weight = c * (gc - tl.sum(c * gc, axis=1)[:, None])
+            gc = tl.sum(u_hat * gs, axis=3)
+            weight = c * (gc - tl.sum(c * gc, axis=2)[:, :, None])
         else:
             weight = c
             if STORE_C:
-                tl.store(c_ptr + b * I * J + i_offs[:, None] * J + j_offs[None, :],
-                         c.to(c_ptr.dtype.element_ty), mask=i_mask[:, None] & j_mask[None, :])
-        acc += tl.sum(weight[:, :, None] * u_hat, axis=0)
-    _store_jd(partial_ptr + (split * B + b) * J * D, acc, J, D, BLOCK_J, BLOCK_D)
+                tl.store(c_ptr + (b_offs[:, None, None] * I + i_offs[None, :, None]) * J + j_offs[None, None, :],
+                         c.to(c_ptr.dtype.element_ty),
+                         mask=b_mask[:, None, None] & i_mask[None, :, None] & j_mask)
+        acc += tl.sum(weight[:, :, :, None] * u_hat, axis=1)
+    _store_bjd(partial_ptr + split * B * J * D, acc, b_offs, b_mask, J, D, BLOCK_J, BLOCK_D)
 
 
 @triton.jit
@@ -344,7 +384,7 @@ def _input_grad_kernel(
         for r in range(r_begin, R):
             V = _load_jd(V_all_ptr + (r * B + b) * J * D, J, D, BLOCK_J, BLOCK_D, ACC)
             gs = _load_jd(gs_all_ptr + (r * B + b) * J * D, J, D, BLOCK_J, BLOCK_D, ACC)
-            c = _coupling(u_hat, V, j_mask, LEAKY)
+            c = _coupling(tl.sum(u_hat * V[None, :, :], axis=2), j_mask[None, :], LEAKY)
             g_u_hat += c[:, :, None] * gs[None, :, :]
             if not DETACH:
                 # Through the logits <u_hat, V^r>; V^1 = 0, so the first iteration adds nothing.
@@ -408,10 +448,10 @@ def routing_forward(src, W, iterations, bias, leaky, return_coupling):
     meta = dict(ACC=_tl_acc(src.dtype), BLOCK_J=plan.BLOCK_J, BLOCK_D=plan.BLOCK_D)
     for r in range(R):
         last = r == R - 1
-        _sweep_kernel[(B, plan.n_isplit)](
+        _sweep_kernel[(plan.n_bblocks, plan.n_isplit)](
             *src_args, V_all[r], partial, partial, c, B, I, J, D, Din, plan.i_per_split,
             FUSED=fused, BACKWARD=False, LEAKY=leaky, STORE_C=return_coupling and last,
-            BLOCK_I=plan.BLOCK_I, BLOCK_K=plan.BLOCK_K, num_warps=plan.num_warps, **meta,
+            BLOCK_B=plan.SWEEP_BLOCK_B, BLOCK_I=plan.SWEEP_BLOCK_I, num_warps=plan.sweep_warps, **meta,
         )
         _finalize_fwd_kernel[(B,)](
             partial, plan.n_isplit, bias_arg, s_all[r], V_all[r], V_all[r + 1] if not last else v, v,
@@ -449,10 +489,10 @@ def routing_backward(src, W, grad_v, s_all, V_all, leaky, detach_inner, need_src
         if detach_inner or r == 0:
             break
         # D^r = dL/dV^r, a sum over i: it reaches every earlier iteration's v.
-        _sweep_kernel[(B, plan.n_isplit)](
+        _sweep_kernel[(plan.n_bblocks, plan.n_isplit)](
             *src_args, V_all[r], gs_all[r], partial, partial, B, I, J, D, Din, plan.i_per_split,
             FUSED=fused, BACKWARD=True, LEAKY=leaky, STORE_C=False,
-            BLOCK_I=plan.BLOCK_I, BLOCK_K=plan.BLOCK_K, num_warps=plan.num_warps, **meta,
+            BLOCK_B=plan.SWEEP_BLOCK_B, BLOCK_I=plan.SWEEP_BLOCK_I, num_warps=plan.sweep_warps, **meta,
         )
         has_partial = True
 
@@ -471,7 +511,7 @@ def routing_backward(src, W, grad_v, s_all, V_all, leaky, detach_inner, need_src
             d_src if d_src is not None else gs_all, dW if dW is not None else gs_all,
             B, I, J, D, Din, R, plan.b_per_split,
             FUSED=fused, LEAKY=leaky, DETACH=detach_inner, NEED_DSRC=need_src, NEED_DW=need_dw,
-            BLOCK_I=plan.BLOCK_I, BLOCK_K=plan.BLOCK_K, num_warps=plan.num_warps, **meta,
+            BLOCK_I=plan.GRAD_BLOCK_I, BLOCK_K=plan.BLOCK_K, num_warps=plan.grad_warps, **meta,
         )
     if dW is not None:
         dW = dW[0] if plan.n_bsplit == 1 else dW.sum(0).to(W.dtype)

@@ -2,12 +2,12 @@
 writing the prediction vectors ``u_hat [B, I, J, Dout]`` to memory, forward or backward.
 
 Design (details in :mod:`._routing_core`)
-------
-* Every pass recomputes its ``[BLOCK_I, J, Dout]`` tile of ``u_hat`` in registers as
-  ``sum_k W[i, j, d, k] u[b, i, k]`` from a ``[BLOCK_I, J, Dout, Din]`` tile of ``W`` and a
-  ``[BLOCK_I, Din]`` tile of ``u``.
-* Forward, per iteration r: grid ``(B, n_isplit)``; program ``(b, split)`` holds ``V^r_b`` (the
-  sum of the earlier outputs, [J, Dout]) and a partial ``s`` ([J, Dout]); logits are
+-----------------------------------------
+* Every pass recomputes its tile of ``u_hat`` in registers as
+  ``sum_k W[i, j, d, k] u[b, i, k]``; a slice of ``W`` read once serves a block of samples.
+* Forward, per iteration r: grid ``(cdiv(B, BLOCK_B), n_isplit)``; a program holds ``V^r``
+  (the sum of the earlier outputs, [J, Dout]) and a partial ``s`` for each of its
+  ``BLOCK_B`` samples and walks ``[BLOCK_B, BLOCK_I, J, Dout]`` tiles; logits are
   ``<u_hat_ij, V^r_j>``. Partials cross programs through a ``[n_isplit, B, J, Dout]``
   workspace, reduced with bias and squash by a ``(B,)`` grid. ``2R`` launches.
 * Backward, iterations in reverse from the saved ``s^r`` and ``V^r``: squash backward

@@ -4,16 +4,16 @@ Every iteration (softmax over j, weighted sum over i, bias, squash, agreement) r
 fused kernels of :mod:`._routing_core`; this file is the functional wrapper.
 
 Design (details in :mod:`._routing_core`)
-------
-* Forward: per iteration r, ``_sweep_kernel`` on grid ``(B, n_isplit)``: program ``(b, split)``
-  holds ``V^r_b = v^1 + ... + v^(r-1)`` ([J, Dout]) and walks its input capsules in
-  ``[BLOCK_I, J, Dout]`` tiles of ``u_hat``: logits ``<u_hat_ij, V^r_j>``, softmax over j,
-  partial ``s_j``. The sum over i crosses programs through a ``[n_isplit, B, J, Dout]``
+-----------------------------------------
+* Forward: per iteration r, ``_sweep_kernel`` on grid ``(cdiv(B, BLOCK_B), n_isplit)``:
+  a program holds ``V^r = v^1 + ... + v^(r-1)`` of its ``BLOCK_B`` samples ([J, Dout] each)
+  and walks its input capsules in ``[BLOCK_B, BLOCK_I, J, Dout]`` tiles of ``u_hat``: logits
+  ``<u_hat_ij, V^r_j>``, softmax over j, partial ``s_j``. The sum over i crosses programs through a ``[n_isplit, B, J, Dout]``
   workspace, reduced (with bias and squash) by ``_finalize_fwd_kernel`` on grid ``(B,)``.
   The logits are never stored: the identity ``l^r_ij = <u_hat_ij, V^r_j>`` recomputes them.
 * Backward: iterations in reverse. The squash backward gives ``gs^r``; for ``r > 1`` one sweep
   computes ``D_j = sum_i gl_ij u_hat_ij`` (gradient reaching ``V^r``, hence every earlier
-  ``v``); a last sweep on grid ``(cdiv(I, BLOCK_I), n_bsplit)`` writes
+  ``v``); a last sweep on grid ``(cdiv(I, GRAD_BLOCK_I), n_bsplit)`` writes
   ``g_u_hat_ij = sum_r c^r_ij gs^r_j + gl^r_ij V^r_j``. ``detach_inner``: only the last
   iteration's ``c^R_ij gs^R_j``.
 * Saved for backward: ``u_hat`` (the caller's tensor, no copy) and ``s^r``, ``V^r``
