@@ -6,9 +6,15 @@
 #include <cstdint>
 #include <type_traits>
 
+#ifdef CAPSNET_HOST_EMULATION
+// Host build of the kernels for testing without a GPU (csrc/emulation/): each CUDA thread
+// is a host thread; float and double only.
+#include "emulation/cuda_emulation.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include "capsnet_kernels.h"
 
@@ -24,18 +30,22 @@ template <typename scalar_t> using acc_t = typename AccType<scalar_t>::type;
 template <typename acc, typename scalar_t> __device__ __forceinline__ acc load_as(const scalar_t* p) {
   return static_cast<acc>(*p);
 }
+#ifndef CAPSNET_HOST_EMULATION
 template <> __device__ __forceinline__ float load_as<float, __half>(const __half* p) { return __half2float(*p); }
 template <> __device__ __forceinline__ float load_as<float, __nv_bfloat16>(const __nv_bfloat16* p) {
   return __bfloat162float(*p);
 }
+#endif
 
 template <typename scalar_t, typename acc> __device__ __forceinline__ void store_from(scalar_t* p, acc x) {
   *p = static_cast<scalar_t>(x);
 }
+#ifndef CAPSNET_HOST_EMULATION
 template <> __device__ __forceinline__ void store_from<__half, float>(__half* p, float x) { *p = __float2half_rn(x); }
 template <> __device__ __forceinline__ void store_from<__nv_bfloat16, float>(__nv_bfloat16* p, float x) {
   *p = __float2bfloat16_rn(x);
 }
+#endif
 
 // Smallest normal number of the accumulation type: the reference squash clamps |s|^2 there.
 template <typename acc> __host__ __device__ constexpr acc tiny_normal();
@@ -68,6 +78,14 @@ inline unsigned grid_for(int64_t n, int threads) {
   return static_cast<unsigned>(blocks);
 }
 
+// Kernel launch: CAPSNET_LAUNCH(kernel, grid, block, smem_bytes, stream)(args...). The kernel
+// must be a single name (alias template instances that contain commas first).
+#ifndef CAPSNET_HOST_EMULATION
+#define CAPSNET_LAUNCH(kernel, grid, block, smem, stream) kernel<<<(grid), (block), (smem), (stream)>>>
+// Dynamic shared memory of a kernel, as bytes.
+#define CAPSNET_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 // Every launch is followed by this: a failed launch is reported with the kernel's name.
 #define CAPSNET_CHECK_LAUNCH(name)                                              \
   do {                                                                          \
@@ -84,8 +102,13 @@ inline unsigned grid_for(int64_t n, int threads) {
 // Calls f with a typed null pointer selecting the element type for a DType.
 template <typename F> Status dispatch_dtype(DType dtype, F&& f) {
   switch (dtype) {
+#ifndef CAPSNET_HOST_EMULATION
     case DType::kFloat16: return f(static_cast<__half*>(nullptr));
     case DType::kBFloat16: return f(static_cast<__nv_bfloat16*>(nullptr));
+#else
+    case DType::kFloat16:
+    case DType::kBFloat16: break;
+#endif
     case DType::kFloat32: return f(static_cast<float*>(nullptr));
     case DType::kFloat64: return f(static_cast<double*>(nullptr));
   }

@@ -83,7 +83,7 @@ Status predict_forward(DType dtype, const void* u, const void* W, void* u_hat, i
   return dispatch_dtype(dtype, [&](auto* tag) -> Status {
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
     const int64_t JD = J * D;
-    predict_forward_kernel<scalar_t><<<grid_for(B * I * JD, kThreads), kThreads, 0, (cudaStream_t)stream>>>(
+    CAPSNET_LAUNCH(predict_forward_kernel<scalar_t>, grid_for(B * I * JD, kThreads), kThreads, 0, (cudaStream_t)stream)(
         static_cast<const scalar_t*>(u), static_cast<const scalar_t*>(W), static_cast<scalar_t*>(u_hat), B, I,
         JD, K);
     CAPSNET_CHECK_LAUNCH("predict_forward_kernel");
@@ -99,12 +99,12 @@ Status predict_backward(DType dtype, const void* grad_u_hat, const void* u, cons
     const int64_t JD = J * D;
     const auto* g = static_cast<const scalar_t*>(grad_u_hat);
     if (du != nullptr) {
-      predict_grad_u_kernel<scalar_t><<<grid_for(B * I * K, kThreads), kThreads, 0, (cudaStream_t)stream>>>(
+      CAPSNET_LAUNCH(predict_grad_u_kernel<scalar_t>, grid_for(B * I * K, kThreads), kThreads, 0, (cudaStream_t)stream)(
           g, static_cast<const scalar_t*>(W), static_cast<scalar_t*>(du), B, I, JD, K);
       CAPSNET_CHECK_LAUNCH("predict_grad_u_kernel");
     }
     if (dW != nullptr) {
-      predict_grad_W_kernel<scalar_t><<<grid_for(I * JD * K, kThreads), kThreads, 0, (cudaStream_t)stream>>>(
+      CAPSNET_LAUNCH(predict_grad_W_kernel<scalar_t>, grid_for(I * JD * K, kThreads), kThreads, 0, (cudaStream_t)stream)(
           g, static_cast<const scalar_t*>(u), static_cast<scalar_t*>(dW), B, I, JD, K);
       CAPSNET_CHECK_LAUNCH("predict_grad_W_kernel");
     }

@@ -127,7 +127,7 @@ routing_sweep_kernel(const scalar_t* __restrict__ u_hat,      // [B, I, JD] or n
                      acc_t<scalar_t>* __restrict__ partial,   // [num_chunks, B, JD]
                      int64_t B, int64_t I, int J, int D, int K, int64_t caps_per_chunk, bool leaky) {
   using acc = acc_t<scalar_t>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  CAPSNET_DYNAMIC_SMEM(smem_raw);
   acc* smem = reinterpret_cast<acc*>(smem_raw);
   const int JD = J * D;
   const int warp = threadIdx.x / kWarpSize;
@@ -289,7 +289,7 @@ routing_grad_kernel(const scalar_t* __restrict__ u_hat,        // [B, I, JD] (gi
                     int64_t B, int64_t I, int J, int D, int K, int R, int r_begin,
                     int64_t samples_per_block, bool leaky) {
   using acc = acc_t<scalar_t>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  CAPSNET_DYNAMIC_SMEM(smem_raw);
   acc* smem = reinterpret_cast<acc*>(smem_raw);
   const int JD = J * D;
   const int JDK = JD * K;
@@ -430,11 +430,11 @@ Status forward_impl(const RoutingShape& sh, const SweepPlan& plan, const void* u
   for (int r = 0; r < R; ++r) {
     const bool last = r == R - 1;
     acc* V_r = V_all_p + r * B * JD;
-    sweep<<<grid, kSweepThreads, smem, stream>>>(
+    CAPSNET_LAUNCH(sweep, grid, kSweepThreads, smem, stream)(
         static_cast<const scalar_t*>(u_hat), static_cast<const scalar_t*>(u), static_cast<const scalar_t*>(W), V_r,
         nullptr, last ? static_cast<scalar_t*>(c) : nullptr, ws, B, I, J, D, K, plan.caps_per_chunk, leaky);
     CAPSNET_CHECK_LAUNCH("routing_sweep_kernel");
-    routing_squash_kernel<scalar_t><<<grid_for(B * J, kElemThreads), kElemThreads, 0, stream>>>(
+    CAPSNET_LAUNCH(routing_squash_kernel<scalar_t>, grid_for(B * J, kElemThreads), kElemThreads, 0, stream)(
         ws, plan.num_chunks, static_cast<const scalar_t*>(bias), s_all_p + r * B * JD, V_r,
         last ? nullptr : V_r + B * JD, last ? static_cast<scalar_t*>(v) : nullptr, B, J, D);
     CAPSNET_CHECK_LAUNCH("routing_squash_kernel");
@@ -474,16 +474,16 @@ Status backward_impl(const RoutingShape& sh, const SweepPlan& plan, const void* 
   // Reverse sweeps: r = R-1 .. r_begin. G holds dL/dV^(r+1) summed over later iterations.
   for (int r = R - 1; r >= r_begin; --r) {
     acc* gs_r = gs_all_p + r * B * JD;
-    squash_backward_kernel<scalar_t><<<grid_for(B * J, kElemThreads), kElemThreads, 0, stream>>>(
+    CAPSNET_LAUNCH(squash_backward_kernel<scalar_t>, grid_for(B * J, kElemThreads), kElemThreads, 0, stream)(
         s_all_p + r * B * JD, r == R - 1 ? static_cast<const scalar_t*>(grad_v) : nullptr,
         r < R - 1 ? G_p : nullptr, gs_r, B, J, D);
     CAPSNET_CHECK_LAUNCH("squash_backward_kernel");
     if (through_logits && r > 0) {  // V^0 = 0 passes nothing on
-      sweep<<<sweep_grid, kSweepThreads, sweep_smem, stream>>>(
+      CAPSNET_LAUNCH(sweep, sweep_grid, kSweepThreads, sweep_smem, stream)(
           static_cast<const scalar_t*>(u_hat), static_cast<const scalar_t*>(u), static_cast<const scalar_t*>(W),
           V_all_p + r * B * JD, gs_r, nullptr, ws, B, I, J, D, K, plan.caps_per_chunk, leaky);
       CAPSNET_CHECK_LAUNCH("routing_sweep_kernel (reverse)");
-      add_partials_kernel<acc><<<grid_for(B * JD, kElemThreads), kElemThreads, 0, stream>>>(ws, plan.num_chunks,
+      CAPSNET_LAUNCH(add_partials_kernel<acc>, grid_for(B * JD, kElemThreads), kElemThreads, 0, stream)(ws, plan.num_chunks,
                                                                                          G_p, B * JD);
       CAPSNET_CHECK_LAUNCH("add_partials_kernel");
     }
@@ -495,14 +495,14 @@ Status backward_impl(const RoutingShape& sh, const SweepPlan& plan, const void* 
   CAPSNET_RETURN_IF_ERROR(allow_smem(grad, grad_smem, "routing_grad_kernel (shared memory opt-in)"));
   const int64_t per_block = grad_samples_per_block(B, kRecompute);
   const dim3 grad_grid(static_cast<unsigned>(I), static_cast<unsigned>((B + per_block - 1) / per_block));
-  grad<<<grad_grid, kGradThreads, grad_smem, stream>>>(
+  CAPSNET_LAUNCH(grad, grad_grid, kGradThreads, grad_smem, stream)(
       static_cast<const scalar_t*>(u_hat), static_cast<const scalar_t*>(u), static_cast<const scalar_t*>(W), V_all_p,
       gs_all_p, static_cast<scalar_t*>(grad_u_hat), static_cast<scalar_t*>(du), static_cast<scalar_t*>(dW), B, I, J, D,
       K, R, r_begin, per_block, leaky);
   CAPSNET_CHECK_LAUNCH("routing_grad_kernel");
 
   if (dbias != nullptr) {
-    bias_grad_kernel<scalar_t><<<grid_for(JD, kElemThreads), kElemThreads, 0, stream>>>(
+    CAPSNET_LAUNCH(bias_grad_kernel<scalar_t>, grid_for(JD, kElemThreads), kElemThreads, 0, stream)(
         gs_all_p, static_cast<scalar_t*>(dbias), B, JD, R, r_begin);
     CAPSNET_CHECK_LAUNCH("bias_grad_kernel");
   }

@@ -13,13 +13,20 @@ Two parts:
   float16/bfloat16 by the ratio method, float64 gradcheck, opcheck on the real ops,
   ``torch.compile(fullgraph=True)`` of a ``RoutingCapsules(backend="cuda")`` model.
 
-The nvcc compile check of the kernels is done by ``.ci/compile_cuda.sh`` (not repeated here).
+Between the two, the kernel sources themselves run on the CPU in a host emulation of CUDA
+(``csrc/emulation/``) under AddressSanitizer and UndefinedBehaviorSanitizer, against the
+reference. The nvcc compile check of the kernels is done by ``.ci/compile_cuda.sh`` (not
+repeated here).
 """
 from __future__ import annotations
 
 import itertools
 import os
 import re
+import shutil
+import subprocess
+
+import numpy as np
 
 import pytest
 import torch
@@ -370,6 +377,105 @@ def test_emulated_saves_no_u_hat_sized_tensor(emulated):
     saved_bytes = sum(t.numel() * t.element_size() for t in saved)
     assert saved_bytes <= u.nbytes + W.nbytes + 2 * R * B * J * D * 4
     assert saved_bytes < B * I * J * D * 4  # less than u_hat alone
+
+
+# ---------------------------------------------------------------------------------------------
+# The real kernel sources on the CPU: csrc/*.cu built by the host compiler against
+# csrc/emulation/cuda_emulation.h (each CUDA thread a host thread, barriers for
+# __syncthreads/__syncwarp, shuffles through a buffer), under AddressSanitizer and
+# UndefinedBehaviorSanitizer, driven by csrc/emulation/driver.cpp. This checks indexing,
+# bounds, synchronisation and the math of the kernels as written; it cannot check what only a
+# GPU shows (launch limits, occupancy, real warp scheduling, speed).
+# ---------------------------------------------------------------------------------------------
+
+def _sanitizer_flags(cxx):
+    probe = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True)
+    has_asan = probe.returncode == 0 and os.path.isabs(probe.stdout.strip())
+    return ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if has_asan else []
+
+
+@pytest.fixture(scope="module")
+def emulated_kernels(tmp_path_factory):
+    """Path of the driver executable built from the kernel sources (skips without g++)."""
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        pytest.skip(f"no host C++ compiler ({cxx}) to build the kernels' host emulation")
+    exe = str(tmp_path_factory.mktemp("emulation") / "capsnet_emulated")
+    csrc = os.path.join(ROOT, "csrc")
+    cmd = [cxx, "-std=c++20", "-O1", "-g", "-pthread", "-DCAPSNET_HOST_EMULATION", f"-I{csrc}",
+           *_sanitizer_flags(cxx), "-x", "c++", os.path.join(csrc, "routing.cu"), os.path.join(csrc, "predict.cu"),
+           "-x", "none", os.path.join(csrc, "emulation", "driver.cpp"), "-o", exe]
+    build = subprocess.run(cmd, capture_output=True, text=True)
+    assert build.returncode == 0, f"building the kernels' host emulation failed:\n{build.stderr[-4000:]}"
+    return exe
+
+
+def _run_emulated(exe, workdir, arrays, meta, dtype):
+    """Write the inputs, run the kernels, return the outputs by name (as float64 tensors)."""
+    np_dtype = {torch.float32: np.float32, torch.float64: np.float64}[dtype]
+    for name, t in arrays.items():
+        t.detach().to(dtype).numpy().astype(np_dtype).tofile(workdir / f"{name}.bin")
+    meta = dict(meta, dtype=str(dtype).split(".")[-1])
+    (workdir / "meta.txt").write_text("\n".join(f"{k} {int(v) if isinstance(v, bool) else v}" for k, v in meta.items()))
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0", UBSAN_OPTIONS="halt_on_error=1")
+    result = subprocess.run([exe, str(workdir)], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, f"emulated kernels failed ({result.returncode}):\n{result.stderr[-4000:]}"
+    assert "runtime error" not in result.stderr, result.stderr[-4000:]
+    return {p.stem: torch.from_numpy(np.fromfile(p, dtype=np_dtype)).double()
+            for p in workdir.glob("*.bin") if p.stem not in arrays}
+
+
+EMULATION_CASES = [
+    # (B, I, J, D, K), iterations, fused, options, dtype
+    ((9, 6, 33, 3, 2), 3, True, dict(bias=True, leaky=True, detach_inner=False), torch.float64),
+    ((4, 5, 10, 16, 8), 3, True, dict(bias=False, leaky=False, detach_inner=True), torch.float64),
+    ((11, 3, 2, 5, 9), 2, True, dict(bias=True, leaky=False, detach_inner=False), torch.float32),
+    ((3, 7, 5, 4, 3), 3, False, dict(bias=True, leaky=True, detach_inner=False), torch.float64),
+    ((2, 1, 1, 1, 1), 1, False, dict(bias=False, leaky=True, detach_inner=True), torch.float64),
+]
+
+
+@pytest.mark.parametrize("shape,iterations,fused,opts,dtype", EMULATION_CASES,
+                         ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else None)
+def test_kernel_sources_in_host_emulation(emulated_kernels, tmp_path, shape, iterations, fused, opts, dtype):
+    B, I, J, D, K = shape
+    u, W, bias, grad_v = _inputs(*shape, seed=B + I)
+    u_hat = reference.predict(u, W)
+    arrays = dict(grad_v=grad_v, **(dict(u=u, W=W) if fused else dict(u_hat=u_hat)))
+    if opts["bias"]:
+        arrays["bias"] = bias
+    meta = dict(op="routing", B=B, I=I, J=J, D=D, K=K, R=iterations, fused=fused, leaky=opts["leaky"],
+                detach_inner=opts["detach_inner"], bias=opts["bias"], return_coupling=True, sm_count=3)
+    out = _run_emulated(emulated_kernels, tmp_path, arrays, meta, dtype)
+
+    leaves = [u.requires_grad_(True), W.requires_grad_(True)] if fused else [u_hat.detach().requires_grad_(True)]
+    b = bias.requires_grad_(True) if opts["bias"] else None
+    uh = reference.predict(*leaves) if fused else leaves[0]
+    v_ref, c_ref = reference.dynamic_routing(uh, iterations, bias=b, leaky=opts["leaky"],
+                                             detach_inner=opts["detach_inner"], return_coupling=True)
+    grads = torch.autograd.grad(v_ref, leaves + ([b] if b is not None else []), grad_v)
+    tol = (1e-13, 1e-11) if dtype == torch.float64 else (2e-6, 1e-5)
+    _assert_close(out["v"].view(B, J, D), v_ref, *tol, "v")
+    _assert_close(out["c"].view(B, I, J), c_ref, *tol, "c")
+    names = ["du", "dW"] if fused else ["grad_u_hat"]
+    if opts["bias"]:
+        names.append("dbias")
+    for name, g in zip(names, grads):
+        _assert_close(out[name].view(g.shape), g, tol[0] * 10, tol[1] * 10, name)
+
+
+def test_predict_kernels_in_host_emulation(emulated_kernels, tmp_path):
+    B, I, J, D, K = 3, 5, 4, 7, 6
+    u, W, _, _ = _inputs(B, I, J, D, K)
+    g = torch.randn(B, I, J, D, dtype=torch.float64)
+    meta = dict(op="predict", B=B, I=I, J=J, D=D, K=K)
+    out = _run_emulated(emulated_kernels, tmp_path, dict(u=u, W=W, grad_u_hat=g), meta, torch.float64)
+    u.requires_grad_(True), W.requires_grad_(True)
+    ref = reference.predict(u, W)
+    du, dW = torch.autograd.grad(ref, [u, W], g)
+    _assert_close(out["u_hat"].view(ref.shape), ref, 1e-13, 1e-12, "u_hat")
+    _assert_close(out["du"].view(du.shape), du, 1e-13, 1e-12, "du")
+    _assert_close(out["dW"].view(dW.shape), dW, 1e-13, 1e-12, "dW")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,123 @@
+// Test driver for the host emulation of the kernels (see cuda_emulation.h): reads a problem
+// from a directory (meta.txt with "key value" lines, inputs as raw arrays), runs the real
+// launchers, writes every output as a raw array. Used by tests/test_cuda.py.
+//   predict:  u.bin W.bin grad_u_hat.bin -> u_hat.bin du.bin dW.bin
+//   routing:  (u.bin W.bin | u_hat.bin) [bias.bin] grad_v.bin
+//             -> v.bin [c.bin] s_all.bin V_all.bin (du.bin dW.bin | grad_u_hat.bin) dbias.bin
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "capsnet_kernels.h"
+
+using capsnet::DType;
+
+namespace {
+
+std::map<std::string, std::string> meta;
+std::string dir;
+
+int64_t num(const char* key) { return std::stoll(meta.at(key)); }
+
+template <typename T>
+std::vector<T> read(const std::string& name, size_t n) {
+  std::vector<T> data(n);
+  std::ifstream f(dir + "/" + name, std::ios::binary);
+  if (!f.read(reinterpret_cast<char*>(data.data()), n * sizeof(T))) {
+    std::fprintf(stderr, "cannot read %zu values from %s\n", n, name.c_str());
+    std::exit(2);
+  }
+  return data;
+}
+
+template <typename T>
+void write(const std::string& name, const std::vector<T>& data) {
+  std::ofstream f(dir + "/" + name, std::ios::binary);
+  f.write(reinterpret_cast<const char*>(data.data()), data.size() * sizeof(T));
+}
+
+template <typename T>
+std::vector<T> poisoned(size_t n) {
+  return std::vector<T>(n, std::nan(""));  // unwritten outputs show up as NaN
+}
+
+void check(const capsnet::Status& st) {
+  if (!st.ok()) {
+    std::fprintf(stderr, "launch failed in %s (error %d)\n", st.kernel, st.cuda_error);
+    std::exit(3);
+  }
+}
+
+template <typename T, typename Acc>
+void run() {
+  const int64_t B = num("B"), I = num("I"), J = num("J"), D = num("D"), K = num("K");
+  const DType dtype = sizeof(T) == 8 ? DType::kFloat64 : DType::kFloat32;
+  if (meta.at("op") == "predict") {
+    auto u = read<T>("u.bin", B * I * K), W = read<T>("W.bin", I * J * D * K);
+    auto g = read<T>("grad_u_hat.bin", B * I * J * D);
+    auto u_hat = poisoned<T>(B * I * J * D), du = poisoned<T>(B * I * K), dW = poisoned<T>(I * J * D * K);
+    check(capsnet::predict_forward(dtype, u.data(), W.data(), u_hat.data(), B, I, J, D, K, nullptr));
+    check(capsnet::predict_backward(dtype, g.data(), u.data(), W.data(), du.data(), dW.data(), B, I, J, D, K,
+                                    nullptr));
+    write("u_hat.bin", u_hat), write("du.bin", du), write("dW.bin", dW);
+    return;
+  }
+  const int R = static_cast<int>(num("R"));
+  const bool fused = num("fused") != 0, leaky = num("leaky") != 0, detach = num("detach_inner") != 0;
+  const bool has_bias = num("bias") != 0, want_c = num("return_coupling") != 0;
+  const capsnet::RoutingShape shape{B, I, J, D, fused ? K : 1, R};
+  const capsnet::SweepPlan plan = capsnet::plan_sweep(B, I, J, D, static_cast<int>(num("sm_count")));
+  std::vector<T> u, W, u_hat, bias;
+  if (fused) {
+    u = read<T>("u.bin", B * I * K), W = read<T>("W.bin", I * J * D * K);
+  } else {
+    u_hat = read<T>("u_hat.bin", B * I * J * D);
+  }
+  if (has_bias) bias = read<T>("bias.bin", J * D);
+  auto grad_v = read<T>("grad_v.bin", B * J * D);
+  auto v = poisoned<T>(B * J * D), c = poisoned<T>(want_c ? B * I * J : 0);
+  auto s_all = poisoned<Acc>(R * B * J * D), V_all = poisoned<Acc>(R * B * J * D);
+  auto ws = poisoned<Acc>(plan.workspace_elems);
+  check(capsnet::routing_forward(dtype, shape, plan, fused ? nullptr : u_hat.data(), fused ? u.data() : nullptr,
+                                 fused ? W.data() : nullptr, has_bias ? bias.data() : nullptr, leaky, v.data(),
+                                 want_c ? c.data() : nullptr, s_all.data(), V_all.data(), ws.data(), nullptr));
+  write("v.bin", v), write("s_all.bin", s_all), write("V_all.bin", V_all);
+  if (want_c) write("c.bin", c);
+  auto gs_all = poisoned<Acc>(R * B * J * D), G = poisoned<Acc>(B * J * D);
+  auto dbias = poisoned<T>(J * D);
+  ws = poisoned<Acc>(plan.workspace_elems);
+  if (fused) {
+    auto du = poisoned<T>(B * I * K), dW = poisoned<T>(I * J * D * K);
+    check(capsnet::routing_backward(dtype, shape, plan, grad_v.data(), nullptr, u.data(), W.data(), s_all.data(),
+                                    V_all.data(), leaky, detach, nullptr, du.data(), dW.data(), dbias.data(),
+                                    gs_all.data(), G.data(), ws.data(), nullptr));
+    write("du.bin", du), write("dW.bin", dW);
+  } else {
+    auto gu = poisoned<T>(B * I * J * D);
+    check(capsnet::routing_backward(dtype, shape, plan, grad_v.data(), u_hat.data(), nullptr, nullptr,
+                                    s_all.data(), V_all.data(), leaky, detach, gu.data(), nullptr, nullptr,
+                                    dbias.data(), gs_all.data(), G.data(), ws.data(), nullptr));
+    write("grad_u_hat.bin", gu);
+  }
+  write("dbias.bin", dbias);
+}
+
+}  // namespace
+
+const char* capsnet::cuda_error_string(int) { return "emulation"; }
+
+int main(int argc, char** argv) {
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: %s <problem directory>\n", argv[0]);
+    return 2;
+  }
+  dir = argv[1];
+  std::ifstream f(dir + "/meta.txt");
+  for (std::string key, value; f >> key >> value;) meta[key] = value;
+  if (meta.at("dtype") == "float64") run<double, double>();
+  else run<float, float>();
+  return 0;
+}
