@@ -162,7 +162,10 @@ def write_study(rows: Sequence[dict], out: pathlib.Path, meta: dict) -> Dict[str
     lines += ["", "Per layer values are listed bottom to top. Dead fraction: capsules whose length has "
               "mean and std over the test inputs below 0.01. Dynamics: 1 for routing that sends each "
               "input one-hot to a random parent, 0 for routing that never changes with the input. "
-              "Gradient norm: |dL/dW[i]| averaged over lower capsules and recorded steps. Definitions: "
+              "Gradient norm: |dL/dW[i]| averaged over lower capsules and recorded steps. With 1 routing "
+              "iteration the couplings are the uniform softmax of zero logits (1/J, below the activity "
+              "threshold 1.5/J), so no capsule is active and bonding and dynamics are undefined (n/a). "
+              "Definitions: "
               "`capsnet_ext/analysis/metrics.py`.", "", study_table(rows), "",
               "![depth study](depth_study.png)", ""]
     paths["table"] = out / "depth_study.md"
