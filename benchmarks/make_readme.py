@@ -47,7 +47,7 @@ forward+backward (`torch.autograd.grad` of a fixed random output gradient):
 * **correctness first**: the output and gradients are compared with the reference run in
   float64; a contender whose relative error exceeds 2x (forward) or 3x (gradients) the error of
   the eager reference in the same dtype, plus a small per-dtype floor, is reported as `wrong`
-  and not timed;
+  and not timed (and `capsnet-ext bench` then exits with status 3);
 * **time**: on a GPU, CUDA events around each call after a warm-up, many calls, median and
   20th-80th percentile spread; inputs are rotated over enough copies to exceed twice the L2
   cache (or the L2 is flushed between calls); on the CPU, a wall clock over repeated calls;

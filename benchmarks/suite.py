@@ -13,6 +13,7 @@ that status and the sweep goes on.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import traceback
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
@@ -270,8 +271,8 @@ def _oracle(ref_fn, case, options, master, names, grad_out, device) -> Dict[str,
         if device.type == "cpu" or not memory.is_out_of_memory(exc):
             raise
     memory.release(device)
-    cpu = torch.device("cpu")
-    tensors = [master[n].to(case.dtype).double().cpu().requires_grad_(grad_out is not None) for n in names]
+    # Cast on the host: the device just ran out of memory.
+    tensors = [master[n].cpu().to(case.dtype).double().requires_grad_(grad_out is not None) for n in names]
     return _forward_and_grads(ref_fn, case, options, tensors,
                               None if grad_out is None else grad_out.cpu(), names)
 
@@ -324,7 +325,7 @@ def _run_contender(case, contender, fn, device, modes, options, master, names, g
         t = timing.measure(run, arg_sets, device, bytes_per_set=bytes_per_set, **timing_kwargs)
         del arg_sets
         # Peak after timing: warm (no compilation or autotuning buffers in it).
-        peak = memory.peak_allocated_bytes(lambda: run(*one), device)
+        peak = memory.peak_allocated_bytes(functools.partial(run, *one), device)
         del one
         floor = floors[mode]
         fields = dict(time_s=t.as_dict(), peak_bytes=peak,
