@@ -172,3 +172,17 @@ def test_routing_capsules_under_torch_compile():
     g_c, = torch.autograd.grad(v.sum(), u)
     g_e, = torch.autograd.grad(layer(u).sum(), u)
     torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-6)
+
+
+def test_capsnet_trains_under_bfloat16_autocast():
+    torch.manual_seed(0)
+    model = CapsNet(conv_channels=16, primary_channels=4)
+    x, y = torch.rand(2, 1, 28, 28), torch.tensor([1, 4])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, targets=y)
+        loss = ce.margin_loss(out.lengths.float(), y) + 0.0005 * ce.reconstruction_loss(
+            out.reconstructions.float(), x)
+    assert out.capsules.dtype == torch.bfloat16
+    loss.backward()
+    assert model.digits.weight.grad.dtype == torch.float32
+    assert torch.isfinite(model.digits.weight.grad).all() and model.digits.weight.grad.abs().sum() > 0

@@ -94,8 +94,16 @@ class RoutingCapsules(nn.Module):
             nn.init.constant_(self.bias, self.bias_init)
 
     def forward(self, u: torch.Tensor, return_coupling: bool = False):
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(u.device.type):
+            # Under autocast routing is a matmul-like op: it runs in the autocast dtype, with
+            # the float32 parameters cast to it (gradients still reach them in float32), the
+            # way nn.Linear behaves. Kernel backends accumulate in float32 regardless.
+            dtype = torch.get_autocast_dtype(u.device.type)
+            u, weight = u.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
         return ops.capsule_routing(
-            u, self.weight, self.iterations, bias=self.bias, leaky=self.leaky,
+            u, weight, self.iterations, bias=bias, leaky=self.leaky,
             detach_inner=self.detach_inner, return_coupling=return_coupling, backend=self.backend,
         )
 
