@@ -43,8 +43,10 @@ sweep; ``detach_inner`` needs one finalize and the input-gradient sweep).
 
 Saved for backward: the inputs (``u`` and ``W``, or ``u_hat``) and, per iteration, ``s^r`` and
 ``V^r`` (``[R, B, J, Dout]`` each, float32 or float64). Memory kept for backward by the fused
-op: ``B*I*Din + I*J*Dout*Din + 2*R*B*J*Dout`` elements, against ``~B*I*J*Dout*(3R + 1)`` for
-autograd over the reference.
+op: ``B*I*Din + I*J*Dout*Din + 2*R*B*J*Dout`` elements. Autograd over the reference keeps
+``u_hat`` (``B*I*J*Dout``) and per-iteration ``[B, I, J]`` tensors besides: at the MNIST shape
+(B=128, I=1152, J=10, Din=8, Dout=16, R=3, float32) 118.6 MiB of activations beyond ``u`` and
+``W``, against 0.47 MiB here (counted with saved-tensor hooks, storages deduplicated).
 """
 from __future__ import annotations
 

@@ -17,8 +17,8 @@ Design (details in :mod:`._routing_core`)
   ``du`` (written per sample) and ``dW`` (summed over the program's samples in registers;
   ``n_bsplit`` partials summed after).
 * Memory kept for backward: ``u``, ``W`` and ``s^r``, ``V^r`` for every iteration:
-  ``B*I*Din + I*J*Dout*Din + 2*R*B*J*Dout`` elements, against about ``(3R + 1)*B*I*J*Dout``
-  for autograd over the reference.
+  ``B*I*Din + I*J*Dout*Din + 2*R*B*J*Dout`` elements; autograd over the reference keeps
+  ``u_hat`` itself (``B*I*J*Dout``) and per-iteration ``[B, I, J]`` tensors besides.
 """
 from __future__ import annotations
 
