@@ -388,10 +388,22 @@ def test_emulated_saves_no_u_hat_sized_tensor(emulated):
 # GPU shows (launch limits, occupancy, real warp scheduling, speed).
 # ---------------------------------------------------------------------------------------------
 
+EMULATION_SANITIZER = os.environ.get("CAPSNET_EXT_EMULATION_SANITIZER", "address")
+
+
 def _sanitizer_flags(cxx):
-    probe = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True)
-    has_asan = probe.returncode == 0 and os.path.isabs(probe.stdout.strip())
-    return ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if has_asan else []
+    """AddressSanitizer + UBSan by default; CAPSNET_EXT_EMULATION_SANITIZER=thread runs the
+    same tests under ThreadSanitizer instead (a race check of the shared-memory protocol,
+    a few minutes), =none without either."""
+    if EMULATION_SANITIZER == "none":
+        return []
+    lib = "libtsan.so" if EMULATION_SANITIZER == "thread" else "libasan.so"
+    probe = subprocess.run([cxx, f"-print-file-name={lib}"], capture_output=True, text=True)
+    if not (probe.returncode == 0 and os.path.isabs(probe.stdout.strip())):
+        return []
+    if EMULATION_SANITIZER == "thread":
+        return ["-fsanitize=thread"]
+    return ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
 
 
 @pytest.fixture(scope="module")
@@ -417,10 +429,11 @@ def _run_emulated(exe, workdir, arrays, meta, dtype):
         t.detach().to(dtype).numpy().astype(np_dtype).tofile(workdir / f"{name}.bin")
     meta = dict(meta, dtype=str(dtype).split(".")[-1])
     (workdir / "meta.txt").write_text("\n".join(f"{k} {int(v) if isinstance(v, bool) else v}" for k, v in meta.items()))
-    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0", UBSAN_OPTIONS="halt_on_error=1")
-    result = subprocess.run([exe, str(workdir)], capture_output=True, text=True, env=env, timeout=300)
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0", UBSAN_OPTIONS="halt_on_error=1",
+               TSAN_OPTIONS="halt_on_error=1")
+    result = subprocess.run([exe, str(workdir)], capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, f"emulated kernels failed ({result.returncode}):\n{result.stderr[-4000:]}"
-    assert "runtime error" not in result.stderr, result.stderr[-4000:]
+    assert "runtime error" not in result.stderr and "ThreadSanitizer" not in result.stderr, result.stderr[-4000:]
     return {p.stem: torch.from_numpy(np.fromfile(p, dtype=np_dtype)).double()
             for p in workdir.glob("*.bin") if p.stem not in arrays}
 
