@@ -50,6 +50,7 @@ op: ``B*I*Din + I*J*Dout*Din + 2*R*B*J*Dout`` elements. Autograd over the refere
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -74,9 +75,12 @@ def _tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+@functools.lru_cache(maxsize=None)
 def _target_programs(device: torch.device) -> int:
+    """Programs per grid worth aiming for: a few per streaming multiprocessor."""
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return 4 * torch.cuda.get_device_properties(index).multi_processor_count
     return 1  # the interpreter runs programs one after another: fewer is faster
 
 
