@@ -103,6 +103,43 @@ def test_every_option_is_supported_and_auto_never_picks_the_interpreter():
     assert dispatch.select("capsule_routing", "auto", torch.device("cpu"), torch.float32).NAME == "reference"
 
 
+def test_auto_picks_a_kernel_backend_only_on_cuda(device):
+    chosen = dispatch.select("capsule_routing", "auto", torch.device(device), torch.float32,
+                             iterations=3, bias=True, leaky=False, detach_inner=False,
+                             return_coupling=False).NAME
+    if device.type == "cuda":
+        assert chosen in ("cuda", "triton")
+    else:  # the interpreter is a testing tool, never chosen automatically
+        assert chosen == "reference"
+
+
+def test_float32_ignores_tf32_settings(device):
+    """No tensor-core dot is used: allowing TF32 must not change a single bit."""
+    require_triton(device)
+    (u, W), b = make_inputs("capsule_routing", (2, 7, 3, 5, 3), torch.float32, device, seed=29, bias=True)
+    old_flag, old_precision = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+    results = []
+    try:
+        for allow in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = allow
+            torch.set_float32_matmul_precision("high" if allow else "highest")
+            results.append(outputs_and_grads("capsule_routing", "triton", [u, W], b, 3, {}))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old_flag
+        torch.set_float32_matmul_precision(old_precision)
+    for a, e in zip(results[1][0] + results[1][1], results[0][0] + results[0][1]):
+        assert torch.equal(a, e)
+
+
+def test_double_backward_raises_a_clear_error(device):
+    require_triton(device)
+    (u, W), _ = make_inputs("capsule_routing", (2, 5, 3, 3, 4), torch.float64, device, seed=31)
+    v = ce.capsule_routing(u, W, 2, backend="triton")
+    (du,) = torch.autograd.grad(v.sum(), [u], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(du.sum(), [W])
+
+
 # ---------------------------------------------------------------- float64 against the reference
 @pytest.mark.parametrize("shape", SHAPES)
 def test_predict_matches_reference(device, shape):

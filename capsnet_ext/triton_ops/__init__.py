@@ -12,6 +12,11 @@ Runs on CUDA tensors, and on CPU tensors only under Triton's interpreter
 is supported for float16, bfloat16, float32 and float64. Float32 math is exact IEEE float32
 (no tensor-core ``tl.dot`` is used, so the TF32 settings have nothing to relax); float16 and
 bfloat16 accumulate in float32.
+
+Eager calls run ``torch.autograd.Function``s over the kernels. Under ``torch.compile`` the same
+launchers are used through registered operators (``torch.ops.capsnet_ext_triton.*``, with fake
+implementations and autograd formulas), so ``fullgraph=True`` works. Gradients are first
+order only (the backward passes are not themselves differentiable).
 """
 from __future__ import annotations
 

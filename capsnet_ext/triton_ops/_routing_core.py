@@ -542,6 +542,7 @@ class RoutingFunction(torch.autograd.Function):
         return v
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_v, grad_c=None):
         src, W, s_all, V_all = ctx.saved_tensors
         need_src = ctx.needs_input_grad[0]

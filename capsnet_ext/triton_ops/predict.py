@@ -166,6 +166,7 @@ class PredictFunction(torch.autograd.Function):
         return _predict_forward(u, W)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         u, W = ctx.saved_tensors
         return _predict_backward(grad, u, W, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
