@@ -59,13 +59,14 @@ setup(
     version="0.1.0",
     description="Fast capsule networks with dynamic routing for PyTorch: reference, Triton and CUDA backends",
     packages=find_packages(include=["capsnet_ext", "capsnet_ext.*", "benchmarks", "benchmarks.*"]),
-    package_data={"capsnet_ext": ["configs/*.json", "cuda_verified.json"], "": ["csrc/*"]},
+    package_data={"capsnet_ext": ["configs/*.json", "cuda_ops/verified.json"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
     extras_require={
         "triton": ["triton"],
         "train": ["tensorboard"],
-        "test": ["pytest", "scikit-learn"],
+        "data": ["scipy", "scikit-learn"],  # .mat files (SVHN, affNIST); scikit-learn's digits
+        "test": ["pytest", "scipy", "scikit-learn"],
     },
     entry_points={"console_scripts": ["capsnet-ext=capsnet_ext.cli:main"]},
     ext_modules=ext_modules,
