@@ -6,7 +6,9 @@ A backend is a module that mirrors the functions of :mod:`capsnet_ext.reference`
 * ``availability(device) -> Optional[str]``: ``None`` when the backend can run on tensors of
   that device, otherwise the reason it cannot;
 * ``unsupported_reason(op, *, dtype, **options) -> Optional[str]``: ``None`` when it implements
-  that op with those options, otherwise why not.
+  that op with those options (``iterations``, ``bias``, ``leaky``, ``detach_inner``,
+  ``return_coupling``, and ``sizes``: a dict of ``J``, ``Dout`` and ``Din`` where known),
+  otherwise why not.
 
 ``backend="auto"`` tries the backends ranked for the device (``AUTO_ORDER``) and takes the
 first that is available and supports the call, falling back to the reference silently.
@@ -58,6 +60,17 @@ def _load(name: str):
         return None
     _loaded[name] = module
     return module
+
+
+def preload(backend: str = "auto") -> None:
+    """Import ``backend`` (or, for ``"auto"``, every backend ``auto`` may choose) now.
+
+    ``select`` imports a backend on its first use; under ``torch.compile`` that import would
+    break the graph, so modules call this at construction, outside any traced code."""
+    _check_name(backend)
+    names = {n for order in AUTO_ORDER.values() for n in order} if backend == "auto" else {backend}
+    for name in sorted(names):
+        _load(name)
 
 
 def _check_name(backend: str) -> None:

@@ -39,7 +39,8 @@ def predict(u: torch.Tensor, W: torch.Tensor, *, backend: str = "auto") -> torch
         ``u_hat [B, I, J, Dout]`` with ``u_hat[b, i, j] = W[i, j] @ u[b, i]``.
     """
     check_predict_inputs(u, W)
-    return select("predict", backend, u.device, u.dtype).predict(u, W)
+    sizes = dict(J=W.shape[1], Dout=W.shape[2], Din=W.shape[3])
+    return select("predict", backend, u.device, u.dtype, sizes=sizes).predict(u, W)
 
 
 def dynamic_routing(
@@ -69,7 +70,8 @@ def dynamic_routing(
     """
     check_routing_inputs(u_hat, iterations, bias)
     options = dict(iterations=iterations, bias=bias is not None, leaky=leaky,
-                   detach_inner=detach_inner, return_coupling=return_coupling)
+                   detach_inner=detach_inner, return_coupling=return_coupling,
+                   sizes=dict(J=u_hat.shape[2], Dout=u_hat.shape[3]))
     impl = select("dynamic_routing", backend, u_hat.device, u_hat.dtype, **options)
     return impl.dynamic_routing(u_hat, iterations, bias=bias, leaky=leaky,
                                 detach_inner=detach_inner, return_coupling=return_coupling)
@@ -94,7 +96,8 @@ def capsule_routing(
     """
     check_capsule_routing_inputs(u, W, iterations, bias)
     options = dict(iterations=iterations, bias=bias is not None, leaky=leaky,
-                   detach_inner=detach_inner, return_coupling=return_coupling)
+                   detach_inner=detach_inner, return_coupling=return_coupling,
+                   sizes=dict(J=W.shape[1], Dout=W.shape[2], Din=W.shape[3]))
     impl = select("capsule_routing", backend, u.device, u.dtype, **options)
     return impl.capsule_routing(u, W, iterations, bias=bias, leaky=leaky,
                                 detach_inner=detach_inner, return_coupling=return_coupling)

@@ -400,3 +400,19 @@ def test_bad_inputs_raise_the_reference_errors(index):
             BAD_CALLS[index](backend)
         errors.append((type(info.value), str(info.value)))
     assert errors[0] == errors[1]
+
+
+def test_capsule_too_large_for_registers_is_refused_before_launch():
+    """The size limit is part of ``unsupported_reason``, so ``auto`` steers around it and an
+    explicit request fails with the reason before any kernel runs."""
+    import capsnet_ext.triton_ops as triton_backend
+
+    reason = triton_backend.unsupported_reason(
+        "capsule_routing", dtype=torch.float32, sizes=dict(J=100, Dout=32, Din=32))
+    assert reason and "limit is 65536" in reason
+    assert triton_backend.unsupported_reason(
+        "capsule_routing", dtype=torch.float32, sizes=dict(J=10, Dout=16, Din=8)) is None
+    if triton_backend.availability(torch.device("cpu")) is None:
+        u, W = torch.randn(1, 1, 32), torch.randn(1, 100, 32, 32)
+        with pytest.raises(NotImplementedError, match="backend 'triton' does not support capsule_routing"):
+            ce.capsule_routing(u, W, 1, backend="triton")

@@ -96,8 +96,10 @@ def _availability(device: torch.device) -> Optional[str]:
 
 def unsupported_reason(op: str, *, dtype: torch.dtype, iterations: int = 1, bias: bool = False,
                        leaky: bool = False, detach_inner: bool = False,
-                       return_coupling: bool = False) -> Optional[str]:
-    """``None`` when ``op`` with these options is implemented (all options are)."""
+                       return_coupling: bool = False,
+                       sizes: Optional[dict] = None) -> Optional[str]:
+    """``None`` when ``op`` with these options is implemented (all options are; sizes beyond the
+    device's shared memory are refused with the numbers by the op itself)."""
     if op not in _SUPPORTED_OPS:
         return f"unknown op {op!r}; the CUDA backend implements {_SUPPORTED_OPS}"
     if dtype not in _SUPPORTED_DTYPES:

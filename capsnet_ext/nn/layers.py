@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..dispatch import _check_name
+from ..dispatch import preload
 
 
 class PrimaryCaps(nn.Module):
@@ -76,7 +76,7 @@ class RoutingCapsules(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
-        _check_name(backend)
+        preload(backend)  # validates the name; imports now so torch.compile never traces an import
         self.in_caps, self.out_caps, self.in_dim, self.out_dim = in_caps, out_caps, in_dim, out_dim
         self.iterations = iterations
         self.leaky = leaky

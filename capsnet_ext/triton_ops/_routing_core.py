@@ -94,6 +94,20 @@ def _warps(tile_elements: int) -> int:
     return min(16, max(4, triton.next_power_of_2(tile_elements) // 1024))
 
 
+def capsule_size_limit_reason(J: int, D: int, Din: Optional[int] = None) -> Optional[str]:
+    """Why one input capsule's ``[J, Dout(, Din)]`` slice is too large for the routing kernels
+    (they hold it in registers, padded to powers of two), or ``None`` if it fits. ``Din`` is
+    given for the fused op, which also holds that capsule's W tile."""
+    per_capsule = triton.next_power_of_2(J) * triton.next_power_of_2(D)
+    if Din is not None:
+        per_capsule *= triton.next_power_of_2(Din)
+    if per_capsule <= MAX_CAPSULE_ELEMENTS:
+        return None
+    return (f"the Triton routing kernels hold one input capsule's [J, Dout{', Din' if Din else ''}] "
+            f"slice in registers, padded to {per_capsule} elements; the limit is "
+            f"{MAX_CAPSULE_ELEMENTS} (got J={J}, Dout={D}{f', Din={Din}' if Din else ''})")
+
+
 class _Plan:
     """Block sizes and grid splits for one call (one helper, fails clearly at its limit).
 
@@ -104,17 +118,13 @@ class _Plan:
     """
 
     def __init__(self, B: int, I: int, J: int, D: int, Din: int, fused: bool, device: torch.device):
+        reason = capsule_size_limit_reason(J, D, Din if fused else None)
+        if reason is not None:
+            raise NotImplementedError(reason + "; use backend='reference'")
         self.BLOCK_J = triton.next_power_of_2(J)
         self.BLOCK_D = triton.next_power_of_2(D)
         self.BLOCK_K = triton.next_power_of_2(Din) if fused else 1
         per_capsule = self.BLOCK_J * self.BLOCK_D * self.BLOCK_K
-        if per_capsule > MAX_CAPSULE_ELEMENTS:
-            raise NotImplementedError(
-                f"the Triton routing kernels hold one input capsule's [J, Dout{', Din' if fused else ''}] "
-                f"slice in registers, padded to {per_capsule} elements; the limit is "
-                f"{MAX_CAPSULE_ELEMENTS} (got J={J}, Dout={D}{f', Din={Din}' if fused else ''}); "
-                "use backend='reference'"
-            )
         target = _target_programs(device)
         jd = self.BLOCK_J * self.BLOCK_D
         # Sweeps.
