@@ -124,8 +124,11 @@ def evaluate(model: nn.Module, dataset, *, num_classes: int, multi_label: bool =
     model.eval()
     n_total = len(dataset) if limit is None else min(limit, len(dataset))
     subset = torch.utils.data.Subset(dataset, _shard_indices(n_total, rank, world_size))
+    # A DataLoader draws its workers' base seed from the global RNG on every iteration, even
+    # unshuffled; an own generator keeps evaluation from shifting the training RNG stream (an
+    # exact resume depends on that stream: dropout, shifts).
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers)
+                                         num_workers=num_workers, generator=torch.Generator())
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
     sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
     all_scores, all_labels = [], []
