@@ -246,3 +246,21 @@ def test_truncated_checkpoint_gives_a_clear_error(tmp_path, mnist):
 def test_global_batch_must_split_evenly_and_fit(tmp_path, mnist):
     with pytest.raises(ValueError, match="smaller than one global batch"):
         train(tiny_config(tmp_path, batch_size=512), datasets=mnist)
+
+
+def test_epoch_order_is_distributed_samplers_for_every_world_size():
+    """The trainer's tensor-held permutation equals DistributedSampler's, rank by rank."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    from capsnet_ext.training.distributed import DistInfo
+    from capsnet_ext.training.trainer import _StepBatches
+
+    dataset = list(range(103))
+    for world in (1, 2, 3):
+        for rank in range(world):
+            batches = _StepBatches(dataset, 5, DistInfo(rank=rank, world_size=world), 7, 0)
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                         seed=7, drop_last=True)
+            for epoch in (0, 3):
+                sampler.set_epoch(epoch)
+                assert batches.epoch_indices(epoch).tolist() == list(iter(sampler))

@@ -90,7 +90,9 @@ def analyze_checkpoint(checkpoint, *, out=None, data_dir=None, device="auto", ba
             raise ValueError(f"checkpoint {str(checkpoint)!r} does not name its dataset (config['dataset'])")
         options = dict(config.get("dataset_options") or {})
         options.pop("train_limit", None)  # only the test split is used
-        test_set = build_datasets(dataset_name, data_dir=data_dir or config.get("data_dir"), **options).test
+        # Generated test sets (MultiMNIST, affine MNIST) depend on the run's seed.
+        test_set = build_datasets(dataset_name, data_dir=data_dir or config.get("data_dir"),
+                                  seed=config.get("seed", 0), **options).test
     result = analyze_model(model, test_set, batch_size=batch_size, limit=limit, device=device)
 
     if gradient_flow is None:

@@ -31,7 +31,7 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from ..nn import MODEL_REGISTRY, build_model
 from .augment import BatchAugmenter
@@ -121,28 +121,37 @@ def _lr_lambda(cfg: TrainConfig):
 class _StepBatches:
     """The batches of one epoch from a given position, for this rank.
 
-    Index lists come from ``DistributedSampler`` (the same permutation for every world size
-    with the same seed); the incomplete last batch is dropped so every step has the full
-    global batch.
+    Indices follow ``DistributedSampler(shuffle=True, drop_last=True)`` exactly (a permutation
+    seeded by ``seed + epoch``, cut to a multiple of the world size, every ``world_size``-th
+    index for this rank), so every world size sees the same global batches. The permutation
+    stays a tensor: MultiMNIST's 60M training examples would be gigabytes as a Python list.
+    The incomplete last batch is dropped so every step has the full global batch.
     """
 
     def __init__(self, dataset, local_batch: int, info: DistInfo, seed: int, num_workers: int):
         self.dataset, self.local_batch, self.info = dataset, local_batch, info
         self.num_workers = num_workers
-        self.sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
-                                          shuffle=True, seed=seed, drop_last=True)
-        self.steps_per_epoch = len(self.sampler) // local_batch
+        self.seed = seed
+        self.per_rank = len(dataset) // info.world_size
+        self.steps_per_epoch = self.per_rank // local_batch
         if self.steps_per_epoch == 0:
             raise ValueError(f"the training set ({len(dataset)} examples) is smaller than one "
                              f"global batch ({local_batch * info.world_size}); lower batch_size")
 
+    def epoch_indices(self, epoch: int) -> torch.Tensor:
+        """This rank's indices for ``epoch``, in order."""
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + epoch)
+        permutation = torch.randperm(len(self.dataset), generator=generator)
+        world = self.info.world_size
+        return permutation[:self.per_rank * world][self.info.rank::world]
+
     def epoch(self, epoch: int, start: int = 0) -> Iterable[dict]:
-        self.sampler.set_epoch(epoch)
-        indices = list(iter(self.sampler))
-        batches = [indices[k * self.local_batch:(k + 1) * self.local_batch]
-                   for k in range(start, self.steps_per_epoch)]
+        indices = self.epoch_indices(epoch)
+        batches = (indices[k * self.local_batch:(k + 1) * self.local_batch].tolist()
+                   for k in range(start, self.steps_per_epoch))
         if self.num_workers > 0:
-            yield from DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
+            yield from DataLoader(self.dataset, batch_sampler=list(batches), num_workers=self.num_workers,
                                   persistent_workers=False, pin_memory=torch.cuda.is_available())
             return
         fast = getattr(self.dataset, "batch", None)
