@@ -14,9 +14,8 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..losses import one_hot_targets
 from .layers import PrimaryCaps, RoutingCapsules
-from .models import CapsNetOutput, register_model
+from .models import CapsNetOutput, capsule_output, register_model
 
 # Variance of a standard normal truncated at +-2 (what RoutingCapsules' trunc_normal_ draws):
 # 1 - 4 phi(2) / (Phi(2) - Phi(-2)).
@@ -177,15 +176,7 @@ class DeepCapsNet(nn.Module):
             for layer in self.routing:
                 capsules = layer(capsules)
             couplings = None
-        lengths = capsules.norm(dim=-1)
-        reconstructions = None
-        if self.decoder is not None:
-            if targets is None:
-                mask = torch.nn.functional.one_hot(lengths.argmax(dim=1), self.num_classes)
-            else:
-                mask = one_hot_targets(targets, self.num_classes, capsules.dtype)
-            reconstructions = self.reconstruct(capsules, mask.to(capsules.dtype))
-        return CapsNetOutput(lengths, capsules, reconstructions, couplings)
+        return capsule_output(self, capsules, couplings, targets)
 
 
 register_model("deep-capsnet", DeepCapsNet)

@@ -21,6 +21,22 @@ class CapsNetOutput(NamedTuple):
     couplings: Optional[torch.Tensor]       # [B, I, num_classes] if requested, else None
 
 
+def capsule_output(model: nn.Module, capsules: torch.Tensor, couplings,
+                   targets: Optional[torch.Tensor]) -> CapsNetOutput:
+    """Lengths and masked reconstructions of class capsules ``[B, num_classes, D]``: the
+    decoder of ``model`` (``model.decoder``, ``model.reconstruct``) sees the capsules of the
+    ``targets`` when given (training), otherwise the longest capsule alone."""
+    lengths = capsules.norm(dim=-1)
+    reconstructions = None
+    if model.decoder is not None:
+        if targets is None:
+            mask = torch.nn.functional.one_hot(lengths.argmax(dim=1), model.num_classes)
+        else:
+            mask = one_hot_targets(targets, model.num_classes, capsules.dtype)
+        reconstructions = model.reconstruct(capsules, mask.to(capsules.dtype))
+    return CapsNetOutput(lengths, capsules, reconstructions, couplings)
+
+
 class CapsNet(nn.Module):
     """CapsNet of Sabour, Frosst & Hinton (2017).
 
@@ -88,15 +104,7 @@ class CapsNet(nn.Module):
         """
         routed = self.digits(self.primary_capsules(x), return_coupling=return_coupling)
         capsules, couplings = routed if return_coupling else (routed, None)
-        lengths = capsules.norm(dim=-1)
-        reconstructions = None
-        if self.decoder is not None:
-            if targets is None:
-                mask = torch.nn.functional.one_hot(lengths.argmax(dim=1), self.num_classes)
-            else:
-                mask = one_hot_targets(targets, self.num_classes, capsules.dtype)
-            reconstructions = self.reconstruct(capsules, mask.to(capsules.dtype))
-        return CapsNetOutput(lengths, capsules, reconstructions, couplings)
+        return capsule_output(self, capsules, couplings, targets)
 
 
 class BaselineCNN(nn.Module):
