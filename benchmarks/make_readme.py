@@ -13,8 +13,9 @@ import glob
 import json
 import os
 import sys
-import tempfile
 from typing import Dict, List, Optional, Sequence
+
+from capsnet_ext._atomic import atomic_write
 
 from .report import (E2E_HEADER, OP_HEADER, RESULTS_DIR, e2e_table_rows, markdown_table,
                      op_table_rows, _fmt_time)
@@ -233,16 +234,6 @@ def render(runs: Sequence[dict]) -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
-def write_atomic(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -259,7 +250,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{args.output} is out of date; run python -m benchmarks.make_readme", file=sys.stderr)
             return 1
         return 0
-    write_atomic(args.output, text)
+    atomic_write(args.output, text)
     print(f"wrote {args.output}")
     return 0
 

@@ -7,10 +7,11 @@ import math
 import os
 import platform
 import subprocess
-import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import torch
+
+from capsnet_ext._atomic import atomic_path, atomic_write
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
@@ -91,17 +92,7 @@ def jsonable(value):
 
 def write_json_atomic(path: str, payload: dict) -> None:
     """Write ``payload`` to ``path`` (strict JSON) through a temporary file and ``os.replace``."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(jsonable(payload), f, indent=1, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, json.dumps(jsonable(payload), indent=1, allow_nan=False) + "\n")
 
 
 def result_basename(meta: Dict[str, object], quick: bool) -> str:
@@ -245,14 +236,10 @@ def plot_sweeps(payload: dict, out_dir: str, basename: str) -> List[str]:
         fig.suptitle(f"{device['name']} ({device['type']}), {fixed}", fontsize=9)
         fig.tight_layout()
         path = os.path.join(out_dir, f"{basename}-{op}-{mode}-{dtype}.png")
-        fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".png")
-        os.close(fd)
         try:
-            fig.savefig(tmp, dpi=90)
-            os.replace(tmp, path)
+            with atomic_path(path, suffix=".png") as tmp:
+                fig.savefig(tmp, dpi=90, format="png")
         finally:
             plt.close(fig)
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         files.append(path)
     return files

@@ -11,7 +11,6 @@ up to 2 pixels) through the same trainer as ``capsnet-ext train``.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import tempfile

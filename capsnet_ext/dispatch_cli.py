@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .dispatch import BACKENDS, AUTO_ORDER, unavailable_reason
+from .dispatch import BACKENDS, unavailable_reason
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,6 @@
 """A deliberately naive, loop-by-loop implementation of the CapsNet ops, independent of
 ``capsnet_ext.reference``: every product, softmax and sum is spelled out per sample, per
 capsule pair, so the vectorised reference can be checked against it (in float64)."""
-import math
-
 import torch
 
 

@@ -186,3 +186,21 @@ def test_capsnet_trains_under_bfloat16_autocast():
     loss.backward()
     assert model.digits.weight.grad.dtype == torch.float32
     assert torch.isfinite(model.digits.weight.grad).all() and model.digits.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- atomic writes
+def test_atomic_write_replaces_whole_files_and_keeps_the_old_one_on_error(tmp_path):
+    from capsnet_ext._atomic import atomic_path, atomic_write
+
+    target = tmp_path / "sub" / "result.json"
+    atomic_write(target, '{"a": 1}\n')
+    assert target.read_text() == '{"a": 1}\n'
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with atomic_path(target) as tmp:
+            with open(tmp, "w") as handle:
+                handle.write('{"a": ')
+            raise RuntimeError("interrupted")
+    assert target.read_text() == '{"a": 1}\n'
+    assert sorted(p.name for p in target.parent.iterdir()) == ["result.json"]
+    atomic_write(target, b"\x00\x01")
+    assert target.read_bytes() == b"\x00\x01" and (target.stat().st_mode & 0o777) != 0o600

@@ -1,6 +1,4 @@
 """The reference path against the naive loop implementation, in float64, plus gradcheck."""
-import itertools
-
 import pytest
 import torch
 

@@ -27,13 +27,13 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+from .._atomic import atomic_path, atomic_write
 from .metrics import squash_slope_at_length
 
 NPZ_NAME = "gradient_flow.npz"
@@ -48,24 +48,14 @@ def routing_layers(model: nn.Module) -> List[nn.Module]:
     return [m for m in model.modules() if isinstance(m, RoutingCapsules)]
 
 
+atomic_write_text = atomic_write  # the name the report and the depth study use
+
+
 def atomic_write_bytes(path: pathlib.Path, write) -> None:
     """Call ``write(file_object)`` on a temporary file beside ``path``, then move it into
     place, so a reader never sees half a file."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: pathlib.Path, text: str) -> None:
-    atomic_write_bytes(path, lambda fh: fh.write(text.encode("utf-8")))
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        write(fh)
 
 
 def _json_safe(x):

@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from .._atomic import atomic_write
 from ._build import load as _load_ops
 from .predict import predict
 from .routing import capsule_routing, dynamic_routing
@@ -113,7 +114,6 @@ def record_verification(device_index: int = 0, path: str = VERIFIED_RECORDS, **e
     moved into place, so the record file is never half written."""
     import datetime
     import subprocess
-    import tempfile
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
@@ -136,9 +136,5 @@ def record_verification(device_index: int = 0, path: str = VERIFIED_RECORDS, **e
     except (OSError, ValueError):
         data = {}
     data.setdefault("records", []).append(record)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2) + "\n")
     return record

@@ -12,11 +12,12 @@ import hashlib
 import http.client
 import os
 import pathlib
-import tempfile
 import threading
 import urllib.error
 import urllib.request
 from typing import Callable, Iterable, List, Optional, Sequence, Union
+
+from .._atomic import atomic_path, atomic_write
 
 DATA_ENV = "CAPSNET_DATA"
 
@@ -79,48 +80,13 @@ def verify_md5(path: PathLike, expected: Optional[str]) -> None:
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _public_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
+    atomic_write(path, data)
 
 
 def atomic_save(path: PathLike, save: Callable[[str], None], suffix: str = ".tmp") -> None:
     """Call ``save(tmp_path)`` to write a temporary file beside ``path``, then move it into place."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=suffix) as tmp:
         save(tmp)
-        _public_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def _public_mode(path: PathLike) -> None:
-    """mkstemp creates files readable by the owner only; give them the usual umask permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def _remove_quietly(path: PathLike) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
 
 
 # Indirection so tests can simulate being offline without touching the network.
@@ -151,20 +117,16 @@ def download(urls: Sequence[str], destination: PathLike, md5: Optional[str] = No
     destination.parent.mkdir(parents=True, exist_ok=True)
     errors: List[str] = []
     for url in urls:
-        fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.",
-                                   suffix=".part")
         try:
-            with os.fdopen(fd, "wb") as out, _urlopen(url, timeout=timeout) as response:
-                _copy_with_progress(response, out, destination.name)
-            verify_md5(tmp, md5)
-            _public_mode(tmp)
-            os.replace(tmp, destination)
+            # Only a complete file whose MD5 matches is moved into place.
+            with atomic_path(destination, suffix=".part") as tmp:
+                with open(tmp, "wb") as out, _urlopen(url, timeout=timeout) as response:
+                    _copy_with_progress(response, out, destination.name)
+                verify_md5(tmp, md5)
             return destination
         except (urllib.error.URLError, OSError, http.client.HTTPException, CorruptDataError,
                 ValueError) as exc:
             errors.append(f"{url}: {exc}")
-        finally:
-            _remove_quietly(tmp)
     raise DataNotFoundError("could not download " + destination.name + ":\n  " + "\n  ".join(errors))
 
 

@@ -1,9 +1,6 @@
 """Capsule layers: drop-in ``nn.Module`` shells over the functional ops."""
 from __future__ import annotations
 
-import math
-from typing import Optional
-
 import torch
 from torch import nn
 

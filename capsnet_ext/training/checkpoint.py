@@ -17,11 +17,12 @@ from __future__ import annotations
 import os
 import pathlib
 import random
-import tempfile
 from typing import Any, Dict
 
 import numpy as np
 import torch
+
+from .._atomic import atomic_path, atomic_write
 
 CHECKPOINT_KEYS = ("model_config", "model", "optimizer", "scheduler", "rng", "step", "epoch",
                    "config", "metrics")
@@ -49,51 +50,15 @@ def set_rng_state(state: Dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def publish(tmp: str, path: os.PathLike) -> None:
-    """Give a finished temporary file ordinary permissions (mkstemp makes it 0600) and move
-    it into place atomically."""
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
+atomic_write_text = atomic_write  # the name the trainer, eval and logs use
 
 
 def atomic_torch_save(obj: Any, path: os.PathLike) -> pathlib.Path:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a
-    reader (or a crash) never sees half a checkpoint."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path: os.PathLike, text: str) -> pathlib.Path:
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """``torch.save`` through a temporary file and ``os.replace``: a reader (or a crash)
+    never sees half a checkpoint."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return pathlib.Path(path)
 
 
 def load_checkpoint(path: os.PathLike, map_location="cpu") -> Dict[str, Any]:

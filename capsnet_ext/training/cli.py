@@ -16,7 +16,7 @@ import pathlib
 import sys
 from typing import List, Optional
 
-from .config import PRESETS, load_config
+from .config import PRESETS, TrainConfig, load_config
 
 
 def _parse_set(values: List[str]) -> dict:
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args) -> "TrainConfig":  # noqa: F821
+def config_from_args(args) -> TrainConfig:
     overrides = dict(data_dir=args.data_dir, out=args.out, epochs=args.epochs,
                      max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                      backend=args.backend, iterations=args.iterations, precision=args.precision,

@@ -7,7 +7,7 @@ is a classifier: cross-entropy (binary cross-entropy on multi-hot targets, Multi
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -28,7 +27,7 @@ from matplotlib.figure import Figure
 
 from .. import reference
 from .evaluation import is_capsule_output, unwrap
-from .checkpoint import publish
+from .._atomic import atomic_path
 from .logging_utils import read_csv
 
 PERTURBATIONS = np.round(np.arange(-0.25, 0.25 + 1e-9, 0.05), 2)  # 11 values
@@ -38,15 +37,8 @@ def _save(fig: Figure, path: os.PathLike, dpi: int = 100) -> pathlib.Path:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-        publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

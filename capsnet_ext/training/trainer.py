@@ -424,7 +424,7 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo) -> Dict[
                     break
                 if step >= total_steps:
                     break
-        last_path = save("last.pt", step, last_metrics)
+        save("last.pt", step, last_metrics)
 
     if progress is not None:
         progress.close()
