@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .layers import PrimaryCaps, RoutingCapsules
-from .models import CapsNetOutput, capsule_output, register_model
+from .models import CapsNetOutput, capsule_output, reconstruction_decoder, register_model
 
 # Variance of a standard normal truncated at +-2 (what RoutingCapsules' trunc_normal_ draws):
 # 1 - 4 phi(2) / (Phi(2) - Phi(-2)).
@@ -136,12 +136,7 @@ class DeepCapsNet(nn.Module):
         self.image_numel = in_channels * input_size * input_size
         self.decoder = None
         if decoder:
-            seq, width = [], num_classes * dims[-1]
-            for hidden in decoder_hidden:
-                seq += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
-                width = hidden
-            seq += [nn.Linear(width, self.image_numel), nn.Sigmoid()]
-            self.decoder = nn.Sequential(*seq)
+            self.decoder = reconstruction_decoder(num_classes * dims[-1], decoder_hidden, self.image_numel)
 
     def primary_capsules(self, x: torch.Tensor) -> torch.Tensor:
         return self.primary(torch.relu(self.conv1(x)))

@@ -21,6 +21,17 @@ class CapsNetOutput(NamedTuple):
     couplings: Optional[torch.Tensor]       # [B, I, num_classes] if requested, else None
 
 
+def reconstruction_decoder(in_features: int, hidden, out_features: int) -> nn.Sequential:
+    """The CapsNet decoder: fully connected ReLU layers of the ``hidden`` widths (the paper:
+    512, 1024), then ``out_features`` sigmoid pixels."""
+    layers, width = [], in_features
+    for size in hidden:
+        layers += [nn.Linear(width, size), nn.ReLU(inplace=True)]
+        width = size
+    layers += [nn.Linear(width, out_features), nn.Sigmoid()]
+    return nn.Sequential(*layers)
+
+
 def capsule_output(model: nn.Module, capsules: torch.Tensor, couplings,
                    targets: Optional[torch.Tensor]) -> CapsNetOutput:
     """Lengths and masked reconstructions of class capsules ``[B, num_classes, D]``: the
@@ -78,12 +89,7 @@ class CapsNet(nn.Module):
         self.image_numel = in_channels * input_size * input_size
         self.decoder = None
         if decoder:
-            layers, width = [], num_classes * digit_dim
-            for hidden in decoder_hidden:
-                layers += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
-                width = hidden
-            layers += [nn.Linear(width, self.image_numel), nn.Sigmoid()]
-            self.decoder = nn.Sequential(*layers)
+            self.decoder = reconstruction_decoder(num_classes * digit_dim, decoder_hidden, self.image_numel)
 
     def primary_capsules(self, x: torch.Tensor) -> torch.Tensor:
         return self.primary(torch.relu(self.conv1(x)))
