@@ -436,6 +436,16 @@ def _source_args(src: torch.Tensor, W: Optional[torch.Tensor]):
     return (src, *src.stride(), 0, W, *W.stride())
 
 
+def _routing_shape(src, W):
+    """``(fused, B, I, J, D, Din)`` of a routing call: ``src`` is ``u_hat [B, I, J, D]`` when
+    ``W is None`` (``Din`` is then 1), else ``u [B, I, Din]`` fused with ``W [I, J, D, Din]``."""
+    if W is None:
+        B, I, J, D = src.shape
+        return False, B, I, J, D, 1
+    B, I, Din = src.shape
+    return True, B, I, W.shape[1], W.shape[2], Din
+
+
 def routing_forward(src, W, iterations, bias, leaky, return_coupling):
     """Run the R forward sweeps. ``src`` is ``u_hat [B, I, J, D]`` (``W is None``) or
     ``u [B, I, Din]`` (fused with ``W [I, J, D, Din]``).
@@ -443,13 +453,7 @@ def routing_forward(src, W, iterations, bias, leaky, return_coupling):
     Returns ``v [B, J, D]`` (src's dtype), the saved ``s_all`` and ``V_all`` (``[R, B, J, D]``,
     accumulation dtype) and the last couplings ``c [B, I, J]`` or ``None``.
     """
-    fused = W is not None
-    if fused:
-        B, I, Din = src.shape
-        _, J, D, _ = W.shape
-    else:
-        B, I, J, D = src.shape
-        Din = 1
+    fused, B, I, J, D, Din = _routing_shape(src, W)
     plan = _Plan(B, I, J, D, Din, fused, src.device)
     acc = acc_dtype(src.dtype)
     R = iterations
@@ -480,13 +484,7 @@ def routing_backward(src, W, grad_v, s_all, V_all, leaky, detach_inner, need_src
     """Gradients ``(d_src, dW, gs_all)`` of the routing output wrt ``src`` (``u_hat``, or ``u``
     when fused) and ``W`` (fused only; ``None`` otherwise), plus ``gs_all [R, B, J, D]``, the
     gradient wrt every iteration's ``s`` (``dL/dbias = gs_all.sum((0, 1))``)."""
-    fused = W is not None
-    if fused:
-        B, I, Din = src.shape
-        _, J, D, _ = W.shape
-    else:
-        B, I, J, D = src.shape
-        Din = 1
+    fused, B, I, J, D, Din = _routing_shape(src, W)
     R = s_all.shape[0]
     plan = _Plan(B, I, J, D, Din, fused, src.device)
     acc = s_all.dtype
