@@ -59,7 +59,8 @@ def check_predict_inputs(u, W) -> None:
         )
 
 
-def check_routing_options(iterations, bias, J: int, D: int, ref_name: str, ref: torch.Tensor) -> None:
+def check_routing_options(iterations, bias, J: int, D: int, ref_name: str, ref: torch.Tensor,
+                          prior=None, temperature=1.0, I: Optional[int] = None) -> None:
     if isinstance(iterations, bool) or not isinstance(iterations, int):
         raise TypeError(f"iterations must be an int, got {type(iterations).__name__}")
     if iterations < 1:
@@ -69,13 +70,24 @@ def check_routing_options(iterations, bias, J: int, D: int, ref_name: str, ref: 
         if tuple(bias.shape) != (J, D):
             raise ValueError(f"bias must have shape [J, Dout] = [{J}, {D}], got {tuple(bias.shape)}")
         check_same_device_dtype(ref_name, ref, "bias", bias)
+    if prior is not None:
+        check_float_tensor("prior", prior, 2, "[I, J]")
+        if tuple(prior.shape) != (I, J):
+            raise ValueError(f"prior must have shape [I, J] = [{I}, {J}], got {tuple(prior.shape)}")
+        check_same_device_dtype(ref_name, ref, "prior", prior)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not (0.0 < float(temperature) < float("inf")):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
 
 
-def check_routing_inputs(u_hat, iterations, bias) -> None:
+def check_routing_inputs(u_hat, iterations, bias, prior=None, temperature=1.0) -> None:
     check_float_tensor("u_hat", u_hat, 4, "[B, I, J, Dout]")
-    check_routing_options(iterations, bias, u_hat.shape[2], u_hat.shape[3], "u_hat", u_hat)
+    check_routing_options(iterations, bias, u_hat.shape[2], u_hat.shape[3], "u_hat", u_hat,
+                          prior, temperature, I=u_hat.shape[1])
 
 
-def check_capsule_routing_inputs(u, W, iterations, bias) -> None:
+def check_capsule_routing_inputs(u, W, iterations, bias, prior=None, temperature=1.0) -> None:
     check_predict_inputs(u, W)
-    check_routing_options(iterations, bias, W.shape[1], W.shape[2], "u", u)
+    check_routing_options(iterations, bias, W.shape[1], W.shape[2], "u", u,
+                          prior, temperature, I=W.shape[0])

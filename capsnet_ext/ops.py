@@ -19,6 +19,17 @@ from ._validation import (
 from .dispatch import select
 
 
+def _routing_extras(prior, temperature) -> dict:
+    """The Mitterreiter et al. options, passed on only when used, so a backend that does not
+    implement them is never handed them (``unsupported_reason`` steers ``auto`` away)."""
+    extras = {}
+    if prior is not None:
+        extras["prior"] = prior
+    if float(temperature) != 1.0:
+        extras["temperature"] = float(temperature)
+    return extras
+
+
 def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Capsule non-linearity ``v = |s|^2 / (1 + |s|^2) * s / |s|`` along ``dim``.
 
@@ -51,6 +62,8 @@ def dynamic_routing(
     leaky: bool = False,
     detach_inner: bool = False,
     return_coupling: bool = False,
+    prior: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
     backend: str = "auto",
 ):
     """Routing by agreement (Sabour et al. 2017) over given prediction vectors.
@@ -65,16 +78,21 @@ def dynamic_routing(
             iteration, as the official code does.
         return_coupling: also return the last iteration's couplings ``c [B, I, J]``
             (without gradient; the leaky column is left out).
+        prior: optional ``[I, J]`` logits shared by all samples, added before every softmax
+            (Mitterreiter et al.'s learned prior; with gradient).
+        temperature: softmax temperature ``T > 0``: ``c = softmax((prior + agreement) / T)``.
     Returns:
         ``v [B, J, Dout]`` or ``(v, c)``.
     """
-    check_routing_inputs(u_hat, iterations, bias)
+    check_routing_inputs(u_hat, iterations, bias, prior, temperature)
     options = dict(iterations=iterations, bias=bias is not None, leaky=leaky,
                    detach_inner=detach_inner, return_coupling=return_coupling,
+                   prior=prior is not None, temperature=float(temperature),
                    sizes=dict(J=u_hat.shape[2], Dout=u_hat.shape[3]))
     impl = select("dynamic_routing", backend, u_hat.device, u_hat.dtype, **options)
     return impl.dynamic_routing(u_hat, iterations, bias=bias, leaky=leaky,
-                                detach_inner=detach_inner, return_coupling=return_coupling)
+                                detach_inner=detach_inner, return_coupling=return_coupling,
+                                **_routing_extras(prior, temperature))
 
 
 def capsule_routing(
@@ -86,6 +104,8 @@ def capsule_routing(
     leaky: bool = False,
     detach_inner: bool = False,
     return_coupling: bool = False,
+    prior: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
     backend: str = "auto",
 ):
     """``dynamic_routing(predict(u, W), ...)`` as one op: the fused entry point.
@@ -94,10 +114,12 @@ def capsule_routing(
     in every pass instead of storing it, forward and backward. Options as in
     :func:`dynamic_routing`.
     """
-    check_capsule_routing_inputs(u, W, iterations, bias)
+    check_capsule_routing_inputs(u, W, iterations, bias, prior, temperature)
     options = dict(iterations=iterations, bias=bias is not None, leaky=leaky,
                    detach_inner=detach_inner, return_coupling=return_coupling,
+                   prior=prior is not None, temperature=float(temperature),
                    sizes=dict(J=W.shape[1], Dout=W.shape[2], Din=W.shape[3]))
     impl = select("capsule_routing", backend, u.device, u.dtype, **options)
     return impl.capsule_routing(u, W, iterations, bias=bias, leaky=leaky,
-                                detach_inner=detach_inner, return_coupling=return_coupling)
+                                detach_inner=detach_inner, return_coupling=return_coupling,
+                                **_routing_extras(prior, temperature))

@@ -9,6 +9,11 @@ Semantics follow the official TensorFlow CapsNet code (Sabour, Frosst & Hinton 2
   (+ ``bias_j``), ``v_j = squash(s_j)``; the agreement ``<u_hat_ij, v_j>`` is added to the
   logits after every iteration but the last. Gradients flow through every iteration unless
   ``detach_inner`` is set.
+* Options of Mitterreiter et al. (AAAI 2023, ``AgreementRouting`` in their code): a learned
+  ``prior`` logit ``[I, J]`` shared by all samples, added to the logits before every softmax
+  (so the first coupling is ``softmax(prior / T)`` instead of uniform), and a softmax
+  ``temperature`` ``T``: ``c = softmax((prior + agreement) / T)``. Their ``n_iter = 3``
+  agreement updates make 4 weighted sums, i.e. ``iterations=4`` here.
 
 This module does no argument checking; the public functions in :mod:`capsnet_ext.ops` check
 their inputs and then dispatch here or to a kernel backend with the same signatures.
@@ -51,12 +56,16 @@ def predict(u: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ijdk,bik->bijd", W, u)
 
 
-def coupling(logits: torch.Tensor, leaky: bool = False) -> torch.Tensor:
-    """Softmax of the routing logits ``[B, I, J]`` over the output capsules ``j``.
+def coupling(logits: torch.Tensor, leaky: bool = False, temperature: float = 1.0) -> torch.Tensor:
+    """Softmax of the routing logits ``[B, I, J]`` over the output capsules ``j``, at
+    ``temperature`` (``softmax(logits / temperature)``).
 
     ``leaky`` adds a constant zero "none of the above" logit to each softmax and leaves its
-    coefficient out of the result, so each row then sums to less than 1.
+    coefficient out of the result, so each row then sums to less than 1 (the zero logit is
+    zero at any temperature).
     """
+    if temperature != 1.0:
+        logits = logits / temperature
     if not leaky:
         return torch.softmax(logits, dim=-1)
     padded = torch.cat([logits, logits.new_zeros(logits.shape[:-1] + (1,))], dim=-1)
@@ -76,6 +85,8 @@ def dynamic_routing(
     leaky: bool = False,
     detach_inner: bool = False,
     return_coupling: bool = False,
+    prior: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
 ):
     """Routing by agreement over prediction vectors ``u_hat [B, I, J, Dout]``.
 
@@ -83,28 +94,33 @@ def dynamic_routing(
     coefficients ``c [B, I, J]`` (detached: they are for inspection) when
     ``return_coupling`` is set.
 
-    ``detach_inner=True`` computes every coupling without gradient, so gradient reaches
-    ``u_hat`` (and ``bias``) only through the last iteration's weighted sum.
+    ``prior`` (``[I, J]``, optional) is added to the logits before every softmax and
+    ``temperature`` divides them: ``c = softmax((prior + agreement) / temperature)``.
+
+    ``detach_inner=True`` runs every iteration but the last without gradient and uses the
+    agreement as a constant in the last, so gradient reaches ``u_hat`` (and ``bias``) only
+    through the last iteration's weighted sum, and ``prior`` only through the last coupling.
     """
     B, I, J, _ = u_hat.shape
-    logits = u_hat.new_zeros(B, I, J)
+    agreement = u_hat.new_zeros(B, I, J)  # sum over earlier iterations of <u_hat_ij, v_j>
+
+    def logits():
+        return agreement if prior is None else prior + agreement
+
     for r in range(iterations):
         last = r == iterations - 1
-        if detach_inner:
-            # Couplings are constants: logits are built from detached tensors, and only the
-            # last weighted sum below carries gradient.
+        if detach_inner and not last:
             with torch.no_grad():
-                c = coupling(logits, leaky)
-                if not last:
-                    v = squash(_weighted_sum(c, u_hat, bias))
-                    logits = logits + torch.einsum("bijd,bjd->bij", u_hat, v)
-            if last:
+                c = coupling(logits(), leaky, temperature)
                 v = squash(_weighted_sum(c, u_hat, bias))
+                agreement = agreement + torch.einsum("bijd,bjd->bij", u_hat, v)
         else:
-            c = coupling(logits, leaky)
+            # Under detach_inner the agreement here carries no gradient: the last coupling
+            # depends on the prior alone.
+            c = coupling(logits(), leaky, temperature)
             v = squash(_weighted_sum(c, u_hat, bias))
             if not last:
-                logits = logits + torch.einsum("bijd,bjd->bij", u_hat, v)
+                agreement = agreement + torch.einsum("bijd,bjd->bij", u_hat, v)
     if return_coupling:
         return v, c.detach()
     return v
@@ -119,6 +135,8 @@ def capsule_routing(
     leaky: bool = False,
     detach_inner: bool = False,
     return_coupling: bool = False,
+    prior: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
 ):
     """``dynamic_routing(predict(u, W), ...)``. The reference materialises ``u_hat``; kernel
     backends recompute it instead of storing it."""
@@ -129,4 +147,6 @@ def capsule_routing(
         leaky=leaky,
         detach_inner=detach_inner,
         return_coupling=return_coupling,
+        prior=prior,
+        temperature=temperature,
     )

@@ -23,23 +23,26 @@ def naive_squash(s):
     return (n2 / (1 + n2)) * s / torch.sqrt(n2)
 
 
-def naive_softmax(logits_row, leaky):
-    exps = [torch.exp(x) for x in logits_row]
+def naive_softmax(logits_row, leaky, temperature=1.0):
+    exps = [torch.exp(x / temperature) for x in logits_row]
     total = sum(exps) + (1.0 if leaky else 0.0)  # exp(0) of the none-of-the-above logit
     return [e / total for e in exps]
 
 
-def naive_routing(u_hat, iterations, bias=None, leaky=False, detach_inner=False):
-    """Returns (v [B, J, D], c [B, I, J]) of the last iteration."""
+def naive_routing(u_hat, iterations, bias=None, leaky=False, detach_inner=False, prior=None,
+                  temperature=1.0):
+    """Returns (v [B, J, D], c [B, I, J]) of the last iteration. ``prior [I, J]`` starts the
+    logits (it is added before every softmax); ``temperature`` divides them."""
     B, I, J, D = u_hat.shape
     outs, couplings = [], []
     for b in range(B):
-        logits = [[u_hat.new_zeros(()) for _ in range(J)] for _ in range(I)]
+        logits = [[prior[i, j] if prior is not None else u_hat.new_zeros(()) for j in range(J)]
+                  for i in range(I)]
         for r in range(iterations):
             last = r == iterations - 1
             src = u_hat[b].detach() if (detach_inner and not last) else u_hat[b]
-            c = [naive_softmax(logits[i], leaky) for i in range(I)]
-            if detach_inner:
+            c = [naive_softmax(logits[i], leaky, temperature) for i in range(I)]
+            if detach_inner and not last:
                 c = [[x.detach() for x in row] for row in c]
             v = []
             for j in range(J):

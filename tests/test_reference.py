@@ -185,3 +185,72 @@ def test_float32_and_half_inputs_run_in_their_dtype():
         ref = ce.capsule_routing(u.double(), W.double(), 3)
         tol = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 6e-2}[dtype]
         torch.testing.assert_close(v.double(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 4])
+@pytest.mark.parametrize("temperature", [1.0, 0.37, 2.5])
+@pytest.mark.parametrize("leaky", [False, True])
+@pytest.mark.parametrize("detach_inner", [False, True])
+def test_prior_and_temperature_match_naive(iterations, temperature, leaky, detach_inner):
+    """The learned prior logit and the softmax temperature (Mitterreiter et al.'s
+    AgreementRouting), forward, couplings and every gradient, prior's included."""
+    B, I, J, D = 2, 5, 3, 4
+    u_hat = rand(B, I, J, D, scale=0.6, seed=1, requires_grad=True)
+    bias = rand(J, D, scale=0.3, seed=2, requires_grad=True)
+    prior = rand(I, J, scale=0.8, seed=3, requires_grad=True)
+    weight = rand(B, J, D, seed=4)
+    v, c = ce.dynamic_routing(u_hat, iterations, bias=bias, leaky=leaky, detach_inner=detach_inner,
+                              prior=prior, temperature=temperature, return_coupling=True,
+                              backend="reference")
+    v_n, c_n = naive_routing(u_hat, iterations, bias, leaky, detach_inner, prior, temperature)
+    torch.testing.assert_close(v, v_n)
+    torch.testing.assert_close(c, c_n)
+    got = torch.autograd.grad((v * weight).sum(), (u_hat, bias, prior))
+    want = torch.autograd.grad((v_n * weight).sum(), (u_hat, bias, prior))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    assert got[2].abs().max() > 0  # the prior learns, also under detach_inner
+
+
+def test_prior_sets_first_coupling_and_is_shared_by_samples():
+    u_hat = rand(3, 4, 5, 2, seed=5)
+    prior = rand(4, 5, seed=6)
+    _, c = ce.dynamic_routing(u_hat, 1, prior=prior, temperature=0.5, return_coupling=True)
+    torch.testing.assert_close(c, torch.softmax(prior / 0.5, dim=-1).expand(3, 4, 5))
+    # Without a prior, temperature 1 is the default behaviour exactly.
+    torch.testing.assert_close(ce.dynamic_routing(u_hat, 3, temperature=1.0), ce.dynamic_routing(u_hat, 3))
+
+
+def test_gradcheck_capsule_routing_prior_temperature():
+    u = rand(2, 5, 3, seed=7, requires_grad=True)
+    W = rand(5, 3, 4, 3, scale=0.5, seed=8, requires_grad=True)
+    prior = rand(5, 3, scale=0.5, seed=9, requires_grad=True)
+    fn = lambda a, w, p: ce.capsule_routing(a, w, 4, prior=p, temperature=0.7, leaky=True,
+                                            backend="reference")
+    assert torch.autograd.gradcheck(fn, (u, W, prior))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(prior=torch.zeros(4, 3)), r"prior must have shape \[I, J\] = \[5, 3\]"),
+    (dict(prior=torch.zeros(5, 3, dtype=torch.float32)), "prior has dtype"),
+    (dict(temperature=0.0), "temperature must be a positive finite number"),
+    (dict(temperature=float("inf")), "temperature must be a positive finite number"),
+    (dict(temperature="1"), "temperature must be a float"),
+])
+def test_prior_temperature_bad_input(kwargs, match):
+    u_hat = rand(2, 5, 3, 4)
+    with pytest.raises((ValueError, TypeError), match=match):
+        ce.dynamic_routing(u_hat, 3, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_kernel_backends_report_prior_temperature_support(backend):
+    """Each kernel backend either implements prior/temperature or says so; ``auto`` never
+    hands the options to a backend that refuses them."""
+    from capsnet_ext.dispatch import _load
+    module = _load(backend)
+    if module is None:
+        pytest.skip(f"{backend} backend does not import here")
+    reason = module.unsupported_reason("capsule_routing", dtype=torch.float32, iterations=3,
+                                       prior=True, temperature=0.5, sizes=dict(J=3, Dout=4, Din=3))
+    assert reason is None or "prior" in reason or "temperature" in reason

@@ -97,7 +97,8 @@ def _availability(device: torch.device) -> Optional[str]:
 
 def unsupported_reason(op: str, *, dtype: torch.dtype, iterations: int = 1, bias: bool = False,
                        leaky: bool = False, detach_inner: bool = False,
-                       return_coupling: bool = False,
+                       return_coupling: bool = False, prior: bool = False,
+                       temperature: float = 1.0,
                        sizes: Optional[dict] = None) -> Optional[str]:
     """``None`` when ``op`` with these options is implemented (all options are; sizes beyond the
     device's shared memory are refused with the numbers by the op itself)."""
@@ -105,6 +106,8 @@ def unsupported_reason(op: str, *, dtype: torch.dtype, iterations: int = 1, bias
         return f"unknown op {op!r}; the CUDA backend implements {_SUPPORTED_OPS}"
     if dtype not in _SUPPORTED_DTYPES:
         return f"dtype {dtype} is not supported; expected one of {_SUPPORTED_DTYPES}"
+    if prior or temperature != 1.0:
+        return "the routing options prior and temperature are not implemented in this backend yet"
     return None
 
 

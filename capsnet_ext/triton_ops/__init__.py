@@ -74,7 +74,8 @@ def availability(device) -> Optional[str]:
 
 def unsupported_reason(op: str, *, dtype: torch.dtype, iterations: int = 1, bias: bool = False,
                        leaky: bool = False, detach_inner: bool = False,
-                       return_coupling: bool = False,
+                       return_coupling: bool = False, prior: bool = False,
+                       temperature: float = 1.0,
                        sizes: Optional[dict] = None) -> Optional[str]:
     """``None`` when ``op`` with these options is implemented (all options are, for capsules
     whose ``[J, Dout, Din]`` slice fits the kernels' registers; ``sizes`` gives J, Dout and,
@@ -83,6 +84,8 @@ def unsupported_reason(op: str, *, dtype: torch.dtype, iterations: int = 1, bias
         return f"unknown op {op!r}; the Triton backend implements {_SUPPORTED_OPS}"
     if dtype not in _SUPPORTED_DTYPES:
         return f"dtype {dtype} is not supported; expected one of {_SUPPORTED_DTYPES}"
+    if prior or temperature != 1.0:
+        return "the routing options prior and temperature are not implemented in this backend yet"
     if sizes is not None and op != "predict" and _IMPORT_ERROR is None:
         from ._routing_core import capsule_size_limit_reason
 
