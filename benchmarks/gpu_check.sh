@@ -1,0 +1,300 @@
+#!/usr/bin/env bash
+# The GPU check: builds, verifies and times every backend on one GPU in under 8 minutes.
+#
+#   bash benchmarks/gpu_check.sh               # on a GPU machine, from the project root
+#   bash benchmarks/gpu_check.sh --dry-run     # anywhere: the parts that need no GPU, and the plan
+#   bash benchmarks/gpu_check.sh --stamp       # in a git checkout: write .gpu-check-commit to copy along
+#
+# Steps, each under its own time budget (`timeout`), all inside a total deadline:
+#   env          GPU, driver, torch, Triton, CUDA, nvcc, compute-sanitizer; the commit ($COMMIT,
+#                else .gpu-check-commit, else git) and a digest of the sources
+#   install      pip install --no-build-isolation --no-deps -e . with MAX_JOBS (setup.py's output kept)
+#   extension    fails loudly unless capsnet_ext._C was built, loads, registers its ops for CUDA,
+#                and a small capsule_routing(backend="cuda") call agrees with the reference
+#   gpu-tests    pytest -m gpu: every GPU test of every backend on the device (JUnit report)
+#   memcheck, racecheck, initcheck, synccheck
+#                compute-sanitizer over benchmarks/sanitize_driver.py (every kernel and option,
+#                small shapes; memcheck and initcheck with PyTorch's caching allocator off)
+#   bench-mnist, bench-compiled-fp32, bench-compiled-bf16, train-step, sweep-I, sweep-B
+#                capsnet-ext bench (CUDA events) at the MNIST shape, fp32 and bf16; the compiled
+#                reference once per dtype; one CapsNet training step; sweeps over I and B with
+#                the time left
+# Everything goes into one results folder, packed after every step into a single archive in
+# $OUT (default runs/gpu-check) beside a one-page summary: two files. A failing step is
+# recorded and the later steps still run. Fold the archive back into the repository with
+#   python -m benchmarks.fold_gpu_check ARCHIVE
+# Options: --dry-run, --skip-install, --steps a,b (run only these), --help.
+# Environment: OUT, COMMIT, PYTHON, MAX_JOBS, GPU_CHECK_TOTAL_S (default 470),
+# GPU_TEST_WORKERS (pytest-xdist workers, default 12), TORCH_CUDA_ARCH_LIST (setup.py's default).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+
+DRY_RUN=0
+SKIP_INSTALL=0
+ONLY=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dry-run) DRY_RUN=1 ;;
+    --skip-install) SKIP_INSTALL=1 ;;
+    --steps) ONLY=",$2,"; shift ;;
+    --steps=*) ONLY=",${1#--steps=},";;
+    --stamp)
+      commit="$(git rev-parse HEAD)" || exit 1
+      { echo "$commit"; [[ -n "$(git status --porcelain --untracked-files=no)" ]] && echo dirty; } >.gpu-check-commit
+      echo "wrote .gpu-check-commit: $(tr '\n' ' ' <.gpu-check-commit)"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+if [[ -z "${PYTHON:-}" ]]; then
+  PYTHON="$(command -v python3 || command -v python || true)"
+fi
+[[ -n "$PYTHON" ]] || { echo "gpu_check.sh: no python3 on PATH" >&2; exit 2; }
+export PYTHONUNBUFFERED=1
+# The project's code in this tree, whether or not the editable install took.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
+NAME="gpu-check-$STAMP"
+[[ $DRY_RUN -eq 1 ]] && NAME="gpu-check-dryrun-$STAMP"
+OUT="${OUT:-$ROOT/runs/gpu-check}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")"
+RESULTS="$WORK/$NAME"
+mkdir -p "$RESULTS/logs" "$RESULTS/bench"
+ARCHIVE="$OUT/$NAME.tar.gz"
+SUMMARY="$OUT/$NAME-summary.md"
+STEPS_TSV="$RESULTS/steps.tsv"
+printf 'step\tstatus\trc\tseconds\tbudget\tnote\n' >"$STEPS_TSV"
+
+TOTAL_BUDGET="${GPU_CHECK_TOTAL_S:-470}"
+START="$(date +%s)"
+DEADLINE=$((START + TOTAL_BUDGET))
+RESERVE=5          # seconds kept for the last summary and archive
+MIN_START=10       # a step that would get less than this is skipped, not started
+
+# Budgets in seconds (sum 470 < 480 = 8 minutes). The sweeps get what is left.
+STEP_ORDER=(env install extension gpu-tests memcheck racecheck initcheck synccheck
+            bench-mnist bench-compiled-fp32 bench-compiled-bf16 train-step sweep-I sweep-B)
+declare -A BUDGET=(
+  [env]=15 [install]=100 [extension]=20 [gpu-tests]=90
+  [memcheck]=40 [racecheck]=30 [initcheck]=30 [synccheck]=20
+  [bench-mnist]=45 [bench-compiled-fp32]=30 [bench-compiled-bf16]=25 [train-step]=25
+  [sweep-I]=0 [sweep-B]=0
+)
+# Limits of the steps that only the dry run has (CPU stand-ins; no GPU budget).
+declare -A CPU_LIMIT=([gpu-tests-collect]=90 [sanitize-driver-cpu]=60 [bench-cpu]=90)
+declare -A WHAT  # one line per step for the plan
+failed=0
+
+log() { echo "[gpu-check $(($(date +%s) - START))s] $*"; }
+
+selected() { [[ -z "$ONLY" || "$ONLY" == *",$1,"* ]]; }
+
+record() {  # record STEP STATUS RC SECONDS BUDGET NOTE
+  local note="${6//$'\t'/ }"
+  note="${note//$'\n'/ }"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" "${note:0:300}" >>"$STEPS_TSV"
+  case "$2" in pass|skipped|dry-run|"not selected") ;; *) failed=1 ;; esac
+  log "$1: $2${6:+ ($6)}"
+}
+
+pack() {  # the summary and the archive, rewritten after every step (nothing lost if killed)
+  "$PYTHON" -m benchmarks.gpu_check summarize "$RESULTS" --out "$SUMMARY" >"$RESULTS/logs/summarize.log" 2>&1 \
+    || echo "summary failed: see logs/summarize.log" >>"$SUMMARY"
+  tar -czf "$ARCHIVE.tmp" -C "$WORK" "$NAME" && mv -f "$ARCHIVE.tmp" "$ARCHIVE"
+}
+
+time_left() { echo $((DEADLINE - $(date +%s) - RESERVE)); }
+
+run_step() {  # run_step STEP -- COMMAND...: runs under min(budget, time left); log in logs/STEP.log
+  local step="$1"; shift; [[ "$1" == "--" ]] && shift
+  local budget="${BUDGET[$step]:-${CPU_LIMIT[$step]}}" left limit t0 rc status seconds note=""
+  if ! selected "$step"; then record "$step" "not selected" 0 0 "${BUDGET[$step]:--}" ""; return 0; fi
+  left="$(time_left)"
+  limit=$budget
+  # A dry run checks the steps' code on whatever CPU it gets, often a busy one: the GPU
+  # budgets do not apply to it.
+  [[ $DRY_RUN -eq 1 && $limit -lt 120 ]] && limit=120
+  if [[ $budget -eq 0 || $left -lt $limit ]]; then limit=$left; fi
+  if [[ $limit -lt $MIN_START ]]; then
+    record "$step" skipped 0 0 "${BUDGET[$step]:--}" "no time left (${left}s before the deadline)"; pack; return 0
+  fi
+  log "$step: started (limit ${limit}s)"
+  t0="$(date +%s.%N)"
+  timeout --kill-after=5 "$limit" "$@" >"$RESULTS/logs/$step.log" 2>&1
+  rc=$?
+  seconds="$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')"
+  if [[ $rc -eq 0 ]]; then status=pass
+  elif [[ $rc -eq 124 || $rc -eq 137 ]]; then status=TIMEOUT; note="killed after ${limit}s"
+  else status=FAIL; note="exit $rc; $(grep -E 'FAIL|Error|error|failed' "$RESULTS/logs/$step.log" | tail -1 | cut -c1-200)"
+  fi
+  STEP_STATUS="$status"; STEP_RC=$rc; STEP_SECONDS=$seconds; STEP_NOTE="$note"
+}
+
+finish_step() {  # finish_step STEP [STATUS [NOTE]]: record what run_step measured, then pack
+  [[ -z "${STEP_STATUS:-}" ]] && return 0
+  record "$1" "${2:-$STEP_STATUS}" "$STEP_RC" "$STEP_SECONDS" "${BUDGET[$1]:--}" "${3:-$STEP_NOTE}"
+  STEP_STATUS=""
+  pack
+}
+
+step() {  # step STEP -- COMMAND...: run_step + finish_step
+  local name="$1"
+  STEP_STATUS=""
+  run_step "$@"
+  finish_step "$name"
+}
+
+dry() {  # dry STEP: record what the GPU run would do
+  record "$1" dry-run 0 0 "${BUDGET[$1]}" "on a GPU: ${WHAT[$1]}"
+}
+
+trap 'log "interrupted"; record interrupted FAIL 130 0 0 "the check was interrupted"; pack; exit 130' INT TERM
+
+BENCH=("$PYTHON" -m capsnet_ext.cli bench --out-dir "$RESULTS/bench")
+MNIST_OPS="capsule_routing,dynamic_routing,predict"
+SANITIZE=("$PYTHON" -m benchmarks.sanitize_driver --backends cuda,triton)
+SAN_FLAGS=(--error-exitcode 99 --print-limit 50)
+if command -v compute-sanitizer >/dev/null 2>&1 && compute-sanitizer --help 2>/dev/null | grep -q -- --report-api-errors; then
+  # API errors surface as Python exceptions in the driver; the tool's own reports of them
+  # (PyTorch probes the driver at start-up) would only be noise.
+  SAN_FLAGS+=(--report-api-errors no)
+fi
+XDIST=()
+if "$PYTHON" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n "${GPU_TEST_WORKERS:-12}"); fi
+export MAX_JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}"
+
+WHAT[env]="environment record (env.json)"
+WHAT[install]="MAX_JOBS=$MAX_JOBS $PYTHON -m pip install --no-build-isolation --no-deps --no-index -v -e ."
+WHAT[extension]="$PYTHON -m benchmarks.gpu_check extension (capsnet_ext._C built, loaded, ops registered for CUDA, a small call agrees)"
+WHAT[gpu-tests]="$PYTHON -m pytest -m gpu ${XDIST[*]} --junitxml=gpu-tests.xml tests"
+for tool in memcheck initcheck; do
+  WHAT[$tool]="PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool ${SAN_FLAGS[*]} ${SANITIZE[*]} --profile full"
+done
+for tool in racecheck synccheck; do
+  WHAT[$tool]="compute-sanitizer --tool $tool ${SAN_FLAGS[*]} ${SANITIZE[*]} --profile light"
+done
+WHAT[bench-mnist]="capsnet-ext bench --ops $MNIST_OPS --sweeps mnist --dtypes float32,bfloat16 --contenders reference,triton,cuda --skip-e2e"
+WHAT[bench-compiled-fp32]="capsnet-ext bench --ops capsule_routing --sweeps mnist --dtypes float32 --contenders reference-compiled --skip-e2e"
+WHAT[bench-compiled-bf16]="capsnet-ext bench --ops capsule_routing --sweeps mnist --dtypes bfloat16 --contenders reference-compiled --skip-e2e"
+WHAT[train-step]="capsnet-ext bench --e2e-only --e2e-modes eager --e2e-precisions float32,bf16-autocast --e2e-batch 128 --e2e-steps 20 --contenders reference,triton,cuda"
+WHAT[sweep-I]="capsnet-ext bench --ops capsule_routing --sweeps I --dtypes float32 --contenders reference,triton,cuda --skip-e2e (time left)"
+WHAT[sweep-B]="capsnet-ext bench --ops capsule_routing --sweeps B --dtypes float32 --contenders reference,triton,cuda --skip-e2e (time left)"
+
+{
+  echo "GPU steps, each under its budget (seconds), all inside a ${TOTAL_BUDGET}s deadline:"
+  sum=0
+  for s in "${STEP_ORDER[@]}"; do
+    b="${BUDGET[$s]}"; sum=$((sum + b))
+    printf '  %-20s %4s  %s\n' "$s" "$([[ $b -eq 0 ]] && echo left || echo "$b")" "${WHAT[$s]}"
+  done
+  printf '  %-20s %4s  (%d min %02d s; the sweeps share what is left of the %ss)\n' "sum of budgets" "$sum" \
+    $((sum / 60)) $((sum % 60)) "$TOTAL_BUDGET"
+} >"$RESULTS/plan.txt"
+cat "$RESULTS/plan.txt"
+log "results folder $RESULTS; archive $ARCHIVE; summary $SUMMARY"
+
+# ---------------------------------------------------------------- 1. environment
+step env -- "$PYTHON" -m benchmarks.gpu_check env "$RESULTS" --mode "$([[ $DRY_RUN -eq 1 ]] && echo dry-run || echo gpu)"
+
+# ---------------------------------------------------------------- 2. install and the extension
+if [[ $SKIP_INSTALL -eq 1 ]]; then
+  record install skipped 0 0 "${BUDGET[install]}" "--skip-install"
+elif selected install; then
+  STEP_STATUS=""
+  run_step install -- "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -v -e .
+  skipped_line="$(grep -m1 'capsnet_ext: .*CUDA extension skipped' "$RESULTS/logs/install.log" || true)"
+  if [[ "$STEP_STATUS" == pass && -n "$skipped_line" ]]; then
+    if [[ $DRY_RUN -eq 1 ]]; then
+      finish_step install pass "installed without the CUDA extension, as expected here: ${skipped_line#*capsnet_ext: }"
+    else
+      finish_step install FAIL "pip succeeded but setup.py skipped the CUDA extension: ${skipped_line#*capsnet_ext: }"
+    fi
+  else
+    finish_step install
+  fi
+else
+  record install "not selected" 0 0 "${BUDGET[install]}" ""
+fi
+# From here on, only the extension that was built counts: no just-in-time build fallback.
+export CAPSNET_EXT_NO_JIT=1
+# The checks run the CUDA backend before it has a verification record; they are that record.
+export CAPSNET_EXT_CUDA_UNVERIFIED=1
+
+STEP_STATUS=""
+run_step extension -- "$PYTHON" -m benchmarks.gpu_check extension
+if [[ "${STEP_RC:-}" == 3 ]]; then
+  if [[ $DRY_RUN -eq 1 ]]; then finish_step extension skipped "no GPU here: checked only that the check runs"
+  else finish_step extension FAIL "no CUDA GPU is visible to torch"; fi
+else
+  finish_step extension
+fi
+
+# ---------------------------------------------------------------- 3-4. GPU tests and sanitizers
+if [[ $DRY_RUN -eq 1 ]]; then
+  dry gpu-tests
+  step gpu-tests-collect -- "$PYTHON" -m pytest -m gpu --collect-only -q -p no:cacheprovider tests
+  for tool in memcheck racecheck initcheck synccheck; do dry "$tool"; done
+  step sanitize-driver-cpu -- "$PYTHON" -m benchmarks.sanitize_driver --backends reference --device cpu \
+    --profile tiny --out "$RESULTS/sanitize-driver-cpu.json"
+else
+  step gpu-tests -- "$PYTHON" -m pytest -m gpu "${XDIST[@]}" -p no:cacheprovider -q -rfEs \
+    --junitxml="$RESULTS/gpu-tests.xml" tests
+  if command -v compute-sanitizer >/dev/null 2>&1; then
+    for tool in memcheck racecheck initcheck synccheck; do
+      profile=full; caching=()
+      case "$tool" in
+        memcheck|initcheck) caching=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1) ;;
+        *) profile=light ;;
+      esac
+      step "$tool" -- "${caching[@]}" compute-sanitizer --tool "$tool" "${SAN_FLAGS[@]}" \
+        "${SANITIZE[@]}" --profile "$profile" --out "$RESULTS/sanitize-$tool.json"
+    done
+  else
+    for tool in memcheck racecheck initcheck synccheck; do
+      record "$tool" FAIL 127 0 "${BUDGET[$tool]}" "compute-sanitizer not found on PATH"
+    done
+    pack
+  fi
+fi
+
+# ---------------------------------------------------------------- 5-6. timings
+if [[ $DRY_RUN -eq 1 ]]; then
+  dry bench-mnist
+  dry bench-compiled-fp32
+  dry bench-compiled-bf16
+  dry train-step
+  # The same code path on the CPU, at a tiny shape: the op timings and a training step.
+  step bench-cpu -- "${BENCH[@]}" --device cpu --quick --shape 2,24,3,4,5,2 --contenders reference \
+    --no-plots --e2e-batch 2 --e2e-steps 1 --e2e-modes eager --e2e-precisions float32
+  dry sweep-I
+  dry sweep-B
+else
+  CONTENDERS=reference,triton,cuda
+  step bench-mnist -- "${BENCH[@]}" --device cuda --ops "$MNIST_OPS" --sweeps mnist --dtypes float32,bfloat16 \
+    --contenders "$CONTENDERS" --skip-e2e --no-plots
+  # The compiled reference: one op, one compilation per dtype and grad mode (not per op and shape).
+  step bench-compiled-fp32 -- "${BENCH[@]}" --device cuda --ops capsule_routing --sweeps mnist --dtypes float32 \
+    --contenders reference-compiled --skip-e2e --no-plots
+  step bench-compiled-bf16 -- "${BENCH[@]}" --device cuda --ops capsule_routing --sweeps mnist --dtypes bfloat16 \
+    --contenders reference-compiled --skip-e2e --no-plots
+  step train-step -- "${BENCH[@]}" --device cuda --e2e-only --e2e-modes eager --e2e-precisions float32,bf16-autocast \
+    --e2e-batch 128 --e2e-steps 20 --contenders "$CONTENDERS"
+  MIN_START=40
+  step sweep-I -- "${BENCH[@]}" --device cuda --ops capsule_routing --sweeps I --dtypes float32 \
+    --contenders "$CONTENDERS" --skip-e2e
+  step sweep-B -- "${BENCH[@]}" --device cuda --ops capsule_routing --sweeps B --dtypes float32 \
+    --contenders "$CONTENDERS" --skip-e2e
+fi
+
+trap - INT TERM
+pack
+log "done in $(($(date +%s) - START))s: $ARCHIVE and $SUMMARY"
+cat "$SUMMARY"
+rm -rf "$WORK"
+exit $failed
