@@ -5,6 +5,7 @@ before triton is first imported: that happens here, before any test module is co
 """
 import os
 import pathlib
+import re
 
 import torch
 
@@ -28,5 +29,42 @@ def device(request):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
+    config.addinivalue_line("markers", "gpu: runs on a CUDA GPU (selected by `pytest -m gpu`, as "
+                            "benchmarks/gpu_check.sh does; marked here for every test that takes a "
+                            "CUDA device as a parameter or skips without a GPU)")
     config.addinivalue_line("markers", "slow: longer-running test (still part of CI)")
+
+
+_GPU_WORDS = re.compile(r"\b(cuda|gpu)\b", re.IGNORECASE)
+
+
+def _is_cuda_device(name: str, value) -> bool:
+    if isinstance(value, torch.device):
+        return value.type == "cuda"
+    # Strings count only as a device parameter ("cuda" is also a backend name).
+    return ("device" in name and isinstance(value, str)
+            and (value == "cuda" or value.startswith("cuda:")))
+
+
+def runs_on_gpu(params: dict, markers) -> bool:
+    """Whether a test runs on a GPU: marked ``gpu`` already, parametrized with a CUDA device
+    (a ``torch.device``, or ``"cuda"`` in a parameter named like ``device``, e.g. the
+    ``device`` fixture's), or skipped by a ``skipif`` whose reason names CUDA or a GPU (a test
+    that exists only for the GPU)."""
+    if any(_is_cuda_device(k, v) for k, v in params.items()):
+        return True
+    for mark in markers:
+        if mark.name == "gpu":
+            return True
+        if mark.name == "skipif" and _GPU_WORDS.search(str(mark.kwargs.get("reason", ""))):
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the GPU tests centrally, so `pytest -m gpu` selects every backend's GPU tests
+    without each test file keeping its own list."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if runs_on_gpu(callspec.params if callspec else {}, list(item.iter_markers())):
+            item.add_marker(pytest.mark.gpu)
