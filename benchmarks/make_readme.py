@@ -70,6 +70,10 @@ Results go to `benchmarks/results/<device>-<date>.json` (device name, torch/Trit
 versions, date, git commit and the exact command) with PNG plots of time and memory against
 `I` in `benchmarks/results/plots/`.
 
+On a GPU machine, `bash benchmarks/gpu_check.sh` builds, verifies and times every backend in
+under 8 minutes and leaves one archive; `python -m benchmarks.fold_gpu_check ARCHIVE` puts its
+results here and regenerates this file (see the project README, "Checking on a GPU").
+
 The full suite compiles the reference once per shape, dtype and mode, which takes a while; it
 can be run in parts (`--sweeps mnist,I`, then `--sweeps J,B,iterations`, or one `--ops` at a
 time): runs of one device at the same git commit are merged in the tables below.
@@ -213,17 +217,59 @@ def run_section(run: dict, level: str = "###") -> str:
     return "\n".join(parts)
 
 
-def render(runs: Sequence[dict]) -> str:
+def load_gpu_checks(results_dir: str = RESULTS_DIR) -> List[dict]:
+    """The GPU check records folded back by ``benchmarks.fold_gpu_check`` (``gpu-check/*.json``)."""
+    checks = []
+    for path in sorted(glob.glob(os.path.join(results_dir, "gpu-check", "*.json"))):
+        with open(path) as f:
+            payload = json.load(f)
+        if isinstance(payload, dict) and payload.get("kind") == "gpu-check":
+            payload["_path"] = path
+            checks.append(payload)
+    return checks
+
+
+def gpu_check_section(checks: Sequence[dict]) -> List[str]:
+    """The latest GPU check of each GPU model: the verdict per backend and each step's time."""
+    parts = ["## GPU check", ""]
+    if not checks:
+        return parts + ["No GPU check has been folded back yet (`bash benchmarks/gpu_check.sh` on a GPU, "
+                        "then `python -m benchmarks.fold_gpu_check ARCHIVE`).", ""]
+    latest: Dict[str, dict] = {}
+    for check in sorted(checks, key=lambda c: str(c["env"].get("date"))):
+        latest[check["env"]["gpu"]["name"]] = check
+    for name, check in sorted(latest.items()):
+        env = check["env"]
+        parts += [f"### {name}", "",
+                  f"- {env.get('date')}, commit `{env.get('commit')}`" + (" (with uncommitted changes)" if env.get("dirty") else "")
+                  + f"; torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), Triton {env.get('triton')}; "
+                  f"driver {env.get('nvidia_smi')}",
+                  f"- archive `{check['archive']}` -> `{os.path.relpath(check['_path'], BENCH_DIR)}`"]
+        for backend, verdict in check["backends"].items():
+            state = "every verification step passed" if verdict["verified"] else "**not verified**"
+            parts.append(f"- `{backend}`: {state}")
+            parts += [f"  - {line}" for line in verdict["failures"][:6]]
+        body = []
+        for s in check["steps"]:
+            budget = "-" if s.get("budget") is None else "time left" if s["budget"] == 0 else f"{s['budget']} s"
+            seconds = "-" if s.get("seconds") is None else f"{s['seconds']:.1f} s"
+            body.append([s["step"], s["status"], seconds, budget, (s.get("note") or "")[:100]])
+        parts += ["", markdown_table(["step", "status", "time", "budget", "note"], body), ""]
+    return parts
+
+
+def render(runs: Sequence[dict], checks: Sequence[dict] = ()) -> str:
     latest = latest_per_device(runs)
     gpu = {k: v for k, v in latest.items() if v["meta"]["device"]["type"] == "cuda"}
     cpu = {k: v for k, v in latest.items() if v["meta"]["device"]["type"] != "cuda"}
     parts = [HOW_TO, "## Latest GPU results", ""]
     if not gpu:
         parts += ["GPU results: **not yet measured**. No GPU run is committed under "
-                  "`benchmarks/results/`; run `capsnet-ext bench` on a GPU, commit the JSON and "
-                  "plots, and regenerate this file.", ""]
+                  "`benchmarks/results/`; run `bash benchmarks/gpu_check.sh` on a GPU and fold its "
+                  "archive back with `python -m benchmarks.fold_gpu_check ARCHIVE`.", ""]
     for name, run in sorted(gpu.items()):
         parts += [f"### {run['meta']['device']['name']}", "", run_section(run), ""]
+    parts += gpu_check_section(checks)
     parts += ["## Latest CPU results", ""]
     if not cpu:
         parts += ["No CPU run is committed.", ""]
@@ -243,7 +289,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--output", default=README)
     p.add_argument("--check", action="store_true", help="exit 1 if the output is not up to date")
     args = p.parse_args(argv)
-    text = render(load_results(args.results_dir))
+    text = render(load_results(args.results_dir), load_gpu_checks(args.results_dir))
     if args.check:
         current = open(args.output).read() if os.path.exists(args.output) else ""
         if current != text:

@@ -169,7 +169,8 @@ def run_backend(backend: str, device: str, profile: str, log=print) -> Dict[str,
     if summary["errors"] or summary["nonfinite"]:
         summary["status"] = "fail"
     summary["cases"] = len(cases)
-    options_run = {k for _, _, _, o in cases for k, v in o.items() if v not in (False, 1.0)}
+    options_run = {k for _, _, _, o in cases for k, v in o.items()
+                   if v is True or (k == "temperature" and v != 1.0)}
     summary["options_in_grid"] = sorted(options_run)
     return summary
 
