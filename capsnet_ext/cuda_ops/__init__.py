@@ -36,7 +36,7 @@ _SUPPORTED_OPS = ("predict", "dynamic_routing", "capsule_routing")
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 __all__ = ["NAME", "availability", "unsupported_reason", "predict", "dynamic_routing", "capsule_routing",
-           "verification_records"]
+           "verification_records", "verification_failures"]
 
 
 def verification_records() -> list:
@@ -48,19 +48,42 @@ def verification_records() -> list:
         return []
 
 
+HOW_TO_VERIFY = ("run `bash benchmarks/gpu_check.sh` on that GPU and fold its archive back with "
+                 "`python -m benchmarks.fold_gpu_check ARCHIVE`")
+
+
+def verification_failures() -> list:
+    """GPU checks that failed (``verified.json``'s ``failures``: device, commit, date, and each
+    failed step by name), written by ``benchmarks.fold_gpu_check``."""
+    try:
+        with open(VERIFIED_RECORDS) as f:
+            return list(json.load(f).get("failures", []))
+    except (OSError, ValueError):
+        return []
+
+
+def _last_failure(name: str) -> str:
+    failed = [f for f in verification_failures() if f.get("device") == name]
+    if not failed:
+        return ""
+    last = max(failed, key=lambda f: str(f.get("date", "")))
+    return (f"; its last GPU check on {name} ({last.get('date')}, commit {last.get('commit')}) failed: "
+            + "; ".join(last.get("failures", [])[:3]))
+
+
 def _verification_reason(device: torch.device) -> Optional[str]:
     if os.environ.get(UNVERIFIED_ENV) == "1":
         return None
     records = verification_records()
+    name = torch.cuda.get_device_name(device)
     if not records:
         return ("its GPU test suite has not passed on any GPU yet (no record in "
-                "capsnet_ext/cuda_ops/verified.json); run csrc/gpu_verify.sh on a GPU, or set "
+                f"capsnet_ext/cuda_ops/verified.json){_last_failure(name)}; {HOW_TO_VERIFY}, or set "
                 f"{UNVERIFIED_ENV}=1 to use it unverified")
-    name = torch.cuda.get_device_name(device)
     if not any(r.get("device") == name for r in records):
         seen = sorted({r.get("device", "?") for r in records})
-        return (f"its GPU test suite has passed on {seen} but not on {name!r}; run csrc/gpu_verify.sh "
-                f"here, or set {UNVERIFIED_ENV}=1 to use it unverified")
+        return (f"its GPU test suite has passed on {seen} but not on {name!r}{_last_failure(name)}; "
+                f"{HOW_TO_VERIFY}, or set {UNVERIFIED_ENV}=1 to use it unverified")
     return None
 
 
@@ -112,9 +135,11 @@ def unsupported_reason(op: str, *, dtype: torch.dtype, iterations: int = 1, bias
 
 
 def record_verification(device_index: int = 0, path: str = VERIFIED_RECORDS, **extra) -> dict:
-    """Append a record that the GPU test suite passed on this GPU (``csrc/gpu_verify.sh`` calls
-    this only after the tests and the memcheck run passed). Written to a temporary file and
-    moved into place, so the record file is never half written."""
+    """Append a record that the GPU test suite passed on this GPU, run on that GPU. (The GPU
+    check, ``benchmarks/gpu_check.sh``, leaves an archive instead, and
+    ``benchmarks.fold_gpu_check`` writes the record from it only when every verification step
+    passed.) Written to a temporary file and moved into place, so the record file is never half
+    written."""
     import datetime
     import subprocess
 
