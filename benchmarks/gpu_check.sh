@@ -19,13 +19,15 @@
 #                capsnet-ext bench (CUDA events) at the MNIST shape, fp32 and bf16; the compiled
 #                reference once per dtype; one CapsNet training step; sweeps over I and B with
 #                the time left
+# A step may also use the time that earlier steps left unused (later steps keep their budgets).
 # Everything goes into one results folder, packed after every step into a single archive in
 # $OUT (default runs/gpu-check) beside a one-page summary: two files. A failing step is
 # recorded and the later steps still run. Fold the archive back into the repository with
 #   python -m benchmarks.fold_gpu_check ARCHIVE
 # Options: --dry-run, --skip-install, --steps a,b (run only these), --help.
 # Environment: OUT, COMMIT, PYTHON, MAX_JOBS, GPU_CHECK_TOTAL_S (default 470),
-# GPU_TEST_WORKERS (pytest-xdist workers, default 12), TORCH_CUDA_ARCH_LIST (setup.py's default).
+# GPU_TEST_WORKERS (pytest-xdist workers, default 12), TORCH_CUDA_ARCH_LIST (setup.py's default),
+# GPU_CHECK_BUDGETS (e.g. "memcheck=90": other budgets, for a rerun of some steps with --steps).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -86,6 +88,13 @@ declare -A BUDGET=(
   [bench-mnist]=45 [bench-compiled-fp32]=30 [bench-compiled-bf16]=25 [train-step]=25
   [sweep-I]=0 [sweep-B]=0
 )
+# GPU_CHECK_BUDGETS="memcheck=90,gpu-tests=120" changes budgets (e.g. to rerun one step with --steps).
+IFS=',' read -r -a _overrides <<<"${GPU_CHECK_BUDGETS:-}"
+for kv in "${_overrides[@]}"; do
+  [[ "$kv" =~ ^([a-zA-Z0-9-]+)=([0-9]+)$ && -n "${BUDGET[${BASH_REMATCH[1]}]+x}" ]] \
+    || { echo "gpu_check.sh: GPU_CHECK_BUDGETS: expected step=seconds with a known step, got '$kv'" >&2; exit 2; }
+  BUDGET[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}
+done
 # Limits of the steps that only the dry run has (CPU stand-ins; no GPU budget).
 declare -A CPU_LIMIT=([gpu-tests-collect]=90 [sanitize-driver-cpu]=60 [bench-cpu]=90)
 declare -A WHAT  # one line per step for the plan
@@ -111,16 +120,32 @@ pack() {  # the summary and the archive, rewritten after every step (nothing los
 
 time_left() { echo $((DEADLINE - $(date +%s) - RESERVE)); }
 
+reserved_after() {  # the budgets of the selected steps after STEP, kept for them
+  local step="$1" seen=0 sum=0 s
+  for s in "${STEP_ORDER[@]}"; do
+    if [[ $seen -eq 1 ]] && selected "$s" && ! [[ "$s" == install && $SKIP_INSTALL -eq 1 ]]; then
+      sum=$((sum + BUDGET[$s]))
+    fi
+    [[ "$s" == "$step" ]] && seen=1
+  done
+  echo "$sum"
+}
+
 run_step() {  # run_step STEP -- COMMAND...: runs under min(budget, time left); log in logs/STEP.log
   local step="$1"; shift; [[ "$1" == "--" ]] && shift
   local budget="${BUDGET[$step]:-${CPU_LIMIT[$step]}}" left limit t0 rc status seconds note=""
   if ! selected "$step"; then record "$step" "not selected" 0 0 "${BUDGET[$step]:--}" ""; return 0; fi
   left="$(time_left)"
-  limit=$budget
-  # A dry run checks the steps' code on whatever CPU it gets, often a busy one: the GPU
-  # budgets do not apply to it.
-  [[ $DRY_RUN -eq 1 && $limit -lt 120 ]] && limit=120
-  if [[ $budget -eq 0 || $left -lt $limit ]]; then limit=$left; fi
+  if [[ $DRY_RUN -eq 1 ]]; then
+    # A dry run checks the steps' code on whatever CPU it gets, often a busy one: the GPU
+    # budgets do not apply to it.
+    limit=$(( budget > 120 ? budget : 120 ))
+  else
+    # The step's budget, plus whatever earlier steps left unused; the later steps keep theirs.
+    limit=$(( left - $(reserved_after "$step") ))
+    [[ $limit -lt $budget && $budget -gt 0 ]] && limit=$budget
+  fi
+  if [[ $left -lt $limit ]]; then limit=$left; fi
   if [[ $limit -lt $MIN_START ]]; then
     record "$step" skipped 0 0 "${BUDGET[$step]:--}" "no time left (${left}s before the deadline)"; pack; return 0
   fi
