@@ -98,7 +98,7 @@ def _write_json(path: str, payload: dict, dry_run: bool, changes: List[str]) -> 
         atomic_write(path, text)
 
 
-def fold_bench(folder: str, env: dict, archive_name: str, results_dir: str, dry_run: bool,
+def fold_bench(folder: str, env: dict, verdict: dict, archive_name: str, results_dir: str, dry_run: bool,
                changes: List[str]) -> List[str]:
     """Copy the archive's benchmark JSON (commit filled in) and plots into ``results_dir``."""
     written = []
@@ -116,8 +116,10 @@ def fold_bench(folder: str, env: dict, archive_name: str, results_dir: str, dry_
         if not meta.get("git_commit"):
             meta["git_commit"] = env.get("commit")
             meta["git_dirty"] = env.get("dirty")
+        # The check times the CUDA backend before it is verified (CAPSNET_EXT_CUDA_UNVERIFIED=1).
         meta["gpu_check"] = dict(archive=archive_name, commit_source=env.get("commit_source"),
-                                 source_digest=env.get("source_digest"))
+                                 source_digest=env.get("source_digest"),
+                                 verified={b: v["verified"] for b, v in verdict["backends"].items()})
         payload.pop("json_path", None)
         payload.pop("plot_paths", None)
         path = os.path.join(results_dir, name)
@@ -218,7 +220,7 @@ def fold(archive: str, *, results_dir: str = RESULTS_DIR, verified_path: str = V
         changes: List[str] = []
         if not dry_run:
             os.makedirs(results_dir, exist_ok=True)
-        fold_bench(folder, env, archive_name, results_dir, dry_run, changes)
+        fold_bench(folder, env, verdict, archive_name, results_dir, dry_run, changes)
         stamp = str(env.get("date", "")).replace("-", "").replace(":", "")[:15]
         record_path = os.path.join(results_dir, "gpu-check", f"{_slug(env['gpu']['name'])}-{stamp}.json")
         if not dry_run:

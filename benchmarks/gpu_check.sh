@@ -185,10 +185,14 @@ BENCH=("$PYTHON" -m capsnet_ext.cli bench --out-dir "$RESULTS/bench")
 MNIST_OPS="capsule_routing,dynamic_routing,predict"
 SANITIZE=("$PYTHON" -m benchmarks.sanitize_driver --backends cuda,triton)
 SAN_FLAGS=(--error-exitcode 99 --print-limit 50)
-if command -v compute-sanitizer >/dev/null 2>&1 && compute-sanitizer --help 2>/dev/null | grep -q -- --report-api-errors; then
+SAN_HELP="$(compute-sanitizer --help 2>/dev/null || true)"
+if grep -q -- --report-api-errors <<<"$SAN_HELP"; then
   # API errors surface as Python exceptions in the driver; the tool's own reports of them
   # (PyTorch probes the driver at start-up) would only be noise.
   SAN_FLAGS+=(--report-api-errors no)
+fi
+if grep -q -- --target-processes <<<"$SAN_HELP"; then
+  SAN_FLAGS+=(--target-processes application-only)  # not ptxas or the compilers Triton starts
 fi
 XDIST=()
 if "$PYTHON" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n "${GPU_TEST_WORKERS:-12}"); fi

@@ -142,6 +142,11 @@ def _meta_lines(run: dict) -> str:
     lines.append(f"- machine: {m.get('machine')}")
     lines.append(f"- torch {m['torch']}, Triton {m['triton']}, CUDA {m['cuda']}, Python {m['python']}")
     lines.append(f"- commit `{m['git_commit']}`" + (" (with uncommitted changes)" if m.get("git_dirty") else ""))
+    check = m.get("gpu_check")
+    if check:
+        lines.append(f"- measured by the GPU check `{check.get('archive')}`; backends in it: " + ", ".join(
+            f"`{b}` {'verified' if ok else 'NOT verified (timed all the same)'}"
+            for b, ok in (check.get("verified") or {}).items()))
     for part in run["_parts"]:
         pm = part["meta"]
         lines.append(f"- {pm['date']}: `{pm['command']}`" + (" (quick mode)" if pm.get("quick") else "")
