@@ -176,7 +176,8 @@ step() {  # step STEP -- COMMAND...: run_step + finish_step
 }
 
 dry() {  # dry STEP: record what the GPU run would do
-  record "$1" dry-run 0 0 "${BUDGET[$1]}" "on a GPU: ${WHAT[$1]}"
+  if selected "$1"; then record "$1" dry-run 0 0 "${BUDGET[$1]}" "on a GPU: ${WHAT[$1]}"
+  else record "$1" "not selected" 0 0 "${BUDGET[$1]}" ""; fi
 }
 
 trap 'log "interrupted"; record interrupted FAIL 130 0 0 "the check was interrupted"; pack; exit 130' INT TERM
