@@ -505,7 +505,8 @@ def render_summary(verdict: Dict[str, object], results: str) -> str:
             lines.append(f"  - note: {n}")
     payloads = _bench_payloads(results)
     base = _base_records(payloads)
-    shape = base[0]["shape"] if base else dict(B=128, I=1152, J=10, Din=8, Dout=16, iterations=3)
+    routing = [r for r in base if r["op"] != "predict"] or base
+    shape = routing[0]["shape"] if routing else dict(B=128, I=1152, J=10, Din=8, Dout=16, iterations=3)
     lines += ["", "## Timings at " + ("the MNIST shape" if not base or "mnist" in base[0]["sweeps"] else "a tiny shape")
               + " ({}, bias)".format(", ".join(f"{k}={v}" for k, v in shape.items())), "",
               "Median with the 20th-80th percentile half-spread (CUDA events on a GPU), and the peak "
