@@ -36,9 +36,11 @@ from typing import Dict, List, Optional, Sequence
 from capsnet_ext._atomic import atomic_write
 
 from . import gpu_check, make_readme
-from .report import RESULTS_DIR
 
 REPO_ROOT = gpu_check.REPO_ROOT
+# The committed results that benchmarks/README.md is generated from (not where a plain
+# `capsnet-ext bench` run writes by default).
+RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
 VERIFIED = os.path.join(REPO_ROOT, "capsnet_ext", "cuda_ops", "verified.json")
 
 
@@ -173,7 +175,8 @@ def update_verification(verdict: dict, archive_name: str, verified_path: str, so
         if any(all(r.get(k) == v for k, v in entry_key.items()) for r in records):
             return f"verified.json already holds the record of {gpu['name']} at {env.get('date')}"
         records.append(record)
-        message = f"CUDA backend VERIFIED on {gpu['name']}: record added to {verified_path}"
+        message = (f"CUDA backend VERIFIED on {gpu['name']}: record "
+                   f"{'to be added' if dry_run else 'added'} to {verified_path}")
     elif cuda["verified"]:
         return ("CUDA backend passed every step, but on sources that differ from this checkout "
                 f"(digest {str(env.get('source_digest'))[:16]} there, {gpu_check.source_digest()[:16]} here): "
