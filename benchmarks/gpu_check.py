@@ -383,15 +383,21 @@ def evaluate(results: str) -> Dict[str, object]:
                 failures[backend].append(f"{tool}: driver {d.get('status')}: {why}"[:400])
             elif not d.get("calls"):
                 failures[backend].append(f"{tool}: no call ran")
-            elif s["status"] != "pass" and not mine and not any(reports.get(b, {}).get("errors")
-                                                                for b in reports):
-                failures[backend].append(f"{tool}: {s['status']} (exit {s['rc']}) without a report; see logs/{tool}.log")
+            elif s["status"] != "pass":
+                # The tool or the driver failed: blame this backend unless a report or another
+                # backend's failed driver run explains it.
+                explained = any(r.get("errors") for r in reports.values()) or any(
+                    o.get("status") != "pass" for b, o in driver.items() if b != backend)
+                if not explained:
+                    failures[backend].append(f"{tool}: {s['status']} (exit {s['rc']}) without a report; "
+                                             f"see logs/{tool}.log")
             warnings = reports.get(backend, {}).get("warnings", [])
             if warnings:
                 notes[backend].append(f"{tool}: {len(warnings)} warning(s), first: {warnings[0]}")
-            if d and d.get("unsupported"):
+            if d and d.get("unsupported") and tool == "memcheck":
                 n = sum(d["unsupported"].values())
-                notes[backend].append(f"{tool}: {n} case(s) unsupported by the backend, not exercised")
+                notes[backend].append(f"sanitizers: {n} case(s) unsupported by the backend, not exercised: "
+                                      + "; ".join(list(d["unsupported"])[:2])[:200])
 
     # The benchmark's correctness gate.
     payloads = _bench_payloads(results)

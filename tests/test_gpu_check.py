@@ -138,7 +138,7 @@ MEMCHECK_CUDA_ERROR = """========= COMPUTE-SANITIZER
 
 
 def make_archive(tmp_path, *, memcheck_log=SANITIZER_CLEAN, failing_test=None, cuda_bench_status="ok",
-                 date="2027-01-01T12:00:00+00:00", digest=None):
+                 date="2027-01-01T12:00:00+00:00", digest=None, memcheck_driver_failure=None):
     """A GPU check archive as gpu_check.sh leaves it (a fixture: nothing here ran on a GPU)."""
     stamp = date.replace("-", "").replace(":", "")[:15]
     name = f"gpu-check-{stamp}Z"
@@ -156,6 +156,8 @@ def make_archive(tmp_path, *, memcheck_log=SANITIZER_CLEAN, failing_test=None, c
         status, rc = "pass", 0
         if step == "memcheck" and "ERROR SUMMARY: 0" not in memcheck_log:
             status, rc = "FAIL", 99
+        if step == "memcheck" and memcheck_driver_failure:
+            status, rc = "FAIL", 1
         if step == "gpu-tests" and failing_test:
             status, rc = "FAIL", 1
         steps.append(f"{step}\t{status}\t{rc}\t12.5\t{0 if step.startswith('sweep') else 30}\t")
@@ -170,8 +172,10 @@ def make_archive(tmp_path, *, memcheck_log=SANITIZER_CLEAN, failing_test=None, c
     (folder / "gpu-tests.xml").write_text("".join(xml))
     for tool in gpu_check.SANITIZER_TOOLS:
         (folder / "logs" / f"{tool}.log").write_text(memcheck_log if tool == "memcheck" else SANITIZER_CLEAN)
+        failing = memcheck_driver_failure if tool == "memcheck" else None
         (folder / f"sanitize-{tool}.json").write_text(json.dumps(dict(profile="full", backends=[
-            dict(backend=b, status="pass", calls=400, cases=400, unsupported={}, errors=[], nonfinite=[])
+            dict(backend=b, status="fail" if b == failing else "pass", calls=400, cases=400, unsupported={},
+                 errors=["capsule_routing float16: RuntimeError: boom"] if b == failing else [], nonfinite=[])
             for b in ("cuda", "triton")])))
     results = []
     for op in ("capsule_routing", "dynamic_routing", "predict"):
@@ -320,6 +324,14 @@ def test_unattributed_sanitizer_error_fails_every_backend(tmp_path):
     for backend in ("cuda", "triton"):
         assert not verdict["backends"][backend]["verified"]
         assert any(f.startswith("memcheck:") for f in verdict["backends"][backend]["failures"])
+
+
+def test_a_failed_driver_run_is_blamed_on_its_backend_only(tmp_path):
+    archive, _ = make_archive(tmp_path, memcheck_driver_failure="triton")
+    verdict = gpu_check.evaluate(fold_gpu_check.extract(archive, str(tmp_path / "x")))
+    assert verdict["backends"]["cuda"]["verified"], verdict["backends"]["cuda"]
+    triton = verdict["backends"]["triton"]
+    assert not triton["verified"] and any("driver fail" in f and "boom" in f for f in triton["failures"])
 
 
 def test_sanitize_driver_covers_every_option_on_the_reference():
