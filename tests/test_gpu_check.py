@@ -388,3 +388,78 @@ def test_gpu_tests_are_marked_by_device_parameter_marker_or_skip_reason():
     assert runs_on_gpu({}, [_Mark("gpu")])
     assert runs_on_gpu({}, [_Mark("skipif", reason="needs a CUDA GPU")])
     assert not runs_on_gpu({}, [_Mark("skipif", reason="needs MNIST")])
+
+
+# --------------------------------------------------------------- the GPU path, with stand-ins
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# Stand-in for python3 on a GPU machine: the summary runs for real; every other call is logged
+# with the environment the GPU check gives it, and succeeds.
+if [[ "$1 $2 $3" == "-m benchmarks.gpu_check summarize" ]]; then exec {real} "$@"; fi
+printf '%s|%s|%s|%s\\n' "${{PYTORCH_NO_CUDA_MEMORY_CACHING:-}}" "${{CAPSNET_EXT_CUDA_UNVERIFIED:-}}" \\
+  "${{CAPSNET_EXT_NO_JIT:-}}" "$*" >>{log}
+exit 0
+"""
+FAKE_SANITIZER = """#!/usr/bin/env bash
+if [[ "$1" == --help ]]; then echo "--report-api-errors  --target-processes  --error-exitcode"; exit 0; fi
+printf 'SANITIZER %s\\n' "$*" >>{log}
+while [[ $# -gt 0 && "$1" == --* ]]; do shift 2; done
+"$@"
+"""
+
+
+def test_gpu_path_runs_every_step_with_the_right_commands(tmp_path):
+    """The non-dry path of gpu_check.sh with stand-ins for python3 and compute-sanitizer: every
+    step runs in order, with the flags, environment and output folder it must have."""
+    log = tmp_path / "calls.log"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_python = bin_dir / "python3"
+    fake_python.write_text(FAKE_PYTHON.format(real=sys.executable, log=log))
+    (bin_dir / "compute-sanitizer").write_text(FAKE_SANITIZER.format(log=log))
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), COMMIT="abc", PYTHON=str(fake_python), MAX_JOBS="16",
+               PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", TMPDIR=str(tmp_path))
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert len(os.listdir(out)) == 2
+    calls = log.read_text().splitlines()
+    sanitizer = [c for c in calls if c.startswith("SANITIZER")]
+    python = [c.split("|") for c in calls if not c.startswith("SANITIZER")]
+
+    def find(fragment):
+        hits = [c for c in python if fragment in c[3]]
+        assert hits, (fragment, [c[3] for c in python])
+        return hits
+
+    [install] = find("-m pip install")
+    assert install[3] == "-m pip install --no-build-isolation --no-deps --no-index -v -e ."
+    assert install[2] == ""  # the just-in-time build is forbidden only after the install
+    [tests] = find("-m pytest")
+    assert " -m gpu " in tests[3] and "-n 12" in tests[3] and "--junitxml=" in tests[3] and tests[3].endswith(" tests")
+    assert tests[1:3] == ["1", "1"]  # CAPSNET_EXT_CUDA_UNVERIFIED=1, CAPSNET_EXT_NO_JIT=1
+    assert [c.split()[2] for c in sanitizer] == ["memcheck", "racecheck", "initcheck", "synccheck"]
+    for line in sanitizer:
+        assert "--error-exitcode 99" in line and "--report-api-errors no" in line
+        assert "--target-processes application-only" in line
+    drivers = find("-m benchmarks.sanitize_driver")
+    assert [d[0] for d in drivers] == ["1", "", "1", ""]  # caching allocator off for memcheck, initcheck
+    assert [d[3].split("--profile ")[1].split()[0] for d in drivers] == ["full", "light", "full", "light"]
+    assert all("--backends cuda,triton" in d[3] and "--out " in d[3] for d in drivers)
+    benches = find("-m capsnet_ext.cli bench")
+    assert len(benches) == 6
+    for b in benches:
+        assert "--out-dir " in b[3] and "--device cuda" in b[3] and b[1] == "1"
+    assert "--sweeps mnist --dtypes float32,bfloat16 --contenders reference,triton,cuda" in benches[0][3]
+    assert "--contenders reference-compiled" in benches[1][3] and "--dtypes float32" in benches[1][3]
+    assert "--contenders reference-compiled" in benches[2][3] and "--dtypes bfloat16" in benches[2][3]
+    assert "--e2e-only" in benches[3][3]
+    assert "--sweeps I" in benches[4][3] and "--sweeps B" in benches[5][3]
+    summary = (out / [f for f in os.listdir(out) if f.endswith("-summary.md")][0]).read_text()
+    for step in GPU_STEPS:
+        assert f"| {step} | pass |" in summary, step
+    # Nothing verified: the stand-ins left no test report or sanitizer record to judge.
+    assert "NOT verified" in summary and "gpu-tests: pass, no JUnit report" in summary
