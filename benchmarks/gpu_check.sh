@@ -181,7 +181,7 @@ dry() {  # dry STEP: record what the GPU run would do
   else record "$1" "not selected" 0 0 "${BUDGET[$1]}" ""; fi
 }
 
-trap 'log "interrupted"; record interrupted FAIL 130 0 0 "the check was interrupted"; pack; exit 130' INT TERM
+trap 'log "interrupted"; record interrupted FAIL 130 0 - "the check was interrupted"; pack; exit 130' INT TERM
 
 BENCH=("$PYTHON" -m capsnet_ext.cli bench --out-dir "$RESULTS/bench")
 MNIST_OPS="capsule_routing,dynamic_routing,predict"
