@@ -46,17 +46,25 @@ def _is_cuda_device(name: str, value) -> bool:
             and (value == "cuda" or value.startswith("cuda:")))
 
 
-def runs_on_gpu(params: dict, markers) -> bool:
+def _skips_without_gpu(mark, gpu_available: bool) -> bool:
+    """A ``skipif`` that skips exactly when there is no GPU (its condition is ``not
+    torch.cuda.is_available()`` or alike) and says so in its reason."""
+    condition = mark.args[0] if mark.args else mark.kwargs.get("condition")
+    return (isinstance(condition, bool) and condition == (not gpu_available)
+            and bool(_GPU_WORDS.search(str(mark.kwargs.get("reason", "")))))
+
+
+def runs_on_gpu(params: dict, markers, gpu_available: bool = torch.cuda.is_available()) -> bool:
     """Whether a test runs on a GPU: marked ``gpu`` already, parametrized with a CUDA device
     (a ``torch.device``, or ``"cuda"`` in a parameter named like ``device``, e.g. the
-    ``device`` fixture's), or skipped by a ``skipif`` whose reason names CUDA or a GPU (a test
-    that exists only for the GPU)."""
+    ``device`` fixture's), or skipped exactly when no GPU is there, by a ``skipif`` whose
+    reason names CUDA or a GPU (a test that exists only for the GPU)."""
     if any(_is_cuda_device(k, v) for k, v in params.items()):
         return True
     for mark in markers:
         if mark.name == "gpu":
             return True
-        if mark.name == "skipif" and _GPU_WORDS.search(str(mark.kwargs.get("reason", ""))):
+        if mark.name == "skipif" and _skips_without_gpu(mark, gpu_available):
             return True
     return False
 

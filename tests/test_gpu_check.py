@@ -375,8 +375,8 @@ def test_source_digest_follows_the_sources_only(tmp_path):
 # ---------------------------------------------------------------------- marking of GPU tests
 
 class _Mark:
-    def __init__(self, name, **kwargs):
-        self.name, self.kwargs = name, kwargs
+    def __init__(self, name, *args, **kwargs):
+        self.name, self.args, self.kwargs = name, args, kwargs
 
 
 def test_gpu_tests_are_marked_by_device_parameter_marker_or_skip_reason():
@@ -386,8 +386,12 @@ def test_gpu_tests_are_marked_by_device_parameter_marker_or_skip_reason():
     assert not runs_on_gpu({"device": "cpu"}, [])
     assert not runs_on_gpu({"backend": "cuda"}, [])  # a backend name, not a device
     assert runs_on_gpu({}, [_Mark("gpu")])
-    assert runs_on_gpu({}, [_Mark("skipif", reason="needs a CUDA GPU")])
-    assert not runs_on_gpu({}, [_Mark("skipif", reason="needs MNIST")])
+    for gpu in (False, True):
+        # skipif(not torch.cuda.is_available(), ...): a GPU test, on either kind of machine.
+        assert runs_on_gpu({}, [_Mark("skipif", not gpu, reason="needs a CUDA GPU")], gpu)
+        # skipif(torch.cuda.is_available(), ...): a test of the CPU-only path, never a GPU test.
+        assert not runs_on_gpu({}, [_Mark("skipif", gpu, reason="only without a GPU")], gpu)
+        assert not runs_on_gpu({}, [_Mark("skipif", not gpu, reason="needs MNIST")], gpu)
 
 
 # --------------------------------------------------------------- the GPU path, with stand-ins
