@@ -203,7 +203,7 @@ export MAX_JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}"
 WHAT[env]="environment record (env.json)"
 WHAT[install]="MAX_JOBS=$MAX_JOBS $PYTHON -m pip install --no-build-isolation --no-deps --no-index -v -e ."
 WHAT[extension]="$PYTHON -m benchmarks.gpu_check extension (capsnet_ext._C built, loaded, ops registered for CUDA, a small call agrees)"
-WHAT[gpu-tests]="$PYTHON -m pytest -m gpu ${XDIST[*]} --junitxml=gpu-tests.xml tests"
+WHAT[gpu-tests]="TORCHINDUCTOR_COMPILE_THREADS=1 $PYTHON -m pytest -m gpu ${XDIST[*]} --junitxml=gpu-tests.xml tests"
 for tool in memcheck initcheck; do
   WHAT[$tool]="PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool ${SAN_FLAGS[*]} ${SANITIZE[*]} --profile full"
 done
@@ -274,8 +274,10 @@ if [[ $DRY_RUN -eq 1 ]]; then
   step sanitize-driver-cpu -- "$PYTHON" -m benchmarks.sanitize_driver --backends reference --device cpu \
     --profile tiny --out "$RESULTS/sanitize-driver-cpu.json"
 else
-  step gpu-tests -- "$PYTHON" -m pytest -m gpu "${XDIST[@]}" -p no:cacheprovider -q -rfEs \
-    --junitxml="$RESULTS/gpu-tests.xml" tests
+  # Inductor compiles in-process in each test worker: the few small torch.compile tests do not
+  # repay a pool of compile processes per worker.
+  step gpu-tests -- env TORCHINDUCTOR_COMPILE_THREADS=1 "$PYTHON" -m pytest -m gpu "${XDIST[@]}" \
+    -p no:cacheprovider -q -rfEs --junitxml="$RESULTS/gpu-tests.xml" tests
   if command -v compute-sanitizer >/dev/null 2>&1; then
     for tool in memcheck racecheck initcheck synccheck; do
       profile=full; caching=()
