@@ -84,8 +84,6 @@ def unsupported_reason(op: str, *, dtype: torch.dtype, iterations: int = 1, bias
         return f"unknown op {op!r}; the Triton backend implements {_SUPPORTED_OPS}"
     if dtype not in _SUPPORTED_DTYPES:
         return f"dtype {dtype} is not supported; expected one of {_SUPPORTED_DTYPES}"
-    if prior or temperature != 1.0:
-        return "the routing options prior and temperature are not implemented in this backend yet"
     if sizes is not None and op != "predict" and _IMPORT_ERROR is None:
         from ._routing_core import capsule_size_limit_reason
 

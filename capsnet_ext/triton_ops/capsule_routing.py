@@ -38,6 +38,8 @@ def capsule_routing(
     leaky: bool = False,
     detach_inner: bool = False,
     return_coupling: bool = False,
+    prior: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
 ):
     """``dynamic_routing(predict(u, W), ...)`` as one fused op.
 
@@ -49,4 +51,5 @@ def capsule_routing(
     Returns:
         ``v [B, J, Dout]`` or ``(v, c)`` with ``c [B, I, J]`` (no gradient).
     """
-    return run_routing(u, W, iterations, bias, leaky, detach_inner, return_coupling)
+    return run_routing(u, W, iterations, bias, leaky, detach_inner, return_coupling,
+                       prior, temperature)

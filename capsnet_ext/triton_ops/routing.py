@@ -36,6 +36,8 @@ def dynamic_routing(
     leaky: bool = False,
     detach_inner: bool = False,
     return_coupling: bool = False,
+    prior: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
 ):
     """Routing by agreement over ``u_hat [B, I, J, Dout]``; ``bias [J, Dout]`` optional.
 
@@ -44,4 +46,5 @@ def dynamic_routing(
     :func:`capsnet_ext.reference.dynamic_routing`; inputs are checked by
     :func:`capsnet_ext.ops.dynamic_routing`.
     """
-    return run_routing(u_hat, None, iterations, bias, leaky, detach_inner, return_coupling)
+    return run_routing(u_hat, None, iterations, bias, leaky, detach_inner, return_coupling,
+                       prior, temperature)
