@@ -1,7 +1,8 @@
 """The Triton backend against the reference: forward and gradients of predict, dynamic_routing
 and capsule_routing for every option (the learned prior and the temperature included), odd
-sizes, B = 1, 1 to 5 iterations, non-contiguous inputs, float64 gradcheck, float32/float16/bfloat16 within error-ratio tolerances, and the
-same errors as the reference for bad inputs.
+sizes, B = 1, 1 to 5 iterations, non-contiguous inputs, float64 gradcheck,
+float32/float16/bfloat16 within error-ratio tolerances, and the same errors as the reference
+for bad inputs.
 
 Without a GPU these run in Triton's CPU interpreter (``tests/conftest.py`` sets
 ``TRITON_INTERPRET=1`` before triton is imported); with one, every test also runs on CUDA

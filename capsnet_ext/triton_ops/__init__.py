@@ -9,7 +9,8 @@
 
 Runs on CUDA tensors, and on CPU tensors only under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before triton is imported), a testing tool. Every option of the API
-is supported for float16, bfloat16, float32 and float64. Float32 math is exact IEEE float32
+(the learned ``prior`` logits and the softmax ``temperature`` included) is supported for
+float16, bfloat16, float32 and float64. Float32 math is exact IEEE float32
 (no tensor-core ``tl.dot`` is used, so the TF32 settings have nothing to relax); float16 and
 bfloat16 accumulate in float32.
 

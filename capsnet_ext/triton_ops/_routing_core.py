@@ -3,9 +3,13 @@
 ``u`` and ``W`` in every pass, never written to memory).
 
 Math (per sample; see the derivation in the module docstrings of the two wrappers): after r
-agreement updates the logits are ``l_ij = <u_hat_ij, V_j>`` with ``V = v^1 + ... + v^r``, so
-iteration r needs only ``V^r`` (J*Dout numbers per sample) and is one sweep over the input
-capsules producing ``s^r_j = sum_i c_ij u_hat_ij``.
+agreement updates the logits are ``l_ij = prior_ij + <u_hat_ij, V_j>`` with
+``V = v^1 + ... + v^r`` (``prior`` optional, zero otherwise), and ``c_i = softmax(l_i / T)``,
+so iteration r needs only ``V^r`` (J*Dout numbers per sample) and is one sweep over the input
+capsules producing ``s^r_j = sum_i c_ij u_hat_ij``. Backward, the logit gradient is
+``gl_ij = c_ij (gc_ij - sum_k c_ik gc_ik) / T`` with ``gc_ij = <gs_j, u_hat_ij>``; it reaches
+``u_hat`` through the agreement and the prior directly: ``dprior_ij = sum_b sum_r gl^r_bij``
+(only the last iteration under ``detach_inner``, whose earlier logits are constants).
 
 Design
 ------
@@ -36,17 +40,20 @@ Kernels and grids (``n_isplit`` splits of the input capsules, chosen to fill the
   ``g_u_hat_ij = sum_r c^r_ij gs^r_j + gl^r_ij V^r_j`` (all iterations, couplings recomputed
   from the saved ``V^r``), then writes ``du`` and accumulates ``dW`` over its samples in
   registers; ``n_bsplit > 1`` partial ``dW`` are summed afterwards. Without fusion it writes
-  ``g_u_hat`` instead.
+  ``g_u_hat`` instead. With a prior wanting gradient it also sums ``gl^r`` over its samples
+  and iterations in registers into ``[n_bsplit, I, J]`` partials, summed afterwards (no
+  atomics: deterministic).
 
 Launches: ``2R`` forward, ``2R`` backward (``R - 1`` sweeps, ``R`` finalizes, one input-gradient
 sweep; ``detach_inner`` needs one finalize and the input-gradient sweep).
 
-Saved for backward: the inputs (``u`` and ``W``, or ``u_hat``) and, per iteration, ``s^r`` and
-``V^r`` (``[R, B, J, Dout]`` each, float32 or float64). Memory kept for backward by the fused
-op: ``B*I*Din + I*J*Dout*Din + 2*R*B*J*Dout`` elements. Autograd over the reference keeps
-``u_hat`` (``B*I*J*Dout``) and per-iteration ``[B, I, J]`` tensors besides: at the MNIST shape
-(B=128, I=1152, J=10, Din=8, Dout=16, R=3, float32) 118.6 MiB of activations beyond ``u`` and
-``W``, against 0.47 MiB here (counted with saved-tensor hooks, storages deduplicated).
+Saved for backward: the inputs (``u`` and ``W``, or ``u_hat``; the prior) and, per iteration,
+``s^r`` and ``V^r`` (``[R, B, J, Dout]`` each, float32 or float64). Memory kept for backward by
+the fused op: ``B*I*Din + I*J*Dout*Din + 2*R*B*J*Dout`` elements (``+ I*J`` with a prior).
+Autograd over the reference keeps ``u_hat`` (``B*I*J*Dout``) and per-iteration ``[B, I, J]``
+tensors besides: at the MNIST shape (B=128, I=1152, J=10, Din=8, Dout=16, R=3, float32)
+118.6 MiB of activations beyond ``u`` and ``W``, against 0.47 MiB here (counted with
+saved-tensor hooks, storages deduplicated).
 """
 from __future__ import annotations
 
