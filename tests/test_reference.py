@@ -254,3 +254,5 @@ def test_kernel_backends_report_prior_temperature_support(backend):
     reason = module.unsupported_reason("capsule_routing", dtype=torch.float32, iterations=3,
                                        prior=True, temperature=0.5, sizes=dict(J=3, Dout=4, Din=3))
     assert reason is None or "prior" in reason or "temperature" in reason
+    if backend == "triton":  # implemented there (tests/test_triton.py checks it against this file)
+        assert reason is None

@@ -9,7 +9,8 @@
 
 Runs on CUDA tensors, and on CPU tensors only under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before triton is imported), a testing tool. Every option of the API
-is supported for float16, bfloat16, float32 and float64. Float32 math is exact IEEE float32
+(the learned ``prior`` logits and the softmax ``temperature`` included) is supported for
+float16, bfloat16, float32 and float64. Float32 math is exact IEEE float32
 (no tensor-core ``tl.dot`` is used, so the TF32 settings have nothing to relax); float16 and
 bfloat16 accumulate in float32.
 
@@ -84,8 +85,6 @@ def unsupported_reason(op: str, *, dtype: torch.dtype, iterations: int = 1, bias
         return f"unknown op {op!r}; the Triton backend implements {_SUPPORTED_OPS}"
     if dtype not in _SUPPORTED_DTYPES:
         return f"dtype {dtype} is not supported; expected one of {_SUPPORTED_DTYPES}"
-    if prior or temperature != 1.0:
-        return "the routing options prior and temperature are not implemented in this backend yet"
     if sizes is not None and op != "predict" and _IMPORT_ERROR is None:
         from ._routing_core import capsule_size_limit_reason
 

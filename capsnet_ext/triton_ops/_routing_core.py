@@ -3,9 +3,13 @@
 ``u`` and ``W`` in every pass, never written to memory).
 
 Math (per sample; see the derivation in the module docstrings of the two wrappers): after r
-agreement updates the logits are ``l_ij = <u_hat_ij, V_j>`` with ``V = v^1 + ... + v^r``, so
-iteration r needs only ``V^r`` (J*Dout numbers per sample) and is one sweep over the input
-capsules producing ``s^r_j = sum_i c_ij u_hat_ij``.
+agreement updates the logits are ``l_ij = prior_ij + <u_hat_ij, V_j>`` with
+``V = v^1 + ... + v^r`` (``prior`` optional, zero otherwise), and ``c_i = softmax(l_i / T)``,
+so iteration r needs only ``V^r`` (J*Dout numbers per sample) and is one sweep over the input
+capsules producing ``s^r_j = sum_i c_ij u_hat_ij``. Backward, the logit gradient is
+``gl_ij = c_ij (gc_ij - sum_k c_ik gc_ik) / T`` with ``gc_ij = <gs_j, u_hat_ij>``; it reaches
+``u_hat`` through the agreement and the prior directly: ``dprior_ij = sum_b sum_r gl^r_bij``
+(only the last iteration under ``detach_inner``, whose earlier logits are constants).
 
 Design
 ------
@@ -36,17 +40,20 @@ Kernels and grids (``n_isplit`` splits of the input capsules, chosen to fill the
   ``g_u_hat_ij = sum_r c^r_ij gs^r_j + gl^r_ij V^r_j`` (all iterations, couplings recomputed
   from the saved ``V^r``), then writes ``du`` and accumulates ``dW`` over its samples in
   registers; ``n_bsplit > 1`` partial ``dW`` are summed afterwards. Without fusion it writes
-  ``g_u_hat`` instead.
+  ``g_u_hat`` instead. With a prior wanting gradient it also sums ``gl^r`` over its samples
+  and iterations in registers into ``[n_bsplit, I, J]`` partials, summed afterwards (no
+  atomics: deterministic).
 
 Launches: ``2R`` forward, ``2R`` backward (``R - 1`` sweeps, ``R`` finalizes, one input-gradient
 sweep; ``detach_inner`` needs one finalize and the input-gradient sweep).
 
-Saved for backward: the inputs (``u`` and ``W``, or ``u_hat``) and, per iteration, ``s^r`` and
-``V^r`` (``[R, B, J, Dout]`` each, float32 or float64). Memory kept for backward by the fused
-op: ``B*I*Din + I*J*Dout*Din + 2*R*B*J*Dout`` elements. Autograd over the reference keeps
-``u_hat`` (``B*I*J*Dout``) and per-iteration ``[B, I, J]`` tensors besides: at the MNIST shape
-(B=128, I=1152, J=10, Din=8, Dout=16, R=3, float32) 118.6 MiB of activations beyond ``u`` and
-``W``, against 0.47 MiB here (counted with saved-tensor hooks, storages deduplicated).
+Saved for backward: the inputs (``u`` and ``W``, or ``u_hat``; the prior) and, per iteration,
+``s^r`` and ``V^r`` (``[R, B, J, Dout]`` each, float32 or float64). Memory kept for backward by
+the fused op: ``B*I*Din + I*J*Dout*Din + 2*R*B*J*Dout`` elements (``+ I*J`` with a prior).
+Autograd over the reference keeps ``u_hat`` (``B*I*J*Dout``) and per-iteration ``[B, I, J]``
+tensors besides: at the MNIST shape (B=128, I=1152, J=10, Din=8, Dout=16, R=3, float32)
+118.6 MiB of activations beyond ``u`` and ``W``, against 0.47 MiB here (counted with
+saved-tensor hooks, storages deduplicated).
 """
 from __future__ import annotations
 
@@ -202,6 +209,14 @@ def _coupling(logits, j_mask, LEAKY: tl.constexpr):
 
 
 @triton.jit
+def _load_prior(prior_ptr, i_offs, i_mask, J, BLOCK_J: tl.constexpr, ACC: tl.constexpr):
+    """Rows ``i_offs`` of the contiguous [I, J] prior as a zero-padded [BLOCK_I, BLOCK_J] tile."""
+    j = tl.arange(0, BLOCK_J)[None, :]
+    return tl.load(prior_ptr + i_offs[:, None] * J + j, mask=i_mask[:, None] & (j < J),
+                   other=0.0).to(ACC)
+
+
+@triton.jit
 def _load_bjd(ptr, b_offs, b_mask, J, D, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     """Rows ``b_offs`` of a contiguous [B, J, D] tensor as a zero-padded [BLOCK_B, BLOCK_J, BLOCK_D] tile."""
     j = tl.arange(0, BLOCK_J)[None, :, None]
@@ -244,15 +259,19 @@ def _sweep_kernel(
     gs_ptr,  # [B, J, D] gradient wrt s of this iteration (BACKWARD only)
     partial_ptr,  # [n_isplit, B, J, D] output: this program's share of the sum over i
     c_ptr,  # [B, I, J] output couplings (STORE_C only)
+    prior_ptr,  # [I, J] contiguous prior logits (HAS_PRIOR only)
+    inv_t_ptr,  # [1] 1 / temperature in the accumulation dtype (HAS_TEMPERATURE only)
     B, I, J, D, Din, i_per_split,
     FUSED: tl.constexpr, BACKWARD: tl.constexpr, LEAKY: tl.constexpr, STORE_C: tl.constexpr,
+    HAS_PRIOR: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
     ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """Forward: ``partial_j = sum_i c_ij u_hat_ij`` over this program's input capsules, for
-    each of its samples. Backward: ``partial_j = sum_i gl_ij u_hat_ij`` with
-    ``gc_ij = <gs_j, u_hat_ij>`` and the softmax backward ``gl_ij = c_ij (gc_ij - sum_k c_ik gc_ik)``
-    (sum over the real outputs only: a leaky logit is a constant)."""
+    each of its samples, with ``c_i = softmax((prior_i + <u_hat_i, V>) / T)``. Backward:
+    ``partial_j = sum_i gl_ij u_hat_ij`` with ``gc_ij = <gs_j, u_hat_ij>`` and the softmax
+    backward ``gl_ij = c_ij (gc_ij - sum_k c_ik gc_ik) / T`` (sum over the real outputs only:
+    a leaky logit is a constant)."""
     b_offs = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     b_mask = b_offs < B
     split = tl.program_id(1)
@@ -261,6 +280,8 @@ def _sweep_kernel(
     V = _load_bjd(V_ptr, b_offs, b_mask, J, D, BLOCK_J, BLOCK_D, ACC)[:, None, :, :]
     if BACKWARD:
         gs = _load_bjd(gs_ptr, b_offs, b_mask, J, D, BLOCK_J, BLOCK_D, ACC)[:, None, :, :]
+    if HAS_TEMPERATURE:
+        inv_t = tl.load(inv_t_ptr)
     acc = tl.zeros([BLOCK_B, BLOCK_J, BLOCK_D], dtype=ACC)
     i_begin = split * i_per_split
     i_end = tl.minimum(i_begin + i_per_split, I)
@@ -270,10 +291,17 @@ def _sweep_kernel(
         u_hat = _u_hat_block(b_offs, b_mask, i_offs, i_mask, src_ptr, s_b, s_i, s_j, s_d,
                              w_ptr, w_i, w_j, w_d, w_k, J, D, Din, FUSED, ACC, BLOCK_B, BLOCK_I,
                              BLOCK_J, BLOCK_D)
-        c = _coupling(tl.sum(u_hat * V, axis=3), j_mask, LEAKY)  # [BLOCK_B, BLOCK_I, BLOCK_J]
+        logits = tl.sum(u_hat * V, axis=3)  # [BLOCK_B, BLOCK_I, BLOCK_J]
+        if HAS_PRIOR:
+            logits += _load_prior(prior_ptr, i_offs, i_mask, J, BLOCK_J, ACC)[None, :, :]
+        if HAS_TEMPERATURE:
+            logits *= inv_t
+        c = _coupling(logits, j_mask, LEAKY)
         if BACKWARD:
             gc = tl.sum(u_hat * gs, axis=3)
             weight = c * (gc - tl.sum(c * gc, axis=2)[:, :, None])
+            if HAS_TEMPERATURE:
+                weight *= inv_t
         else:
             weight = c
             if STORE_C:
@@ -354,14 +382,21 @@ def _input_grad_kernel(
     V_all_ptr, gs_all_ptr,  # [R, B, J, D] saved V^r and the gradients gs^r
     g_src_ptr,  # output: g_u_hat [B, I, J, D] contiguous, or du [B, I, Din] contiguous (fused)
     g_w_ptr,  # output (fused, NEED_DW): dW partials [n_bsplit, I, J, D, Din] contiguous
+    prior_ptr,  # [I, J] contiguous prior logits (HAS_PRIOR only)
+    inv_t_ptr,  # [1] 1 / temperature in the accumulation dtype (HAS_TEMPERATURE only)
+    g_prior_ptr,  # output (NEED_DPRIOR): prior gradient partials [n_bsplit, I, J] contiguous
     B, I, J, D, Din, R, b_per_split,
     FUSED: tl.constexpr, LEAKY: tl.constexpr, DETACH: tl.constexpr,
-    NEED_DSRC: tl.constexpr, NEED_DW: tl.constexpr, ACC: tl.constexpr,
+    NEED_DSRC: tl.constexpr, NEED_DW: tl.constexpr,
+    HAS_PRIOR: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, NEED_DPRIOR: tl.constexpr,
+    ACC: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``g_u_hat_ij = sum_r c^r_ij gs^r_j + gl^r_ij V^r_j`` (only the last iteration's first term
     with ``DETACH``), then ``du_i = sum_j W_ij^T g_u_hat_ij`` and
-    ``dW_ij = sum_b g_u_hat_ij u_i^T`` (fused), or ``g_u_hat`` itself."""
+    ``dW_ij = sum_b g_u_hat_ij u_i^T`` (fused), or ``g_u_hat`` itself. The logit gradients
+    ``gl^r`` are also the prior's: ``dprior_ij = sum_b sum_r gl^r_ij`` (only the last
+    iteration with ``DETACH``), summed over this program's samples in registers."""
     tile = tl.program_id(0)
     split = tl.program_id(1)
     i_offs = tile * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -382,6 +417,12 @@ def _input_grad_kernel(
                          + d3[:, :, :, None] * w_d + k4 * w_k, mask=mask4, other=0.0).to(ACC)
         if NEED_DW:
             dW = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_K], dtype=ACC)
+    if HAS_PRIOR:
+        prior = _load_prior(prior_ptr, i_offs, i_mask, J, BLOCK_J, ACC)
+    if HAS_TEMPERATURE:
+        inv_t = tl.load(inv_t_ptr)
+    if NEED_DPRIOR:
+        d_prior = tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC)
     if DETACH:
         r_begin = R - 1
     else:
@@ -400,13 +441,29 @@ def _input_grad_kernel(
         for r in range(r_begin, R):
             V = _load_jd(V_all_ptr + (r * B + b) * J * D, J, D, BLOCK_J, BLOCK_D, ACC)
             gs = _load_jd(gs_all_ptr + (r * B + b) * J * D, J, D, BLOCK_J, BLOCK_D, ACC)
-            c = _coupling(tl.sum(u_hat * V[None, :, :], axis=2), j_mask[None, :], LEAKY)
+            logits = tl.sum(u_hat * V[None, :, :], axis=2)
+            if HAS_PRIOR:
+                logits += prior
+            if HAS_TEMPERATURE:
+                logits *= inv_t
+            c = _coupling(logits, j_mask[None, :], LEAKY)
             g_u_hat += c[:, :, None] * gs[None, :, :]
-            if not DETACH:
+            if NEED_DPRIOR:
+                gc = tl.sum(u_hat * gs[None, :, :], axis=2)
+                gl = c * (gc - tl.sum(c * gc, axis=1)[:, None])
+                if HAS_TEMPERATURE:
+                    gl *= inv_t
+                d_prior += gl
+                if not DETACH:
+                    # Through the logits' agreement <u_hat, V^r> (zero for r = 0: V^1 = 0).
+                    g_u_hat += gl[:, :, None] * V[None, :, :]
+            elif not DETACH:
                 # Through the logits <u_hat, V^r>; V^1 = 0, so the first iteration adds nothing.
                 if r > 0:
                     gc = tl.sum(u_hat * gs[None, :, :], axis=2)
                     gl = c * (gc - tl.sum(c * gc, axis=1)[:, None])
+                    if HAS_TEMPERATURE:
+                        gl *= inv_t
                     g_u_hat += gl[:, :, None] * V[None, :, :]
         if FUSED:
             if NEED_DSRC:
@@ -417,13 +474,17 @@ def _input_grad_kernel(
             if NEED_DW:
                 dW += g_u_hat[:, :, :, None] * u_tile[:, None, None, :]
         else:
-            tl.store(g_src_ptr + ((b * I + i3) * J + j3) * D + d3,
-                     g_u_hat.to(g_src_ptr.dtype.element_ty), mask=mask3)
+            if NEED_DSRC:
+                tl.store(g_src_ptr + ((b * I + i3) * J + j3) * D + d3,
+                         g_u_hat.to(g_src_ptr.dtype.element_ty), mask=mask3)
     if FUSED:
         if NEED_DW:
             tl.store(g_w_ptr + split * I * J * D * Din
                      + ((i3[:, :, :, None] * J + j3[:, :, :, None]) * D + d3[:, :, :, None]) * Din + k4,
                      dW.to(g_w_ptr.dtype.element_ty), mask=mask4)
+    if NEED_DPRIOR:
+        tl.store(g_prior_ptr + (split * I + i_offs[:, None]) * J + j_offs[None, :],
+                 d_prior.to(g_prior_ptr.dtype.element_ty), mask=i_mask[:, None] & j_mask[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,9 +507,20 @@ def _routing_shape(src, W):
     return True, B, I, W.shape[1], W.shape[2], Din
 
 
-def routing_forward(src, W, iterations, bias, leaky, return_coupling):
+def _logit_args(prior, temperature, acc, device):
+    """``(prior, inv_t, HAS_PRIOR, HAS_TEMPERATURE)`` kernel arguments. ``1 / temperature``
+    travels as a one-element tensor in the accumulation dtype: a Python float argument would
+    reach the kernels rounded to float32."""
+    has_temperature = float(temperature) != 1.0
+    inv_t = torch.full((1,), 1.0 / float(temperature), dtype=acc, device=device) if has_temperature else None
+    prior_arg = prior.contiguous() if prior is not None else None
+    return prior_arg, inv_t, prior is not None, has_temperature
+
+
+def routing_forward(src, W, iterations, bias, leaky, return_coupling, prior=None, temperature=1.0):
     """Run the R forward sweeps. ``src`` is ``u_hat [B, I, J, D]`` (``W is None``) or
-    ``u [B, I, Din]`` (fused with ``W [I, J, D, Din]``).
+    ``u [B, I, Din]`` (fused with ``W [I, J, D, Din]``); ``prior [I, J]`` optional, added to
+    the logits before every softmax, and ``temperature`` dividing them.
 
     Returns ``v [B, J, D]`` (src's dtype), the saved ``s_all`` and ``V_all`` (``[R, B, J, D]``,
     accumulation dtype) and the last couplings ``c [B, I, J]`` or ``None``.
@@ -464,13 +536,17 @@ def routing_forward(src, W, iterations, bias, leaky, return_coupling):
     v = torch.empty(B, J, D, device=src.device, dtype=src.dtype)
     c = torch.empty(B, I, J, device=src.device, dtype=src.dtype) if return_coupling else partial
     bias_arg = bias.contiguous() if bias is not None else partial
+    prior_arg, inv_t, has_prior, has_temperature = _logit_args(prior, temperature, acc, src.device)
     src_args = _source_args(src, W)
     meta = dict(ACC=_tl_acc(src.dtype), BLOCK_J=plan.BLOCK_J, BLOCK_D=plan.BLOCK_D)
     for r in range(R):
         last = r == R - 1
         _sweep_kernel[(plan.n_bblocks, plan.n_isplit)](
-            *src_args, V_all[r], partial, partial, c, B, I, J, D, Din, plan.i_per_split,
+            *src_args, V_all[r], partial, partial, c,
+            prior_arg if has_prior else partial, inv_t if has_temperature else partial,
+            B, I, J, D, Din, plan.i_per_split,
             FUSED=fused, BACKWARD=False, LEAKY=leaky, STORE_C=return_coupling and last,
+            HAS_PRIOR=has_prior, HAS_TEMPERATURE=has_temperature,
             BLOCK_B=plan.SWEEP_BLOCK_B, BLOCK_I=plan.SWEEP_BLOCK_I, num_warps=plan.sweep_warps, **meta,
         )
         _finalize_fwd_kernel[(B,)](
@@ -480,14 +556,26 @@ def routing_forward(src, W, iterations, bias, leaky, return_coupling):
     return v, s_all, V_all, (c if return_coupling else None)
 
 
-def routing_backward(src, W, grad_v, s_all, V_all, leaky, detach_inner, need_src, need_w):
-    """Gradients ``(d_src, dW, gs_all)`` of the routing output wrt ``src`` (``u_hat``, or ``u``
-    when fused) and ``W`` (fused only; ``None`` otherwise), plus ``gs_all [R, B, J, D]``, the
-    gradient wrt every iteration's ``s`` (``dL/dbias = gs_all.sum((0, 1))``)."""
+def routing_backward(src, W, grad_v, s_all, V_all, leaky, detach_inner, need_src, need_w,
+                     prior=None, temperature=1.0, need_prior=False):
+    """Gradients ``(d_src, dW, gs_all, d_prior)`` of the routing output wrt ``src`` (``u_hat``,
+    or ``u`` when fused), ``W`` (fused only; ``None`` otherwise), every iteration's ``s``
+    (``gs_all [R, B, J, D]``; ``dL/dbias = gs_all.sum((0, 1))``) and ``prior`` (``None``
+    unless ``need_prior``).
+
+    The prior is added to every iteration's logits, so its gradient is the sum over samples
+    and iterations of the logit gradients: with ``c^r = softmax((prior + A^r) / T)`` and
+    ``gc^r_ij = <gs^r_j, u_hat_ij>``, ``dprior_ij = sum_b sum_r c^r_ij (gc^r_ij -
+    sum_k c^r_ik gc^r_ik) / T`` (only ``r = R`` under ``detach_inner``). Each input-gradient
+    program sums its samples in registers; the ``n_bsplit`` partials are summed after, so the
+    result is deterministic."""
     fused, B, I, J, D, Din = _routing_shape(src, W)
     R = s_all.shape[0]
     plan = _Plan(B, I, J, D, Din, fused, src.device)
     acc = s_all.dtype
+    need_prior = need_prior and prior is not None
+    prior_arg, inv_t, has_prior, has_temperature = _logit_args(prior, temperature, acc, src.device)
+    logit_meta = dict(HAS_PRIOR=has_prior, HAS_TEMPERATURE=has_temperature)
     meta = dict(ACC=_tl_acc(src.dtype), BLOCK_J=plan.BLOCK_J, BLOCK_D=plan.BLOCK_D)
     grad_v = grad_v.contiguous()
     gs_all = torch.zeros(R, B, J, D, device=src.device, dtype=acc)
@@ -504,8 +592,10 @@ def routing_backward(src, W, grad_v, s_all, V_all, leaky, detach_inner, need_src
             break
         # D^r = dL/dV^r, a sum over i: it reaches every earlier iteration's v.
         _sweep_kernel[(plan.n_bblocks, plan.n_isplit)](
-            *src_args, V_all[r], gs_all[r], partial, partial, B, I, J, D, Din, plan.i_per_split,
-            FUSED=fused, BACKWARD=True, LEAKY=leaky, STORE_C=False,
+            *src_args, V_all[r], gs_all[r], partial, partial,
+            prior_arg if has_prior else partial, inv_t if has_temperature else partial,
+            B, I, J, D, Din, plan.i_per_split,
+            FUSED=fused, BACKWARD=True, LEAKY=leaky, STORE_C=False, **logit_meta,
             BLOCK_B=plan.SWEEP_BLOCK_B, BLOCK_I=plan.SWEEP_BLOCK_I, num_warps=plan.sweep_warps, **meta,
         )
         has_partial = True
@@ -517,19 +607,28 @@ def routing_backward(src, W, grad_v, s_all, V_all, leaky, detach_inner, need_src
         if need_dw:
             dw_dtype = W.dtype if plan.n_bsplit == 1 else acc
             dW = torch.empty(plan.n_bsplit, I, J, D, Din, device=src.device, dtype=dw_dtype)
-    else:
+    elif need_src:
         d_src = torch.empty(B, I, J, D, device=src.device, dtype=src.dtype)
-    if (fused and (need_src or need_dw)) or (not fused and need_src):
+    d_prior = None
+    if need_prior:
+        d_prior = torch.empty(plan.n_bsplit, I, J, device=src.device,
+                              dtype=prior.dtype if plan.n_bsplit == 1 else acc)
+    if need_src or need_dw or need_prior:
         _input_grad_kernel[(plan.n_itiles, plan.n_bsplit)](
             *src_args, V_all, gs_all,
             d_src if d_src is not None else gs_all, dW if dW is not None else gs_all,
+            prior_arg if has_prior else gs_all, inv_t if has_temperature else gs_all,
+            d_prior if d_prior is not None else gs_all,
             B, I, J, D, Din, R, plan.b_per_split,
             FUSED=fused, LEAKY=leaky, DETACH=detach_inner, NEED_DSRC=need_src, NEED_DW=need_dw,
+            NEED_DPRIOR=need_prior, **logit_meta,
             BLOCK_I=plan.GRAD_BLOCK_I, BLOCK_K=plan.BLOCK_K, num_warps=plan.grad_warps, **meta,
         )
     if dW is not None:
         dW = dW[0] if plan.n_bsplit == 1 else dW.sum(0).to(W.dtype)
-    return d_src, dW, gs_all
+    if d_prior is not None:
+        d_prior = d_prior[0] if plan.n_bsplit == 1 else d_prior.sum(0).to(prior.dtype)
+    return d_src, dW, gs_all, d_prior
 
 
 class RoutingFunction(torch.autograd.Function):
@@ -537,11 +636,14 @@ class RoutingFunction(torch.autograd.Function):
     (``src``); otherwise ``src`` is ``u`` and ``u_hat`` is recomputed in every pass."""
 
     @staticmethod
-    def forward(ctx, src, W, bias, iterations, leaky, detach_inner, return_coupling):
-        v, s_all, V_all, c = routing_forward(src, W, iterations, bias, leaky, return_coupling)
-        ctx.save_for_backward(src, W, s_all, V_all)
+    def forward(ctx, src, W, bias, prior, iterations, leaky, detach_inner, return_coupling,
+                temperature):
+        v, s_all, V_all, c = routing_forward(src, W, iterations, bias, leaky, return_coupling,
+                                             prior, temperature)
+        ctx.save_for_backward(src, W, prior, s_all, V_all)
         ctx.leaky = leaky
         ctx.detach_inner = detach_inner
+        ctx.temperature = temperature
         ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         if c is not None:
@@ -552,15 +654,17 @@ class RoutingFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_v, grad_c=None):
-        src, W, s_all, V_all = ctx.saved_tensors
+        src, W, prior, s_all, V_all = ctx.saved_tensors
         need_src = ctx.needs_input_grad[0]
         need_w = W is not None and ctx.needs_input_grad[1]
-        d_src, dW, gs_all = routing_backward(
-            src, W, grad_v, s_all, V_all, ctx.leaky, ctx.detach_inner, need_src, need_w)
+        need_prior = prior is not None and ctx.needs_input_grad[3]
+        d_src, dW, gs_all, d_prior = routing_backward(
+            src, W, grad_v, s_all, V_all, ctx.leaky, ctx.detach_inner, need_src, need_w,
+            prior, ctx.temperature, need_prior)
         d_bias = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
             d_bias = gs_all.sum((0, 1)).to(ctx.bias_dtype)
-        return d_src if need_src else None, dW, d_bias, None, None, None, None
+        return d_src if need_src else None, dW, d_bias, d_prior, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -584,16 +688,18 @@ def _routing_shapes(src, W):
 
 @torch.library.custom_op("capsnet_ext_triton::routing_forward", mutates_args=())
 def routing_forward_op(src: torch.Tensor, W: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                       iterations: int, leaky: bool, detach_inner: bool, return_coupling: bool
+                       iterations: int, leaky: bool, detach_inner: bool, return_coupling: bool,
+                       prior: Optional[torch.Tensor] = None, temperature: float = 1.0
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(v, s_all, V_all, c)``; ``c`` is empty unless ``return_coupling``. ``detach_inner``
     only matters to the backward registered below."""
-    v, s_all, V_all, c = routing_forward(src, W, iterations, bias, leaky, return_coupling)
+    v, s_all, V_all, c = routing_forward(src, W, iterations, bias, leaky, return_coupling,
+                                         prior, temperature)
     return v, s_all, V_all, (c if c is not None else _empty_like_none(src))
 
 
 @routing_forward_op.register_fake
-def _(src, W, bias, iterations, leaky, detach_inner, return_coupling):
+def _(src, W, bias, iterations, leaky, detach_inner, return_coupling, prior=None, temperature=1.0):
     B, I, J, D = _routing_shapes(src, W)
     acc = acc_dtype(src.dtype)
     c = src.new_empty(B, I, J) if return_coupling else src.new_empty(0)
@@ -604,49 +710,58 @@ def _(src, W, bias, iterations, leaky, detach_inner, return_coupling):
 @torch.library.custom_op("capsnet_ext_triton::routing_backward", mutates_args=())
 def routing_backward_op(grad_v: torch.Tensor, src: torch.Tensor, W: Optional[torch.Tensor],
                         s_all: torch.Tensor, V_all: torch.Tensor, leaky: bool, detach_inner: bool,
-                        need_src: bool, need_w: bool
-                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(d_src, dW, gs_all)``; gradients not asked for are empty."""
-    d_src, dW, gs_all = routing_backward(src, W, grad_v, s_all, V_all, leaky, detach_inner,
-                                         need_src, need_w)
+                        need_src: bool, need_w: bool, prior: Optional[torch.Tensor] = None,
+                        temperature: float = 1.0, need_prior: bool = False
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(d_src, dW, gs_all, d_prior)``; gradients not asked for are empty."""
+    d_src, dW, gs_all, d_prior = routing_backward(src, W, grad_v, s_all, V_all, leaky,
+                                                  detach_inner, need_src, need_w, prior,
+                                                  temperature, need_prior)
     return (d_src if d_src is not None else _empty_like_none(src),
-            dW if dW is not None else _empty_like_none(src), gs_all)
+            dW if dW is not None else _empty_like_none(src), gs_all,
+            d_prior if d_prior is not None else _empty_like_none(src))
 
 
 @routing_backward_op.register_fake
-def _(grad_v, src, W, s_all, V_all, leaky, detach_inner, need_src, need_w):
+def _(grad_v, src, W, s_all, V_all, leaky, detach_inner, need_src, need_w, prior=None,
+      temperature=1.0, need_prior=False):
     d_src = src.new_empty(src.shape) if need_src else src.new_empty(0)
     dW = W.new_empty(W.shape) if (W is not None and need_w) else src.new_empty(0)
-    return d_src, dW, s_all.new_empty(s_all.shape)
+    d_prior = prior.new_empty(prior.shape) if (prior is not None and need_prior) else src.new_empty(0)
+    return d_src, dW, s_all.new_empty(s_all.shape), d_prior
 
 
 def _routing_setup_context(ctx, inputs, output):
-    src, W, bias, iterations, leaky, detach_inner, return_coupling = inputs
+    src, W, bias, iterations, leaky, detach_inner, return_coupling, prior, temperature = inputs
     _, s_all, V_all, c = output
-    ctx.save_for_backward(src, W, s_all, V_all)
+    ctx.save_for_backward(src, W, prior, s_all, V_all)
     ctx.leaky = leaky
     ctx.detach_inner = detach_inner
+    ctx.temperature = temperature
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.mark_non_differentiable(s_all, V_all, c)
 
 
 def _routing_backward_formula(ctx, grad_v, grad_s_all, grad_V_all, grad_c):
-    src, W, s_all, V_all = ctx.saved_tensors
+    src, W, prior, s_all, V_all = ctx.saved_tensors
     need_src = ctx.needs_input_grad[0]
     need_w = W is not None and ctx.needs_input_grad[1]
-    d_src, dW, gs_all = routing_backward_op(grad_v, src, W, s_all, V_all, ctx.leaky,
-                                            ctx.detach_inner, need_src, need_w)
+    need_prior = prior is not None and ctx.needs_input_grad[7]
+    d_src, dW, gs_all, d_prior = routing_backward_op(
+        grad_v, src, W, s_all, V_all, ctx.leaky, ctx.detach_inner, need_src, need_w,
+        prior, ctx.temperature, need_prior)
     d_bias = None
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
         d_bias = gs_all.sum((0, 1)).to(ctx.bias_dtype)
     return (d_src if need_src else None, dW if need_w else None, d_bias,
-            None, None, None, None)
+            None, None, None, None, d_prior if need_prior else None, None)
 
 
 routing_forward_op.register_autograd(_routing_backward_formula, setup_context=_routing_setup_context)
 
 
-def run_routing(src, W, iterations, bias, leaky, detach_inner, return_coupling):
+def run_routing(src, W, iterations, bias, leaky, detach_inner, return_coupling, prior=None,
+                temperature=1.0):
     """Shared entry of the two public wrappers: make the small inputs contiguous (``u`` and
     ``W`` are re-read in every pass; ``u_hat`` is read through its strides) and apply.
 
@@ -657,6 +772,7 @@ def run_routing(src, W, iterations, bias, leaky, detach_inner, return_coupling):
         W = W.contiguous()
     if torch.compiler.is_compiling():
         v, _, _, c = routing_forward_op(src, W, bias, iterations, leaky, detach_inner,
-                                        return_coupling)
+                                        return_coupling, prior, float(temperature))
         return (v, c) if return_coupling else v
-    return RoutingFunction.apply(src, W, bias, iterations, leaky, detach_inner, return_coupling)
+    return RoutingFunction.apply(src, W, bias, prior, iterations, leaky, detach_inner,
+                                 return_coupling, float(temperature))
