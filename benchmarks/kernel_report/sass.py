@@ -236,8 +236,9 @@ def dynamic_estimate(fn: Function, line_counts: Optional[Dict[str, float]], sour
     never ran); one inside a loop runs as often as that loop's body, estimated as the median
     execution count of the source lines of the instructions directly in the body (a SASS loop
     is a backward branch; loops the compiler unrolled are straight-line code in SASS and their
-    lines' counts are not used, so unrolling does not inflate the estimate). Returns the
-    weights, the loops (address range, static size, estimated executions) and notes.
+    lines' counts are not used, so unrolling does not inflate the estimate), or as often as its
+    own statement if that ran less often (a branch inside the loop). Returns the weights, the
+    loops (address range, static size, estimated executions) and notes.
     """
     loops = fn.loops()
     n = len(fn.instructions)
@@ -258,10 +259,22 @@ def dynamic_estimate(fn: Function, line_counts: Optional[Dict[str, float]], sour
         for file, line in ins.frames:
             table = (statement_of_line or {}).get(os.path.realpath(file), {})
             chain.append(str(table.get(str(line), line)))
-        for key in ("/".join(chain), chain[0] if chain else str(ins.line)):  # the full chain, else the statement
-            if key in line_counts:
-                return float(line_counts[key])
-        return 0.0
+        if not chain:
+            chain = [str(ins.line)]
+        key = "/".join(chain)
+        if key in line_counts:
+            return float(line_counts[key])
+        # No inlining chain in the line table (nvdisasm prints one for some instructions only):
+        # the busiest call site of that helper line stands in.
+        by_inner = by_innermost.get(chain[-1])
+        if by_inner is not None:
+            return by_inner
+        return float(line_counts[chain[0]]) if chain[0] in line_counts else None
+
+    by_innermost: Dict[str, float] = {}
+    for key, value in (line_counts or {}).items():
+        inner = key.rsplit("/", 1)[-1]
+        by_innermost[inner] = max(by_innermost.get(inner, 0.0), float(value))
 
     trips: List[Optional[float]] = []
     for li in range(len(loops)):
@@ -271,11 +284,16 @@ def dynamic_estimate(fn: Function, line_counts: Optional[Dict[str, float]], sour
     weights: List[float] = []
     for k, ins in enumerate(fn.instructions):
         li = innermost[k]
+        c = count_of(ins)
         if li is None:
-            c = count_of(ins)
             weights.append(1.0 if c is None else (1.0 if c > 0 else 0.0))
+        elif trips[li] is None:
+            weights.append(1.0)
         else:
-            weights.append(trips[li] if trips[li] is not None else 1.0)
+            # Code under a branch inside the loop runs less often than the loop body (its own
+            # statement count); a statement counted more often than the body is unrolled
+            # in SASS, each copy running once per pass.
+            weights.append(trips[li] if c is None else min(c, trips[li]))
     loop_info = [dict(first=f"{lo:#06x}", last=f"{hi:#06x}",
                       static_instructions=sum(1 for k in range(n) if innermost[k] == li),
                       executions_per_warp=trips[li])

@@ -19,6 +19,14 @@ from .gpus import GPUSpec
 from .triton_launches import Launch, record_op
 
 
+def _file_hash(path: str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()[:16]
+
+
+_PROFILER_HASH = _file_hash(os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_profile.py"))
+
+
 def _sample_programs(grid: List[int], samples: int) -> List[List[int]]:
     """The first and last program (and evenly spaced ones between when ``samples > 2``):
     edge programs are where partial tiles and shorter ranges show up."""
@@ -78,7 +86,7 @@ def profile_launches(launches: Dict[str, Launch], samples: int, cache_dir: str) 
     os.makedirs(folder, exist_ok=True)
     paths = {}
     for key, launch in launches.items():
-        path = os.path.join(folder, _hash(launch.kernel.cache_key, key, samples) + ".json")
+        path = os.path.join(folder, _hash(launch.kernel.cache_key, key, samples, _PROFILER_HASH) + ".json")
         paths[key] = path
         if os.path.exists(path):
             results[key] = dict(json.load(open(path)), cached=True)
