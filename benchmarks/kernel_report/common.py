@@ -45,7 +45,8 @@ def launch_metrics(variant: dict, gpu: GPUSpec, blocks: int, threads_per_block: 
     cats = mix["by_category"]
     warps = max(1, threads_per_block // 32)
     bound = model.launch_bound(gpu, blocks, warps, occ["blocks_per_sm"], per_warp, cats.get("FP64", 0.0),
-                               cats.get("MUFU", 0.0), bytes_moved)
+                               cats.get("MUFU", 0.0), bytes_moved,
+                               fp32_per_warp=cats.get("FFMA", 0.0) + cats.get("FP32 other", 0.0))
     return dict(
         shared_bytes=shared, registers=variant["registers"], local_bytes=variant["local_bytes"],
         stack_bytes=variant["stack_bytes"], occupancy=occ, waves=bound["waves"],

@@ -12,8 +12,9 @@ The model (also printed with every report):
 * warp-serial bound: a warp issues at most one instruction per cycle and an SM runs its
   blocks in at least ``ceil(waves)`` rounds, so ``t >= ceil(waves) x instructions per warp
   / clock``;
-* pipe bounds: FP64 and MUFU (special function) instructions go through narrower pipes
-  (``fp64_warp_instr_per_clk_per_sm``, ``mufu_warp_instr_per_clk_per_sm``);
+* pipe bounds: FP32, FP64 and MUFU (special function) instructions go through pipes of
+  ``fp32_warp_instr_per_clk_per_sm`` (4 on H100, 2 on A100), ``fp64_warp_instr_per_clk_per_sm``
+  and ``mufu_warp_instr_per_clk_per_sm`` warp instructions per cycle per SM;
 * memory bound: bytes of the buffers the kernel reads and writes, each counted once, over
   DRAM bandwidth;
 * the launch bound is the largest of these. Instruction latencies, dependency stalls, memory
@@ -50,7 +51,7 @@ def occupancy(gpu: GPUSpec, threads_per_block: int, registers: int, shared_bytes
 
 def launch_bound(gpu: GPUSpec, blocks: int, warps_per_block: int, blocks_per_sm: int,
                  warp_instructions_per_warp: float, fp64_per_warp: float, mufu_per_warp: float,
-                 bytes_moved: Optional[float]) -> dict:
+                 bytes_moved: Optional[float], fp32_per_warp: float = 0.0) -> dict:
     """Lower bounds (seconds) for one launch; see the module docstring."""
     per_sm_blocks = math.ceil(blocks / gpu.sms)
     rounds = math.ceil(blocks / max(1, blocks_per_sm * gpu.sms)) if blocks_per_sm > 0 else float("inf")
@@ -58,6 +59,7 @@ def launch_bound(gpu: GPUSpec, blocks: int, warps_per_block: int, blocks_per_sm:
     bounds = {
         "issue": per_sm_blocks * warps_per_block * warp_instructions_per_warp / (gpu.schedulers_per_sm * clk),
         "warp_serial": rounds * warp_instructions_per_warp / clk,
+        "fp32_pipe": per_sm_blocks * warps_per_block * fp32_per_warp / (gpu.fp32_warp_instr_per_clk_per_sm * clk),
         "fp64_pipe": per_sm_blocks * warps_per_block * fp64_per_warp / (gpu.fp64_warp_instr_per_clk_per_sm * clk),
         "mufu_pipe": per_sm_blocks * warps_per_block * mufu_per_warp / (gpu.mufu_warp_instr_per_clk_per_sm * clk),
     }
