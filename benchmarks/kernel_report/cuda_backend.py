@@ -306,6 +306,32 @@ def _demangle(names: List[str]) -> Dict[str, str]:
     return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
 
 
+def _profile_run(pexe: str, pobj: str, op: str, shape: dict, dtype_name: str, iterations: int, bias: bool,
+                 gpu: GPUSpec) -> dict:
+    """Run the --coverage build: per launch, the kernel name, gcov line counts of its first
+    and last block and the threads that ran."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_problem(tmp, op, shape, dtype_name, iterations, bias, gpu.sms)
+        log = os.path.join(tmp, "profile.log")
+        for stale in glob.glob(os.path.join(pobj, "*.gcda")):
+            os.remove(stale)
+        proc = subprocess.run([pexe, tmp], capture_output=True, text=True,
+                              env=dict(os.environ, CAPSNET_REPORT_LOG=log, CAPSNET_REPORT_GCDA_SRC=pobj,
+                                       CAPSNET_REPORT_GCDA_OUT=os.path.join(tmp, "gcda")))
+        if proc.returncode != 0:
+            raise RuntimeError(f"profile run failed ({proc.returncode}): {proc.stderr[-400:]}")
+        launches = [e for e in parse_log(log, pexe) if e["type"] == "launch"]
+        counts, threads = [], []
+        for e in launches:
+            if e.get("profile_dir") and e.get("threads_profiled"):
+                counts.append(gcov_line_counts(e["profile_dir"], pobj))
+                threads.append(e["threads_profiled"])
+            else:
+                counts.append(None)
+                threads.append(0)
+    return dict(kernels=[e["kernel_full"] for e in launches], counts=counts, threads=threads)
+
+
 # ---------------------------------------------------------------------------------------------
 # The analysis
 # ---------------------------------------------------------------------------------------------
@@ -348,24 +374,21 @@ def analyse(op: str, shape: dict, dtype, iterations: int, bias: bool, gpu: GPUSp
         start = time.time()
         try:
             pexe, pobj, _ = build_emulation("profile", cache_dir)
-            with tempfile.TemporaryDirectory() as tmp:
-                write_problem(tmp, op, shape, dtype_name, iterations, bias, gpu.sms)
-                log = os.path.join(tmp, "profile.log")
-                gcda_out = os.path.join(tmp, "gcda")
-                for stale in glob.glob(os.path.join(pobj, "*.gcda")):
-                    os.remove(stale)
-                proc = subprocess.run([pexe, tmp], capture_output=True, text=True,
-                                      env=dict(os.environ, CAPSNET_REPORT_LOG=log, CAPSNET_REPORT_GCDA_SRC=pobj,
-                                               CAPSNET_REPORT_GCDA_OUT=gcda_out))
-                if proc.returncode != 0:
-                    raise RuntimeError(f"profile run failed ({proc.returncode}): {proc.stderr[-400:]}")
-                plaunches = [e for e in parse_log(log, pexe) if e["type"] == "launch"]
-                if [e["kernel_full"] for e in plaunches] != [e["kernel_full"] for e in launches]:
-                    raise RuntimeError("the profile build launched a different sequence")
-                for k, e in enumerate(plaunches):
-                    if e.get("profile_dir") and e.get("threads_profiled"):
-                        counts_per_launch[k] = gcov_line_counts(e["profile_dir"], pobj)
-                        threads_profiled[k] = e["threads_profiled"]
+            key = hashlib.sha256(json.dumps([os.path.basename(pobj), op, shape, dtype_name, iterations, bias,
+                                             gpu.sms]).encode()).hexdigest()[:20]
+            cached = os.path.join(cache_dir, "cuda-profiles", key + ".json")
+            if os.path.exists(cached):
+                saved = json.load(open(cached))
+            else:
+                saved = _profile_run(pexe, pobj, op, shape, dtype_name, iterations, bias, gpu)
+                os.makedirs(os.path.dirname(cached), exist_ok=True)
+                tmp_path = f"{cached}.tmp{os.getpid()}"
+                json.dump(saved, open(tmp_path, "w"))
+                os.replace(tmp_path, cached)
+            if saved["kernels"] != [e["kernel_full"] for e in launches]:
+                raise RuntimeError("the profile build launched a different sequence")
+            counts_per_launch = saved["counts"]
+            threads_profiled = saved["threads"]
         except Exception as exc:
             notes.append(f"no line counts ({type(exc).__name__}: {str(exc)[:300]}); static counts used")
         profile_seconds = time.time() - start
