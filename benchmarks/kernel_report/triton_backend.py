@@ -14,7 +14,6 @@ import tempfile
 import time
 from typing import Dict, List
 
-from . import sass
 from .gpus import GPUSpec
 from .triton_launches import Launch, record_op
 

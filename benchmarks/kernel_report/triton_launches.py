@@ -196,7 +196,6 @@ def _clear_caches(package_prefixes) -> None:
 
 @contextlib.contextmanager
 def simulated_gpu(gpu: GPUSpec, recording: Recording, phase_ref: list, package_prefixes=("capsnet_ext",)):
-    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime import autotuner as autotuner_mod
@@ -294,7 +293,6 @@ def simulated_gpu(gpu: GPUSpec, recording: Recording, phase_ref: list, package_p
         for obj, attr, value in saved:
             setattr(obj, attr, value)
         _clear_caches(package_prefixes)
-    del triton
 
 
 def op_inputs(op: str, shape: dict, dtype: torch.dtype, bias: bool, seed: int = 0):
