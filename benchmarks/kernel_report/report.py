@@ -105,7 +105,9 @@ def build(args, results: Dict[str, dict], gpu: GPUSpec, seconds: float, argv: Se
         if result.get("status") == "ok":
             result["totals"] = totals(result)
     commit = _git("rev-parse", "HEAD")
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    # Result files and the generated README do not make the code dirty.
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results",
+                 ":!benchmarks/README.md")
     return _strip(dict(
         tool="benchmarks.kernel_report",
         command="python -m benchmarks.kernel_report " + shlex.join(argv),
