@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for PyTorch (torch.set_num_threads); on a busy CPU, 1 avoids "
                         "OpenMP spin-waiting that can slow small compiled kernels by 1000x")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--static", action="store_true",
+                   help="instead of timing, the static kernel report (no GPU needed): every other "
+                        "option is then one of python -m benchmarks.kernel_report (see its --help)")
     return p
 
 
@@ -231,7 +234,13 @@ def torch_backends(device: torch.device) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point; exit status 3 when a contender disagreed with the reference."""
+    """Console entry point; exit status 3 when a contender disagreed with the reference.
+    ``--static`` hands the other options to the static kernel report."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--static" in argv:
+        from .kernel_report.__main__ import main as static_main
+
+        return static_main([a for a in argv if a != "--static"])
     payload = run(argv)
     return 3 if any(r["status"] == "wrong" for r in payload["results"]) else 0
 

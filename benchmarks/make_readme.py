@@ -2,6 +2,8 @@
 
 Every number in the README comes from those files; nothing is typed by hand. The latest run of
 each GPU (and the latest CPU run) is shown; when no GPU run is committed the README says so.
+The static kernel report section comes from ``benchmarks/results/static/*.json``
+(``python -m benchmarks.kernel_report``), every design (label) side by side.
 
     python -m benchmarks.make_readme            # rewrite benchmarks/README.md
     python -m benchmarks.make_readme --check    # exit 1 if it is out of date
@@ -263,7 +265,9 @@ def gpu_check_section(checks: Sequence[dict]) -> List[str]:
     return parts
 
 
-def render(runs: Sequence[dict], checks: Sequence[dict] = ()) -> str:
+def render(runs: Sequence[dict], checks: Sequence[dict] = (), static_dir: Optional[str] = None) -> str:
+    """The README text; ``checks`` are the folded-back GPU checks and ``static_dir`` adds the
+    static kernel report section built from the JSON files there (``benchmarks/results/static/``)."""
     latest = latest_per_device(runs)
     gpu = {k: v for k, v in latest.items() if v["meta"]["device"]["type"] == "cuda"}
     cpu = {k: v for k, v in latest.items() if v["meta"]["device"]["type"] != "cuda"}
@@ -282,9 +286,11 @@ def render(runs: Sequence[dict], checks: Sequence[dict] = ()) -> str:
         parts += [f"### CPU: {run['meta']['device']['name']}", "",
                   "CPU numbers show that the suite runs and what the reference costs on a CPU; "
                   "they say nothing about the GPU kernels.", "", run_section(run), ""]
+    if static_dir is not None:
+        from .kernel_report.report import readme_section
+
+        parts += [readme_section(static_dir)]
     return "\n".join(parts).rstrip() + "\n"
-
-
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -294,7 +300,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--output", default=README)
     p.add_argument("--check", action="store_true", help="exit 1 if the output is not up to date")
     args = p.parse_args(argv)
-    text = render(load_results(args.results_dir), load_gpu_checks(args.results_dir))
+    text = render(load_results(args.results_dir), load_gpu_checks(args.results_dir),
+                  static_dir=os.path.join(args.results_dir, "static"))
     if args.check:
         current = open(args.output).read() if os.path.exists(args.output) else ""
         if current != text:
