@@ -115,17 +115,18 @@ class Console:
     evaluating). Anywhere else (a log file, CI) a bar would write a line per refresh, so
     progress is a plain line at most every ``plain_interval_s`` seconds instead. ``enabled``
     False prints nothing (other DDP ranks); ``bar`` False keeps the lines but never draws a
-    bar (``--no-progress``).
+    bar (``--no-progress``); ``summary`` False leaves the closing lines to the caller.
     """
 
     def __init__(self, stream=None, *, enabled: bool = True, bar: bool = True,
-                 plain_interval_s: float = 60.0, prefix: str = "train"):
+                 plain_interval_s: float = 60.0, prefix: str = "train", summary: bool = True):
         import sys
         import time
 
         self.stream = stream if stream is not None else sys.stdout
         self.enabled = enabled
         self.prefix = prefix
+        self.summary = summary  # the trainer's closing lines (a caller with its own may skip them)
         self.terminal = bool(getattr(self.stream, "isatty", lambda: False)())
         self.bar_on = enabled and bar and self.terminal
         self.plain_on = enabled and bar and not self.terminal

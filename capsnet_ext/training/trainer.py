@@ -566,7 +566,8 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo, overwrit
     if main:
         atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
         _call(callbacks, "on_train_end", out_dir)
-        _summary(console, result, cfg)
+        if console.summary:
+            _summary(console, result, cfg)
     return result
 
 
