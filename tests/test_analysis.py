@@ -366,11 +366,17 @@ def test_analyze_command_line_on_mnist(tmp_path, capsys):
                       dataset_options=dict(train_limit=32, test_limit=32), tensorboard=False, progress=False,
                       device="cpu", iterations=1)
     train(cfg)
+    capsys.readouterr()
     assert main(["analyze", str(tmp_path / "run"), "--limit", "20", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "analysed 20 test images" in printed
     report = (tmp_path / "run" / "analysis" / "report.md").read_text()
     assert "No gradient-flow record" in report and "## Routing layer 2" in report
+    # The terminal gets a short summary, one line per routing layer; the table is in report.md.
+    assert "|---" not in printed and "|---" in report
+    assert "routing layer 1 (" in printed and "routing layer 2 (6 -> 10 capsules)" in printed
+    assert f"full table and definitions: {tmp_path / 'run' / 'analysis' / 'report.md'}" in printed
+    assert len(printed.splitlines()) <= 5
 
 
 def test_analyze_command_line_reports_a_missing_checkpoint(tmp_path, capsys):

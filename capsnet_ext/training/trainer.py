@@ -387,7 +387,8 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo, overwrit
         if removed:
             console.line(f"--overwrite: removed the earlier run's {', '.join(removed)} from {out_dir}")
     arch = model_config.get("arch", type(model).__name__)
-    console.line(f"{cfg.dataset} ({len(bundle.train)} training / {eval_items} test images), {arch} with "
+    console.line(f"{getattr(bundle, 'name', None) or cfg.dataset} ({len(bundle.train)} training / "
+                 f"{eval_items} test images), {arch} with "
                  f"{_parameter_count(model)} parameters, device {device}, routing backend "
                  f"{backend_name or 'none'}, {cfg.precision}")
     what = (f"steps {start_step + 1}-{total_steps} (resumed from {resume})" if ckpt is not None
