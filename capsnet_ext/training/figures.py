@@ -136,7 +136,7 @@ def plot_perturbation_grid(model, image: torch.Tensor, path: os.PathLike,
         for k in range(K):
             _show(axes[d, k], grid[d, k])
             if d == 0:
-                axes[d, k].set_title(f"{deltas[k]:+.2f}", fontsize=7)
+                axes[d, k].set_title(f"{float(deltas[k]) + 0.0:+.2f}", fontsize=7)  # + 0.0: no "-0.00"
         axes[d, 0].set_ylabel(f"dim {d}", fontsize=7)
     fig.suptitle(f"capsule of class {cls}: each dimension perturbed")
     return _save(fig, path)
