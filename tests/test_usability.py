@@ -87,6 +87,9 @@ def test_non_empty_run_folder_is_refused_unless_overwrite_or_resume(tmp_path):
     # Resuming the same folder needs neither.
     third = train(tiny_cfg(run, max_steps=4), datasets=bundle, resume=str(run), console=quiet())
     assert third["step"] == 4
+    # Resuming into another folder starts a new run folder there: it must be empty too.
+    with pytest.raises(RunFolderExistsError):
+        train(tiny_cfg(tmp_path, max_steps=6), datasets=bundle, resume=str(run), console=quiet())
 
 
 def test_command_line_refusal_names_both_flags_and_exits_2(tmp_path, capsys):

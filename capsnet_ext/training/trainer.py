@@ -285,8 +285,11 @@ def train(cfg: TrainConfig, callbacks: Optional[List[Any]] = None, *, resume: Op
     ``seconds_per_epoch``, ``images_per_sec``, ``backend``, ``interrupted`` and ``metrics``.
     """
     callbacks = list(callbacks or [])
-    # Before any process group exists: no rank can have written anything yet.
-    check_run_folder(pathlib.Path(cfg.out), resume=resume is not None, overwrite=overwrite)
+    # Resuming continues the run in its own folder; resuming into another folder starts a new
+    # run folder there, which must be empty like any other. Checked before any process group
+    # exists, so no rank can have written anything yet.
+    in_place = resume is not None and _run_folder_of(resume).resolve() == pathlib.Path(cfg.out).resolve()
+    check_run_folder(pathlib.Path(cfg.out), resume=in_place, overwrite=overwrite)
     ckpt = None
     if resume is not None:
         ckpt = load_checkpoint(resume)
@@ -305,11 +308,19 @@ def train(cfg: TrainConfig, callbacks: Optional[List[Any]] = None, *, resume: Op
     elif not info.is_main:
         console = Console(enabled=False)
     try:
-        return _train(cfg, callbacks, ckpt, datasets, info, overwrite and resume is None, console,
+        return _train(cfg, callbacks, ckpt, datasets, info, overwrite and not in_place, console,
                       resume)
     finally:
         console.close_bar()
         cleanup(info)
+
+
+def _run_folder_of(path) -> pathlib.Path:
+    """The run folder of a checkpoint file (``<run>/checkpoints/last.pt``) or folder."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        return path
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
 def _parameter_count(model: nn.Module) -> str:
