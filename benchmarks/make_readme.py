@@ -222,8 +222,8 @@ def render(runs: Sequence[dict]) -> str:
     parts = [HOW_TO, "## Latest GPU results", ""]
     if not gpu:
         parts += ["GPU results: **not yet measured**. No GPU run is committed under "
-                  "`benchmarks/results/`; run `capsnet-ext bench` on a GPU, commit the JSON and "
-                  "plots, and regenerate this file.", ""]
+                  "`benchmarks/results/`; run `capsnet-ext bench --out-dir benchmarks/results` on a "
+                  "GPU, commit the JSON and plots, and regenerate this file.", ""]
     for name, run in sorted(gpu.items()):
         parts += [f"### {run['meta']['device']['name']}", "", run_section(run), ""]
     parts += ["## Latest CPU results", ""]
