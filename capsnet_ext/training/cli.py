@@ -3,8 +3,8 @@
 Examples::
 
     capsnet-ext train --preset mnist --out runs/mnist
-    capsnet-ext train --preset mnist --out runs/quick --max-steps 200 --train-limit 2000 \
-        --test-limit 1000 --device cpu                          # a few minutes on a CPU
+    capsnet-ext train --out runs/quick --max-steps 200 --train-limit 2000 --test-limit 1000
+                                                                # a short CPU run
     capsnet-ext train --resume runs/mnist                       # continue where it stopped
     capsnet-ext train --preset mnist --out runs/mnist --overwrite   # start again from scratch
     torchrun --nproc_per_node=8 -m capsnet_ext.cli train --preset mnist --batch-size 1024
