@@ -141,6 +141,7 @@ class Console:
         if self._bar is not None:
             self._bar.clear()
         print(f"{self.prefix}: {text}" if self.prefix else text, file=self.stream, flush=True)
+        self._last_plain = self._clock()  # any line restarts the wait for the next progress line
         if self._bar is not None:
             self._bar.refresh()
 
