@@ -4,7 +4,10 @@ For each op (``predict``, ``dynamic_routing``, ``capsule_routing``), shape, dtyp
 it checks the output against the reference, then times forward and forward+backward, records
 memory and the fraction of the floor (FLOPs and fewest bytes against ceilings measured in the
 same run), and finally measures end-to-end CapsNet training throughput. Results: a table on
-stdout, JSON under ``benchmarks/results/`` and PNG plots beside it.
+stdout, JSON in ``--out-dir`` (default ``runs/bench/`` under the current folder, git-ignored)
+and PNG plots in its ``plots/``. Results meant to be committed are written to
+``benchmarks/results/`` explicitly (``--out-dir benchmarks/results``), from which
+``python -m benchmarks.make_readme`` generates ``benchmarks/README.md``.
 
 Examples::
 
@@ -12,6 +15,7 @@ Examples::
     capsnet-ext bench                               # the full suite on the default device
     capsnet-ext bench --ops capsule_routing --sweeps mnist,I --dtypes float32
     capsnet-ext bench --shape 32,1152,10,8,16,3 --contenders reference,triton --skip-e2e
+    capsnet-ext bench --out-dir benchmarks/results  # results to commit
 """
 from __future__ import annotations
 
@@ -92,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma list from {list(end_to_end.PRECISIONS)} (default: both; float32 with --quick)")
     p.add_argument("--e2e-modes", type=_csv, default=None,
                    help="comma list from eager,compiled (default: both; eager with --quick)")
-    p.add_argument("--out-dir", default=report.RESULTS_DIR, help="where the JSON and plots go")
+    p.add_argument("--out-dir", default=report.DEFAULT_OUT_DIR,
+                   help=f"where the JSON and plots go (default: {report.DEFAULT_OUT_DIR}; results to "
+                        "commit: benchmarks/results)")
     p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for PyTorch (torch.set_num_threads); on a busy CPU, 1 avoids "
@@ -236,13 +242,19 @@ def torch_backends(device: torch.device) -> List[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point; exit status 3 when a contender disagreed with the reference.
     ``--static`` hands the other options to the static kernel report."""
+    from capsnet_ext._cli import run_command
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--static" in argv:
         from .kernel_report.__main__ import main as static_main
 
         return static_main([a for a in argv if a != "--static"])
-    payload = run(argv)
-    return 3 if any(r["status"] == "wrong" for r in payload["results"]) else 0
+
+    def body(args):
+        payload = run(args)
+        return 3 if any(r["status"] == "wrong" for r in payload["results"]) else 0
+
+    return run_command("capsnet-ext bench", body, argv)
 
 
 if __name__ == "__main__":

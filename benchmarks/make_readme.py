@@ -38,6 +38,7 @@ capsnet-ext bench                  # full suite on the default device (CUDA if p
 capsnet-ext bench --quick          # a short run (under two minutes on a 2-core CPU)
 capsnet-ext bench --ops capsule_routing --sweeps mnist,I --dtypes float32,bfloat16
 capsnet-ext bench --shape 128,1152,10,8,16,3 --contenders reference,triton,cuda --skip-e2e
+capsnet-ext bench --out-dir benchmarks/results   # results to commit (default: runs/bench/)
 capsnet-ext bench --help           # every option
 python -m benchmarks.make_readme   # regenerate this file from benchmarks/results/*.json
 ```
@@ -68,9 +69,10 @@ sweeps over `I` (1152 to 36864), `J` (10, 32, 100), `B` (32 to 512) and iteratio
 in float32 and bfloat16. A contender that runs out of memory is recorded as `oom` and the
 sweep goes on; one that does not support a case is `unsupported`.
 
-Results go to `benchmarks/results/<device>-<date>.json` (device name, torch/Triton/CUDA
-versions, date, git commit and the exact command) with PNG plots of time and memory against
-`I` in `benchmarks/results/plots/`.
+Results go to `<out-dir>/<device>-<date>.json` (device name, torch/Triton/CUDA versions,
+date, git commit and the exact command) with PNG plots of time and memory against `I` in
+`<out-dir>/plots/`. `--out-dir` defaults to `runs/bench/` (git-ignored); results meant to be
+committed are written with `--out-dir benchmarks/results`, from which this file is generated.
 
 On a GPU machine, `bash benchmarks/gpu_check.sh` builds, verifies and times every backend in
 under 8 minutes and leaves one archive; `python -m benchmarks.fold_gpu_check ARCHIVE` puts its

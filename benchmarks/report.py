@@ -14,7 +14,11 @@ import torch
 from capsnet_ext._atomic import atomic_path, atomic_write
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Committed results (what benchmarks/README.md is generated from); a run writes here only when
+# asked to with --out-dir benchmarks/results.
 RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
+# Where `capsnet-ext bench` writes by default: a git-ignored folder under the current folder.
+DEFAULT_OUT_DIR = os.path.join("runs", "bench")
 SCHEMA_VERSION = 1
 
 

@@ -1,8 +1,13 @@
 """``capsnet-ext demo``: train a small CapsNet on the CPU in a few minutes and report its test
 accuracy.
 
-Uses MNIST when its files are found (``--data-dir``, ``$CAPSNET_DATA`` or the user cache; the
-demo never downloads), otherwise scikit-learn's 8x8 digits scaled to 28x28, and says which.
+Uses MNIST when its files are found (the demo never downloads). A data folder named with
+``--data-dir`` or ``$CAPSNET_DATA`` must hold MNIST (``<folder>/mnist/*.gz``): if it does not,
+that is an error. Only when no folder is named and MNIST is not in the user cache does the
+demo train on scikit-learn's 8x8 digits scaled to 28x28 instead, saying where it looked.
+Everything goes to the run folder ``runs/demo`` (under the current folder; git-ignored in the
+project), replaced on every demo run; ``--out`` names another (which must be empty, or
+``--overwrite``).
 The network is the paper's CapsNet with fewer channels (conv1 64 instead of 256, 8 primary
 capsule channels instead of 32, so 288 primary capsules instead of 1152), trained with the
 paper's recipe (Adam, margin + 0.0005 x reconstruction loss, 3 routing iterations, shifts of
@@ -11,17 +16,22 @@ up to 2 pixels) through the same trainer as ``capsnet-ext train``.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
-import tempfile
 import time
 from typing import List, Optional
+
+from ._cli import run_command
+
+DEFAULT_OUT = pathlib.Path("runs") / "demo"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capsnet-ext demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", help="folder holding mnist/ (else $CAPSNET_DATA, user cache)")
+    parser.add_argument("--data-dir", help="folder holding mnist/ (else $CAPSNET_DATA, user cache); "
+                                           "a named folder without MNIST is an error")
     parser.add_argument("--dataset", choices=["auto", "mnist", "digits"], default="auto")
     parser.add_argument("--train-limit", type=int, default=12000, help="MNIST training images used")
     parser.add_argument("--test-limit", type=int, default=None, help="MNIST test images (default all)")
@@ -34,37 +44,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for PyTorch (default: PyTorch's choice; 1 is often "
                              "faster on a busy machine)")
-    parser.add_argument("--out", help="run folder (default: a new temporary folder)")
+    parser.add_argument("--out", help=f"run folder (default: {DEFAULT_OUT}, replaced on every demo run)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier run in --out (the default folder is always replaced)")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
 
 def _load_data(args):
-    """MNIST if its files are present (no download), else scikit-learn digits."""
-    from .data import build_datasets
+    """MNIST if its files are present (no download); scikit-learn digits only when no data
+    folder was named and MNIST is not in the user cache (or with ``--dataset digits``)."""
+    from .data import DATA_ENV, build_datasets, data_roots
 
+    named = args.data_dir is not None or bool(os.environ.get(DATA_ENV))
     if args.dataset in ("auto", "mnist"):
         try:
             bundle = build_datasets("mnist", args.data_dir, download=False, seed=args.seed,
                                     train_limit=args.train_limit, test_limit=args.test_limit)
             return bundle, "mnist", f"MNIST ({len(bundle.train)} training / {len(bundle.test)} test images)"
         except FileNotFoundError as exc:
-            if args.dataset == "mnist":
-                raise
-            reason = str(exc).splitlines()[0]
+            if args.dataset == "mnist" or named:
+                source = "--data-dir" if args.data_dir is not None else f"${DATA_ENV}"
+                raise FileNotFoundError(
+                    f"MNIST was not found in the data folder named by {source} (the scikit-learn "
+                    f"digits stand in only when no data folder is named).\n{exc}") from None
+            looked = ", ".join(str(root / "mnist") for root in data_roots(None))
+            reason = (f"MNIST not found in {looked} and no data folder named; to train on MNIST put "
+                      f"its IDX .gz files in <folder>/mnist/ and pass --data-dir <folder> or set "
+                      f"{DATA_ENV}=<folder>")
     else:
         reason = "--dataset digits"
     bundle = build_datasets("digits", seed=args.seed)
     return bundle, "digits", (f"scikit-learn digits scaled to 28x28 ({len(bundle.train)} training / "
-                              f"{len(bundle.test)} test images; MNIST not used: {reason})")
+                              f"{len(bundle.test)} test images). {reason}")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def _main(argv: List[str]) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
     from .training import load_config, train
+    from .training.logging_utils import Console
 
     if args.threads is not None:
         if args.threads < 1:
@@ -72,7 +93,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     bundle, name, description = _load_data(args)
     print(f"capsnet-ext demo: data: {description}")
-    out = pathlib.Path(args.out) if args.out else pathlib.Path(tempfile.mkdtemp(prefix="capsnet-demo-"))
+    out = pathlib.Path(args.out) if args.out else DEFAULT_OUT
+    if not args.out:
+        print(f"capsnet-ext demo: run folder {out} (replaced on every demo run; --out to keep one)")
     epochs = args.epochs or (2 if name == "mnist" else 40)
     cfg = load_config(
         preset="mnist", dataset=name, out=str(out), epochs=epochs, batch_size=args.batch_size,
@@ -84,7 +107,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         lr_decay=0.5, lr_decay_steps=max(1, epochs * (len(bundle.train) // args.batch_size) // 2),
     )
     start = time.perf_counter()
-    result = train(cfg, datasets=bundle)
+    result = train(cfg, datasets=bundle, overwrite=args.overwrite or not args.out,
+                   console=Console(bar=not args.no_progress, prefix="capsnet-ext demo", summary=False))
     elapsed = time.perf_counter() - start
     print(f"capsnet-ext demo: routing backend: {result['backend']} "
           f"(device {result['environment']['device']})")
@@ -93,6 +117,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"capsnet-ext demo: test accuracy {100 * result['test_accuracy']:.2f}% "
           f"(error {100 * result['test_error']:.2f}%) on {result['metrics']['n']} {name} test images")
     if not args.no_figures:
+        print("capsnet-ext demo: drawing figures ...", flush=True)
         from .training.checkpoint import load_checkpoint, model_from_checkpoint
         from .training.eval_cli import draw_figures
 
@@ -104,6 +129,10 @@ def main(argv: Optional[List[str]] = None) -> int:
               + f" in {out / 'figures'}")
     print(f"capsnet-ext demo: run folder {out} (metrics.json, train_log.csv, checkpoints/)")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_command("capsnet-ext demo", _main, argv)
 
 
 if __name__ == "__main__":

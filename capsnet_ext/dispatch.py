@@ -78,6 +78,19 @@ def _check_name(backend: str) -> None:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
 
 
+BACKEND_ENV = "CAPSNET_EXT_BACKEND"
+
+
+def env_backend() -> str:
+    """The backend ``$CAPSNET_EXT_BACKEND`` names (``"auto"`` when unset or empty); a value
+    that is not a backend name raises ``ValueError`` naming the variable."""
+    value = os.environ.get(BACKEND_ENV, "").strip() or "auto"
+    if value != "auto" and value not in BACKENDS:
+        raise ValueError(f"the environment variable {BACKEND_ENV}={value!r} names no backend; set it "
+                         f"to 'auto' or one of {BACKENDS}, or unset it")
+    return value
+
+
 def _as_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -114,8 +127,7 @@ def select(op: str, backend: str, device: torch.device, dtype: torch.dtype, **op
     """
     _check_name(backend)
     if backend == "auto":
-        backend = os.environ.get("CAPSNET_EXT_BACKEND", "auto") or "auto"
-        _check_name(backend)
+        backend = env_backend()
     if backend != "auto":
         module = _load(backend)
         reason = _import_errors.get(backend) if module is None else module.availability(device)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .dispatch import BACKENDS, unavailable_reason
+from .dispatch import BACKEND_ENV, BACKENDS, env_backend, unavailable_reason
 
 
 def main(argv=None) -> int:
@@ -13,4 +13,13 @@ def main(argv=None) -> int:
     for name in BACKENDS:
         reason = unavailable_reason(name, args.device)
         print(f"{name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+    try:
+        forced = env_backend()
+    except ValueError as exc:
+        print(f"problem: {exc}; every op with backend='auto' will fail until it is fixed")
+        return 1
+    if forced != "auto":
+        reason = unavailable_reason(forced, args.device)
+        state = "available here" if reason is None else f"NOT available here: {reason}"
+        print(f"{BACKEND_ENV}={forced}: replaces backend='auto' everywhere ({state})")
     return 0

@@ -128,13 +128,43 @@ def test_hand_computed_tiny_example():
     rows = C.reshape(-1, 3).tolist()
     H = [-sum(p * math.log(p) for p in row) / math.log(3) for row in rows]
     assert m["t_score"] == pytest.approx(1 - sum(H) / 6)
-    # Pearson r between each (input, capsule)'s largest coupling and its length.
-    max_c = [0.8, 0.6, 0.7, 0.6, 0.4, 0.8]
+    # Pearson r between each (input, capsule)'s largest coupling and its length: the paper's
+    # uses the thresholded coupling (capsule 0 is inactive on input 2: 0 there, not 0.4).
     lens = [0.9, 0.5, 0.7, 0.4, 0.2, 0.6]
-    assert m["act_coupling_corr"] == pytest.approx(np.corrcoef(max_c, lens)[0, 1])
+    assert m["act_coupling_corr"] == pytest.approx(np.corrcoef([0.8, 0.6, 0.7, 0.6, 0.0, 0.8], lens)[0, 1])
+    assert m["act_coupling_corr_unthresholded"] == pytest.approx(
+        np.corrcoef([0.8, 0.6, 0.7, 0.6, 0.4, 0.8], lens)[0, 1])
     # D-score: largest population std over inputs of an upper length (parent 2: 0.2, 0.2, 0.9).
     assert m["d_score"] == pytest.approx(np.std([0.2, 0.2, 0.9]))
     assert m["dead_rate"] == 0.0 and m["upper_dead_rate"] == 0.0
+
+
+def _authors_activation_coupling_corr(C: np.ndarray, U_norm: np.ndarray) -> float:
+    """The seed paper's definition as its code computes it (EfficientCN misc/metrics.py,
+    activation_coupling_corr with normalize_couplings(eps_rate=0.5)), written out here: keep
+    a coupling only where it exceeds 1/J + 0.5/J, take the largest per (input, capsule) and
+    correlate it with the capsule's length."""
+    J = C.shape[-1]
+    threshold = 1 / J + 0.5 / J
+    kept = np.maximum(C - threshold, 0)
+    kept[kept > 0] += threshold
+    return float(np.corrcoef(kept.max(axis=-1).ravel(), U_norm.ravel())[0, 1])
+
+
+def test_activation_coupling_corr_is_the_papers_definition():
+    # Couplings with many inactive (input, capsule) pairs, where the two definitions differ.
+    N, I, J = 300, 40, 10
+    g = gen(11)
+    C = torch.softmax(torch.randn(N, I, J, generator=g, dtype=torch.float64)
+                      * torch.linspace(0.2, 4, I, dtype=torch.float64)[None, :, None], dim=-1)
+    lower = torch.rand(N, I, generator=g, dtype=torch.float64) * C.amax(-1) + 0.05 * torch.rand(N, I, generator=g, dtype=torch.float64)
+    m = routing_metrics(C, lower, chunk_size=64)
+    expected = _authors_activation_coupling_corr(C.numpy(), lower.numpy())
+    assert m["act_coupling_corr"] == pytest.approx(expected, abs=1e-8)
+    raw = float(np.corrcoef(C.amax(-1).numpy().ravel(), lower.numpy().ravel())[0, 1])
+    assert m["act_coupling_corr_unthresholded"] == pytest.approx(raw, abs=1e-8)
+    assert 0 < m["inactive_rate"] < 1
+    assert abs(m["act_coupling_corr"] - raw) > 1e-3  # the two really are different numbers
 
 
 def test_chunked_and_streamed_results_match_unchunked():
@@ -336,11 +366,17 @@ def test_analyze_command_line_on_mnist(tmp_path, capsys):
                       dataset_options=dict(train_limit=32, test_limit=32), tensorboard=False, progress=False,
                       device="cpu", iterations=1)
     train(cfg)
+    capsys.readouterr()
     assert main(["analyze", str(tmp_path / "run"), "--limit", "20", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "analysed 20 test images" in printed
     report = (tmp_path / "run" / "analysis" / "report.md").read_text()
     assert "No gradient-flow record" in report and "## Routing layer 2" in report
+    # The terminal gets a short summary, one line per routing layer; the table is in report.md.
+    assert "|---" not in printed and "|---" in report
+    assert "routing layer 1 (" in printed and "routing layer 2 (6 -> 10 capsules)" in printed
+    assert f"full table and definitions: {tmp_path / 'run' / 'analysis' / 'report.md'}" in printed
+    assert len(printed.splitlines()) <= 5
 
 
 def test_analyze_command_line_reports_a_missing_checkpoint(tmp_path, capsys):

@@ -129,7 +129,7 @@ def test_train_then_eval_command_lines_write_metrics_and_figures(tmp_path, capsy
     run = tmp_path / "run"
     args = ["--preset", "mnist", "--out", str(run), "--max-steps", "6", "--batch-size", "16",
             "--train-limit", "128", "--test-limit", "48", "--log-every", "2", "--checkpoint-every", "3",
-            "--no-progress", "--no-tensorboard", "--device", "cpu"] + TINY
+            "--no-progress", "--no-tensorboard", "--device", "cpu", "--json"] + TINY
     code = train_cli.main(args)
     if code == 2 and "could not find" in capsys.readouterr().err:
         pytest.skip("real MNIST files not found")
@@ -137,7 +137,7 @@ def test_train_then_eval_command_lines_write_metrics_and_figures(tmp_path, capsy
     summary = json.loads(capsys.readouterr().out)
     assert summary["step"] == 6 and summary["backend"] == "reference"
     # Resume from the run folder with a longer budget.
-    assert train_cli.main(["--resume", str(run), "--max-steps", "8", "--no-progress"]) == 0
+    assert train_cli.main(["--resume", str(run), "--max-steps", "8", "--no-progress", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["step"] == 8
 
     out = tmp_path / "eval"
@@ -151,6 +151,10 @@ def test_train_then_eval_command_lines_write_metrics_and_figures(tmp_path, capsy
     for name in ("confusion", "reconstructions", "perturbation_grid", "routing_logit_changes",
                  "training_curves"):
         assert_png(out / "model0" / f"{name}.png")
+    printed = capsys.readouterr()
+    # The figures written are listed, one line per model.
+    assert f"figures in {out / 'model0'}: confusion.png" in printed.out
+    assert "routing_logit_changes.png" in printed.out
     assert len(first["routing_logit_changes"]) == 10
 
     assert train_cli.main(["--preset", "nope"]) == 2

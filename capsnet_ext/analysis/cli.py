@@ -124,28 +124,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def short_summary(result: dict) -> List[str]:
+    """A few lines for the terminal; the full table is in ``report.md``."""
+    from .report import fmt
+
+    lines = [f"analysed {result['num_inputs']} test images"
+             + (f", accuracy {100 * result['accuracy']:.2f}%" if result["accuracy"] == result["accuracy"] else "")]
+    for k, m in enumerate(result["layers"], 1):
+        def pct(key):
+            value = m.get(key)
+            return "n/a" if value is None or value != value else f"{100 * value:.1f}%"
+        lines.append(f"routing layer {k} ({m['lower_capsules']} -> {m['upper_capsules']} capsules): "
+                     f"dead {pct('dead_rate')}, inactive {pct('inactive_rate')}, bonding "
+                     f"{fmt(m.get('bonding'), 3)}, dynamics {fmt(m.get('dynamics'), 3)}, "
+                     f"activation-coupling r {fmt(m.get('act_coupling_corr'), 3)}")
+    return lines
+
+
+def _main(argv: List[str]) -> int:
     if argv and argv[0] == "depth-study":
         from .depth_study import main as depth_main
 
         return depth_main(argv[1:])
     args = build_parser().parse_args(argv)
     command = "capsnet-ext analyze " + " ".join(shlex.quote(a) for a in argv)
-    try:
-        done = analyze_checkpoint(args.checkpoint, out=args.out, data_dir=args.data_dir, device=args.device,
-                                  batch_size=args.batch_size, limit=args.limit,
-                                  gradient_flow=args.gradient_flow, command=command)
-    except (FileNotFoundError, ValueError, TypeError) as exc:
-        print(f"capsnet-ext analyze: {exc}", file=sys.stderr)
-        return 2
-    from .report import summary_table
-
-    result = done["result"]
-    print(f"analysed {result['num_inputs']} test images, accuracy {result['accuracy']:.4f}")
-    print(summary_table(result["layers"]))
-    print(f"report: {done['paths']['report']}")
+    done = analyze_checkpoint(args.checkpoint, out=args.out, data_dir=args.data_dir, device=args.device,
+                              batch_size=args.batch_size, limit=args.limit,
+                              gradient_flow=args.gradient_flow, command=command)
+    for line in short_summary(done["result"]):
+        print(line)
+    paths = done["paths"]
+    others = [pathlib.Path(p).name for key, p in paths.items() if key != "report" and p]
+    print(f"full table and definitions: {paths['report']}"
+          + (f"; also {', '.join(others)} in {done['out']}" if others else ""))
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .._cli import run_command
+
+    return run_command("capsnet-ext analyze", _main, argv)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,8 @@ def run_one(depth: int, iterations: int, run_dir: pathlib.Path, *, preset: Optio
                       iterations=iterations, grad_flow_every=grad_flow_every, device=device,
                       **train_overrides)
     recorder = GradientFlowRecorder(every=grad_flow_every)
-    result = train(cfg, callbacks=[recorder], datasets=datasets)
+    # A run folder without its row is an unfinished attempt: it is trained again from scratch.
+    result = train(cfg, callbacks=[recorder], datasets=datasets, overwrite=True)
     done = analyze_checkpoint(result["last_checkpoint"], out=run_dir / "analysis", device=device,
                               batch_size=eval_batch_size, limit=analysis_limit, dataset=datasets,
                               command=command)

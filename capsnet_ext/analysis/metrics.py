@@ -39,8 +39,14 @@ Definitions (``tau = 1.5 / J``; ``Ct = C`` where ``C > tau`` and 0 elsewhere):
 * A capsule that is never active (``pr_l = 1``) has no bonding or dynamics (NaN per capsule)
   and weight 0 in the layer averages; when no capsule is ever active the layer's bonding and
   dynamics are NaN.
-* **act_coupling_corr**: Pearson correlation between ``max_h C[x, l, h]`` (unthresholded) and
-  ``|u_l|`` over all ``(x, l)`` pairs (NaN when either is constant).
+* **act_coupling_corr** (the paper's definition, as ``activation_coupling_corr`` in the
+  authors' code, EfficientCN ``misc/metrics.py``): Pearson correlation between the
+  thresholded largest coupling ``max_h Ct[x, l, h]`` (0 where ``l`` is inactive on ``x``)
+  and the length ``|u_l|``, over all ``(x, l)`` pairs (NaN when either is constant).
+* **act_coupling_corr_unthresholded**: the same with the raw largest coupling
+  ``max_h C[x, l, h]``, which ignores whether the capsule is active; it differs from the
+  paper's number whenever some capsules are inactive on some inputs (by a few hundredths on
+  typical couplings). Kept for comparison with numbers computed that way.
 * **t_score** (Peer et al.): ``1 - mean_{x, l} H(c_{x,l}) / log J`` with ``c`` renormalised to
   sum 1 over the real parents; 1 when every capsule routes one-hot, 0 when uniformly.
 * **d_score** (Peer et al.): the largest standard deviation over inputs of an upper capsule's
@@ -52,6 +58,12 @@ Definitions (``tau = 1.5 / J``; ``Ct = C`` where ``C > tau`` and 0 elsewhere):
 
 Everything is accumulated as float64 sums over chunks of inputs, so a whole test set never has
 to be in memory, and chunked and unchunked results agree to rounding.
+
+Departures from the authors' code (EfficientCN ``misc/metrics.py``), where there are any:
+its functions add ``1e-9`` to denominators (``1 - pr_l + 1e-9``); here a never-active capsule
+gets NaN and weight 0 instead, and the layer's values are NaN when no capsule is ever active.
+The threshold, the dead-capsule rule, bonding, dynamics and the activation-coupling
+correlation follow its definitions.
 """
 from __future__ import annotations
 
@@ -131,8 +143,10 @@ class RoutingMetricsAccumulator:
         self.lower_sq_sum = torch.zeros(I, **f64)
         self.upper_sum = torch.zeros(J, **f64)
         self.upper_sq_sum = torch.zeros(J, **f64)
-        # Pearson moments of (max coupling, lower length) over (x, l) pairs.
+        # Pearson moments of (largest coupling, lower length) over (x, l) pairs: with the
+        # thresholded coupling (the paper's) and with the raw one.
         self.corr_sums = torch.zeros(5, **f64)        # sx, sy, sxx, syy, sxy
+        self.corr_sums_raw = torch.zeros(5, **f64)
 
     def update(self, couplings, lower_lengths=None, upper_lengths=None) -> "RoutingMetricsAccumulator":
         C = _check_chunk("couplings", couplings, 3, "[N, I, J]")
@@ -189,9 +203,9 @@ class RoutingMetricsAccumulator:
         if lower is not None:
             self.lower_sum += lower.sum(0)
             self.lower_sq_sum += (lower * lower).sum(0)
-            x = C.amax(dim=-1)
-            self.corr_sums += torch.stack([x.sum(), lower.sum(), (x * x).sum(), (lower * lower).sum(),
-                                           (x * lower).sum()])
+            for sums, x in ((self.corr_sums, ct_max), (self.corr_sums_raw, C.amax(dim=-1))):
+                sums += torch.stack([x.sum(), lower.sum(), (x * x).sum(), (lower * lower).sum(),
+                                     (x * lower).sum()])
         if upper is not None:
             self.upper_sum += upper.sum(0)
             self.upper_sq_sum += (upper * upper).sum(0)
@@ -237,7 +251,7 @@ class RoutingMetricsAccumulator:
             bonding=bonding, dynamics=dynamics,
             t_score=float(1 - self.entropy_sum / (n * self.I)),
             dead_rate=nan, upper_dead_rate=nan, rate_alive=nan, rate_active_alive=nan,
-            act_coupling_corr=nan, d_score=nan,
+            act_coupling_corr=nan, act_coupling_corr_unthresholded=nan, d_score=nan,
             lower_mean_length=nan, upper_mean_length=nan,
             lower_squash_slope=nan, upper_squash_slope=nan,
         )
@@ -253,12 +267,8 @@ class RoutingMetricsAccumulator:
                 out["rate_active_alive"] = float(active_frac[alive].mean())
             out["lower_mean_length"] = float(mean.mean())
             out["lower_squash_slope"] = float(squash_slope_at_length(mean).mean())
-            sx, sy, sxx, syy, sxy = self.corr_sums.tolist()
-            k = n * self.I
-            cov = sxy / k - (sx / k) * (sy / k)
-            var_x, var_y = sxx / k - (sx / k) ** 2, syy / k - (sy / k) ** 2
-            if var_x > 1e-12 and var_y > 1e-12:
-                out["act_coupling_corr"] = float(np.clip(cov / math.sqrt(var_x * var_y), -1.0, 1.0))
+            out["act_coupling_corr"] = _pearson(self.corr_sums, n * self.I)
+            out["act_coupling_corr_unthresholded"] = _pearson(self.corr_sums_raw, n * self.I)
             per_capsule.update(lower_dead=dead.cpu().numpy(), lower_mean_length=mean.cpu().numpy(),
                                lower_std_length=std.cpu().numpy())
         if self._has_upper:
@@ -272,6 +282,17 @@ class RoutingMetricsAccumulator:
                                upper_std_length=std.cpu().numpy())
         out["per_capsule"] = per_capsule
         return out
+
+
+def _pearson(sums: torch.Tensor, k: int) -> float:
+    """Pearson r from the sums ``(sx, sy, sxx, syy, sxy)`` of ``k`` pairs; NaN when either
+    variable is constant."""
+    sx, sy, sxx, syy, sxy = sums.tolist()
+    cov = sxy / k - (sx / k) * (sy / k)
+    var_x, var_y = sxx / k - (sx / k) ** 2, syy / k - (sy / k) ** 2
+    if var_x > 1e-12 and var_y > 1e-12:
+        return float(np.clip(cov / math.sqrt(var_x * var_y), -1.0, 1.0))
+    return float("nan")
 
 
 def _as_chunk_tuple(chunk: Chunk):
@@ -309,7 +330,8 @@ def routing_metrics(
     Returns:
         dict with ``dead_rate``, ``upper_dead_rate``, ``inactive_rate``, ``rate_alive``,
         ``rate_active``, ``rate_active_alive``, ``bonding``, ``dynamics``,
-        ``act_coupling_corr``, ``t_score``, ``d_score``, ``lower_mean_length``,
+        ``act_coupling_corr`` (the paper's, thresholded), ``act_coupling_corr_unthresholded``,
+        ``t_score``, ``d_score``, ``lower_mean_length``,
         ``upper_mean_length``, ``lower_squash_slope``, ``upper_squash_slope``, ``tau``,
         ``num_inputs``, ``lower_capsules``, ``upper_capsules`` (floats/ints; NaN where the
         needed lengths were not given or the value is undefined) and ``per_capsule`` (numpy
@@ -350,5 +372,6 @@ def routing_metrics(
 
 
 SCALAR_KEYS = ("dead_rate", "upper_dead_rate", "inactive_rate", "rate_alive", "rate_active",
-               "rate_active_alive", "bonding", "dynamics", "act_coupling_corr", "t_score", "d_score",
+               "rate_active_alive", "bonding", "dynamics", "act_coupling_corr",
+               "act_coupling_corr_unthresholded", "t_score", "d_score",
                "lower_mean_length", "upper_mean_length", "lower_squash_slope", "upper_squash_slope")

@@ -24,7 +24,7 @@ TABLE_COLUMNS = (
     ("rate_active_alive", "active | alive", "mean of 1 - pr_l over alive lower capsules"),
     ("bonding", "bonding", "activity-weighted mean of each capsule's largest coupling on the inputs where it is active"),
     ("dynamics", "dynamics", "activity-weighted std over inputs of the couplings, relative to one-hot random routing (1) and fixed routing (0)"),
-    ("act_coupling_corr", "act-coupling r", "Pearson r between a lower capsule's largest coupling and its length"),
+    ("act_coupling_corr", "act-coupling r", "Pearson r between a lower capsule's largest coupling, thresholded (0 where inactive), and its length (the paper's definition)"),
     ("t_score", "T", "1 - mean normalised entropy of the couplings (Peer et al.)"),
     ("d_score", "D", "largest std over inputs of an upper capsule's length (Peer et al.)"),
     ("lower_mean_length", "mean |u|", "mean lower capsule length"),

@@ -91,6 +91,13 @@ class RoutingCapsules(nn.Module):
             nn.init.constant_(self.bias, self.bias_init)
 
     def forward(self, u: torch.Tensor, return_coupling: bool = False):
+        # Checked here so a mismatch names the module's own arguments, not the weight tensor
+        # the functional op would complain about.
+        if not isinstance(u, torch.Tensor) or u.dim() != 3 or tuple(u.shape[1:]) != (self.in_caps, self.in_dim):
+            got = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
+            raise ValueError(f"RoutingCapsules(in_caps={self.in_caps}, in_dim={self.in_dim}) expects input "
+                             f"capsules u of shape [B, in_caps={self.in_caps}, in_dim={self.in_dim}], got "
+                             f"{got}; build the layer with in_caps/in_dim matching the layer below")
         weight, bias = self.weight, self.bias
         if torch.is_autocast_enabled(u.device.type):
             # Under autocast routing is a matmul-like op: it runs in the autocast dtype, with

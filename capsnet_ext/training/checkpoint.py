@@ -70,6 +70,9 @@ def load_checkpoint(path: os.PathLike, map_location="cpu") -> Dict[str, Any]:
             if candidate.is_file():
                 path = candidate
                 break
+        else:
+            raise FileNotFoundError(f"the folder {str(path)!r} holds no checkpoint "
+                                    "(no checkpoints/last.pt or last.pt in it)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:

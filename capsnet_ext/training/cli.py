@@ -3,10 +3,21 @@
 Examples::
 
     capsnet-ext train --preset mnist --out runs/mnist
-    capsnet-ext train --preset mnist --max-steps 200 --train-limit 2000 --device cpu
+    capsnet-ext train --out runs/quick --max-steps 200 --train-limit 2000 --test-limit 1000
+                                                                # a short CPU run
     capsnet-ext train --resume runs/mnist                       # continue where it stopped
+    capsnet-ext train --preset mnist --out runs/mnist --overwrite   # start again from scratch
     torchrun --nproc_per_node=8 -m capsnet_ext.cli train --preset mnist --batch-size 1024
     capsnet-ext train --list-presets
+
+A new run refuses a run folder that is not empty: continue it with --resume or replace it
+with --overwrite. The test set is scored every --eval-every steps (default: once per epoch,
+but never more test images than training images in between) and after the last step;
+--test-limit N scores only the first N test images, the quickest way to shorten a CPU run.
+
+Values of --set are JSON (numbers, true/false, null, "strings", [lists], {objects}); a value
+that is not valid JSON is taken as a plain string (--set dataset=fashion-mnist). Every value is
+checked against the config field's type, and model.* keys against the model's arguments.
 """
 from __future__ import annotations
 
@@ -16,16 +27,20 @@ import pathlib
 import sys
 from typing import List, Optional
 
-from .config import PRESETS, TrainConfig, load_config
+from .._cli import run_command
+from .config import PRESETS, TrainConfig, describe_preset, load_config
 
 
 def _parse_set(values: List[str]) -> dict:
-    """``--set a.b=JSON`` pairs as a nested dict (``--set model.conv_channels=128``)."""
+    """``--set a.b=JSON`` pairs as a nested dict (``--set model.conv_channels=128``); a value
+    that is not valid JSON is kept as a string (the config's type checks then decide)."""
     result: dict = {}
     for item in values:
         if "=" not in item:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         key, raw = item.split("=", 1)
+        if not key or any(not part for part in key.split(".")):
+            raise ValueError(f"--set expects KEY=VALUE with KEY a field name or field.key, got {item!r}")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
@@ -56,15 +71,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--resume", nargs="?", const="__out__",
                         help="checkpoint file or run folder to continue from (no value: --out)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in --out even if it holds an earlier run (which is removed)")
     parser.add_argument("--num-workers", type=int)
     parser.add_argument("--log-every", type=int)
-    parser.add_argument("--eval-every", type=int)
+    parser.add_argument("--eval-every", type=int,
+                        help="score the test set every N steps (default: once per epoch, but never "
+                             "more test images than training images in between; always at the end)")
     parser.add_argument("--checkpoint-every", type=int)
     parser.add_argument("--train-limit", type=int, help="use the first N training examples")
-    parser.add_argument("--test-limit", type=int, help="use the first N test examples")
+    parser.add_argument("--test-limit", type=int,
+                        help="use the first N test examples (evaluation is quicker; the numbers "
+                             "are then on N images)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                        help="any config field, nested with dots: --set model.conv_channels=128")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+                        help="any config field, nested with dots: --set model.conv_channels=128 "
+                             "(JSON; a non-JSON value is a string)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (the start-up, evaluation and summary lines stay)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the final metrics as JSON on stdout (the other lines go to stderr)")
     parser.add_argument("--no-tensorboard", action="store_true")
     parser.add_argument("--list-presets", action="store_true")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -115,8 +140,16 @@ def resume_path(args) -> pathlib.Path:
     if args.resume == "__out__":
         if args.out is None:
             raise ValueError("--resume without a value needs --out (the run folder)")
-        return pathlib.Path(args.out)
-    return pathlib.Path(args.resume)
+        path = pathlib.Path(args.out)
+    else:
+        path = pathlib.Path(args.resume)
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: {str(path)!r} does not exist (give a run folder or a "
+                                "checkpoint file)")
+    if path.is_dir() and not any((path / sub).is_file() for sub in ("checkpoints/last.pt", "last.pt")):
+        raise FileNotFoundError(f"--resume: the run folder {str(path)!r} holds no checkpoints/last.pt, "
+                                "so there is nothing to resume (start a new run there with --overwrite)")
+    return path
 
 
 def run_dir_of(path: pathlib.Path) -> pathlib.Path:
@@ -127,34 +160,44 @@ def run_dir_of(path: pathlib.Path) -> pathlib.Path:
     return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+SUMMARY_KEYS = ("out", "step", "epoch", "test_error", "best_error", "best_step",
+                "seconds_per_epoch", "images_per_sec", "backend", "best_checkpoint",
+                "last_checkpoint", "interrupted", "finished")
+
+
+def list_presets(stream=None) -> None:
+    stream = stream or sys.stdout
+    width = max(map(len, PRESETS)) + 2
+    for name in sorted(PRESETS):
+        print(f"{name:<{width}}{describe_preset(name)}", file=stream)
+
+
+def _main(argv: List[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.list_presets:
-        for name in sorted(PRESETS):
-            preset = PRESETS[name]
-            print(f"{name:<34} dataset={preset['dataset']:<14} arch={preset['model']['arch']}")
+        list_presets()
         return 0
-    try:
-        cfg = config_from_args(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"capsnet-ext train: {exc}", file=sys.stderr)
-        return 2
+    if args.resume is not None and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the run, or replace it")
+    cfg = config_from_args(args)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     resume = str(resume_path(args)) if args.resume is not None else None
+    from .logging_utils import Console
     from .trainer import train
 
-    try:
-        result = train(cfg, resume=resume)
-    except FileNotFoundError as exc:
-        print(f"capsnet-ext train: {exc}", file=sys.stderr)
-        return 2
-    summary = {k: result[k] for k in ("out", "step", "epoch", "test_error", "best_error",
-                                       "seconds_per_epoch", "images_per_sec", "backend",
-                                       "best_checkpoint", "last_checkpoint", "interrupted")}
-    print(json.dumps(summary, indent=2))
+    console = Console(sys.stderr if args.json else sys.stdout, bar=cfg.progress)
+    result = train(cfg, resume=resume, overwrite=args.overwrite, console=console)
+    if args.json:
+        summary = {k: result.get(k) for k in SUMMARY_KEYS}
+        summary["finished"] = bool(summary["finished"])
+        print(json.dumps(summary, indent=2))
     return 130 if result["interrupted"] else 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_command("capsnet-ext train", _main, argv)
 
 
 if __name__ == "__main__":

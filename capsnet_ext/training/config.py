@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -65,7 +66,7 @@ class TrainConfig:
     device: str = "auto"
     out: str = "runs/mnist"
     log_every: int = 50
-    eval_every: Optional[int] = None  # steps; None: at the end of every epoch
+    eval_every: Optional[int] = None  # steps; None: auto_eval_every (and always at the end)
     eval_limit: Optional[int] = None  # evaluate on the first N test items during training
     checkpoint_every: int = 1000
     num_workers: int = 0
@@ -77,6 +78,9 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        _check_field_types(self)
+        check_model_config(self.model)
+
         def positive_int(name, value, allow_none=False):
             if value is None and allow_none:
                 return
@@ -122,6 +126,98 @@ class TrainConfig:
             if self.backend is not None:
                 model["backend"] = self.backend
         return model
+
+
+def _type_name(annotation) -> str:
+    return {int: "an int", float: "a number", str: "a string", bool: "true or false",
+            dict: "a JSON object"}.get(annotation, str(annotation))
+
+
+def _matches(value, annotation) -> Optional[bool]:
+    """Whether ``value`` fits the field annotation (``None``: an annotation not checked here)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:
+        results = [_matches(value, arg) for arg in typing.get_args(annotation)]
+        if any(r is True for r in results):
+            return True
+        return None if any(r is None for r in results) else False
+    if annotation is type(None):
+        return value is None
+    if annotation is Any:
+        return True
+    if origin in (dict, Dict):
+        return isinstance(value, dict)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    return None
+
+
+def _check_field_types(cfg: "TrainConfig") -> None:
+    """Every field's value against its annotation: ``--set lr=abc`` fails here, naming the
+    field and what it takes, not later inside the optimizer."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        annotation = hints.get(f.name)
+        if annotation is None or _matches(value, annotation) is not False:
+            continue
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        base = args[0] if typing.get_origin(annotation) is typing.Union and len(args) == 1 else annotation
+        expected = _type_name(typing.get_origin(base) or base)
+        if base is not annotation:
+            expected += " or null"
+        raise ValueError(f"config field {f.name!r} must be {expected}, got {value!r}")
+
+
+def model_arguments(arch: str) -> Optional[list]:
+    """Names the model builder of ``arch`` accepts (``None`` when it takes any keyword)."""
+    import inspect
+
+    from ..nn import MODEL_REGISTRY
+
+    if arch not in MODEL_REGISTRY:
+        raise ValueError(f"config field 'model': unknown arch {arch!r}; expected one of "
+                         f"{sorted(MODEL_REGISTRY)}")
+    try:
+        parameters = inspect.signature(MODEL_REGISTRY[arch]).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == p.VAR_KEYWORD for p in parameters):
+        return None
+    return sorted(p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                  and p.name != "self")
+
+
+def check_model_config(model) -> None:
+    """The ``model`` dict's keys against its builder's arguments (``--set model.conv_chanels=1``
+    fails here, listing the valid names)."""
+    if not isinstance(model, dict) or "arch" not in model:
+        raise ValueError(f"config field 'model' must be a dict with an 'arch' key, got {model!r}")
+    accepted = model_arguments(model["arch"])
+    if accepted is None:
+        return
+    unknown = sorted(set(model) - set(accepted) - {"arch"})
+    if unknown:
+        raise ValueError(f"config field 'model': arch {model['arch']!r} takes no argument(s) "
+                         f"{unknown}; valid names: {', '.join(accepted)}")
+    from ..nn import MODEL_REGISTRY
+
+    builder = MODEL_REGISTRY[model["arch"]]
+    try:
+        hints = typing.get_type_hints(builder.__init__ if isinstance(builder, type) else builder)
+    except Exception:  # annotations that do not resolve are simply not checked
+        hints = {}
+    for key, value in model.items():
+        annotation = hints.get(key)
+        if annotation is not None and _matches(value, annotation) is False:
+            raise ValueError(f"config field 'model.{key}' must be "
+                             f"{_type_name(typing.get_origin(annotation) or annotation)}, got {value!r}")
 
 
 def _preset(**fields) -> Dict[str, Any]:
@@ -181,6 +277,42 @@ for _iters, _recon in ABLATION_TABLE:
     _abl["recon_weight"] = 0.0005 if _recon else 0.0
     _abl["out"] = f"runs/mnist-ablation-r{_iters}-{'recon' if _recon else 'norecon'}"
     PRESETS[f"mnist-ablation-r{_iters}-{'recon' if _recon else 'norecon'}"] = _abl
+
+
+# One line per preset for ``capsnet-ext train --list-presets``.
+PRESET_DESCRIPTIONS: Dict[str, str] = {
+    "mnist": "CapsNet on MNIST, the paper's recipe (3 iterations, reconstruction, +-2 px shifts)",
+    "mnist-ablation": "CapsNet on MNIST with 1 routing iteration and no reconstruction loss",
+    "multimnist": "CapsNet on overlapping digit pairs (36x36), both digits reconstructed",
+    "affnist": "CapsNet trained on MNIST in a 40x40 frame, tested on affine-transformed digits",
+    "fashion-mnist": "CapsNet on Fashion-MNIST, the MNIST recipe",
+    "cifar10": "CapsNet on CIFAR-10: 24x24 crops, 64 primary channels, none-of-the-above routing",
+    "svhn": "CapsNet on SVHN digits (32x32 colour), 64 primary channels",
+    "smallnorb": "CapsNet on smallNORB (5 toy classes), 32x32 crops",
+    "baseline-cnn": "the paper's baseline CNN on MNIST (same data and augmentation, cross-entropy)",
+}
+for _name in ("mnist", "multimnist", "affnist", "fashion-mnist", "cifar10", "svhn", "smallnorb"):
+    PRESET_DESCRIPTIONS[f"baseline-cnn-{_name}"] = (f"the paper's baseline CNN for the {_name} "
+                                                   "comparison (same data, cross-entropy)")
+for _iters, _recon in ABLATION_TABLE:
+    PRESET_DESCRIPTIONS[f"mnist-ablation-r{_iters}-{'recon' if _recon else 'norecon'}"] = (
+        f"MNIST ablation table: {_iters} routing iteration{'s' if _iters > 1 else ''}, "
+        f"{'with' if _recon else 'without'} reconstruction loss")
+
+
+def describe_preset(name: str) -> str:
+    """One line saying what the preset trains: its entry in ``PRESET_DESCRIPTIONS``, or a
+    line made from its fields for a preset that has none."""
+    if name in PRESET_DESCRIPTIONS:
+        return PRESET_DESCRIPTIONS[name]
+    preset = PRESETS[name]
+    model = preset.get("model", {})
+    parts = [f"{model.get('arch', '?')} on {preset.get('dataset', '?')}"]
+    if "iterations" in model:
+        parts.append(f"{model['iterations']} routing iterations")
+    if "epochs" in preset:
+        parts.append(f"{preset['epochs']} epochs")
+    return ", ".join(parts)
 
 
 def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:

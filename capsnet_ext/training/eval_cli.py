@@ -23,6 +23,7 @@ from typing import List, Optional
 
 import torch
 
+from .._cli import run_command
 from .augment import BatchAugmenter
 from .checkpoint import atomic_write_text, load_checkpoint, model_from_checkpoint
 from .distributed import resolve_device
@@ -78,9 +79,13 @@ def _padded_mnist_test(data_dir, test_limit, size: int):
 
 
 def evaluate_checkpoint(path, *, data_dir=None, device="auto", backend=None, iterations=None,
-                        batch_size=256, test_limit=None, precision="fp32", bundle=None):
+                        batch_size=256, test_limit=None, precision="fp32", bundle=None,
+                        console=None):
     """Metrics of one checkpoint on its task's test set; returns ``(metrics, model, bundle,
-    ckpt)`` with ``metrics["scores"]`` kept for ensembles."""
+    ckpt)`` with ``metrics["scores"]`` kept for ensembles. ``console`` (a
+    :class:`~capsnet_ext.training.logging_utils.Console`) shows progress while scoring."""
+    from .evaluation import evaluation_batches
+
     ckpt = load_checkpoint(path)
     device = resolve_device(device)
     overrides = {}
@@ -99,13 +104,20 @@ def evaluate_checkpoint(path, *, data_dir=None, device="auto", backend=None, ite
                   recon_weight=config.get("recon_weight", 0.0005),
                   recon_target=config.get("recon_target", "input"), margin=config.get("margin"),
                   transform=transform)
-    metrics = evaluate(model, bundle.test, return_scores=True, limit=test_limit, **common)
+    def progress_for(dataset):
+        if console is None:
+            return None
+        batches, items = evaluation_batches(dataset, batch_size=batch_size, limit=test_limit)
+        return console.eval_progress(batches, items)
+
+    metrics = evaluate(model, bundle.test, return_scores=True, limit=test_limit,
+                       progress=progress_for(bundle.test), **common)
     metrics["dataset"] = config["dataset"]
     metrics["step"] = ckpt["step"]
     if config["dataset"] == "affnist":
         mnist = _padded_mnist_test(data_dir or config.get("data_dir"), test_limit,
                                    ckpt["model_config"].get("input_size", 40))
-        plain = evaluate(model, mnist, **common)
+        plain = evaluate(model, mnist, progress=progress_for(mnist), **common)
         metrics["affine_accuracy"] = metrics["accuracy"]
         metrics["mnist_padded_accuracy"] = plain["accuracy"]
     if bundle.multi_label:
@@ -137,47 +149,49 @@ def draw_figures(model, bundle, ckpt, metrics, out_dir: pathlib.Path, run_dir: p
         changes = figures.routing_logit_changes(model, batch["image"].to(device), routing_iterations)
         metrics["routing_logit_changes"] = changes
         written.append(figures.plot_routing_dynamics({f"step {ckpt['step']}": changes},
-                                                     out_dir / "routing_logit_changes.png"))
+                                                     out_dir / "routing_logit_changes.png",
+                                                     trained_iterations=getattr(model.digits, "iterations", None)))
     if (run_dir / "train_log.csv").is_file():
         written.append(figures.plot_training_curves(run_dir, out_dir / "training_curves.png"))
     return [str(p) for p in written]
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def _main(argv: List[str]) -> int:
+    from .logging_utils import Console
+
     args = build_parser().parse_args(argv)
+    console = Console(sys.stderr, prefix="")
     results, scores, labels = [], [], None
     multi_label = False
     first_run = _run_dir(args.checkpoints[0])
     out_dir = pathlib.Path(args.out) if args.out else first_run / "eval"
     bundle_cache = {}
     for index, path in enumerate(args.checkpoints):
-        try:
-            ckpt_config = load_checkpoint(path)["config"]
-            key = (ckpt_config["dataset"], json.dumps(ckpt_config.get("dataset_options"), sort_keys=True),
-                   ckpt_config.get("seed"))
-            metrics, model, bundle, ckpt = evaluate_checkpoint(
-                path, data_dir=args.data_dir, device=args.device, backend=args.backend,
-                iterations=args.iterations, batch_size=args.batch_size, test_limit=args.test_limit,
-                precision=args.precision, bundle=bundle_cache.get(key))
-        except (FileNotFoundError, ValueError) as exc:
-            print(f"capsnet-ext eval: {exc}", file=sys.stderr)
-            return 2
+        ckpt_config = load_checkpoint(path)["config"]
+        key = (ckpt_config["dataset"], json.dumps(ckpt_config.get("dataset_options"), sort_keys=True),
+               ckpt_config.get("seed"))
+        metrics, model, bundle, ckpt = evaluate_checkpoint(
+            path, data_dir=args.data_dir, device=args.device, backend=args.backend,
+            iterations=args.iterations, batch_size=args.batch_size, test_limit=args.test_limit,
+            precision=args.precision, bundle=bundle_cache.get(key), console=console)
         bundle_cache[key] = bundle
         multi_label = bundle.multi_label
         scores.append(metrics.pop("scores"))
         labels = metrics.pop("labels")
         metrics["checkpoint"] = str(path)
-        if args.figures:
-            target = out_dir if len(args.checkpoints) == 1 else out_dir / f"model{index}"
-            metrics["figures"] = draw_figures(model, bundle, ckpt, metrics, target, _run_dir(path),
-                                              args.routing_iterations)
-        results.append(metrics)
         line = f"{path}: {metrics['dataset']} test error {100 * metrics['error']:.2f}% " \
                f"({metrics['n']} examples, step {metrics['step']})"
         if "affine_accuracy" in metrics:
             line += (f"; affine accuracy {100 * metrics['affine_accuracy']:.2f}%, "
                      f"padded MNIST accuracy {100 * metrics['mnist_padded_accuracy']:.2f}%")
-        print(line)
+        print(line, flush=True)
+        if args.figures:
+            target = out_dir if len(args.checkpoints) == 1 else out_dir / f"model{index}"
+            console.line("drawing figures ...")
+            metrics["figures"] = draw_figures(model, bundle, ckpt, metrics, target, _run_dir(path),
+                                              args.routing_iterations)
+            print(f"figures in {target}: " + ", ".join(pathlib.Path(p).name for p in metrics["figures"]))
+        results.append(metrics)
     report = {"models": results}
     if len(scores) > 1:
         try:
@@ -189,6 +203,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2) + "\n")
     print(f"wrote {out_dir / 'eval.json'}")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_command("capsnet-ext eval", _main, argv)
 
 
 if __name__ == "__main__":

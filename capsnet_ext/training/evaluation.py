@@ -108,7 +108,7 @@ def evaluate(model: nn.Module, dataset, *, num_classes: int, multi_label: bool =
              limit: Optional[int] = None, precision: str = "fp32", recon_weight: float = 0.0005,
              recon_target: str = "input", margin: Optional[Dict[str, float]] = None,
              transform=None, num_workers: int = 0, rank: int = 0, world_size: int = 1,
-             return_scores: bool = False) -> Dict:
+             return_scores: bool = False, progress=None) -> Dict:
     """Test metrics of ``model`` on ``dataset`` (items are dicts, see capsnet_ext.data).
 
     Under DDP each rank scores every ``world_size``-th example and the sums are all-reduced,
@@ -117,7 +117,8 @@ def evaluate(model: nn.Module, dataset, *, num_classes: int, multi_label: bool =
     Returns a dict: ``n``, ``loss``, ``accuracy``, ``error`` (fractions), ``per_class_accuracy``
     (list), ``confusion`` (``[true][predicted]`` counts; for multi-label, each label of an
     example counted against the prediction set), and ``scores``/``labels`` tensors when
-    ``return_scores`` (for ensembles).
+    ``return_scores`` (for ensembles). ``progress``, when given, is called with the number of
+    batches done after each batch (see :func:`evaluation_batches` for the total).
     """
     margin = margin or dict(m_pos=0.9, m_neg=0.1, lam=0.5)
     was_training = model.training
@@ -132,7 +133,7 @@ def evaluate(model: nn.Module, dataset, *, num_classes: int, multi_label: bool =
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
     sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
     all_scores, all_labels = [], []
-    for batch in loader:
+    for batch_index, batch in enumerate(loader):
         if transform is not None:
             batch = transform(batch)
         loss, _, out = forward_and_loss(model, batch, recon_weight=recon_weight,
@@ -157,6 +158,8 @@ def evaluate(model: nn.Module, dataset, *, num_classes: int, multi_label: bool =
         if return_scores:
             all_scores.append(scores.cpu())
             all_labels.append(batch["labels"] if multi_label else batch["label"])
+        if progress is not None:
+            progress(batch_index + 1)
     if world_size > 1 and dist.is_initialized():
         backend_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
         packed = torch.cat([sums, confusion.flatten()]).to(backend_device)
@@ -175,6 +178,14 @@ def evaluate(model: nn.Module, dataset, *, num_classes: int, multi_label: bool =
         metrics["scores"] = torch.cat(all_scores) if all_scores else torch.empty(0, num_classes)
         metrics["labels"] = torch.cat(all_labels) if all_labels else torch.empty(0, dtype=torch.long)
     return metrics
+
+
+def evaluation_batches(dataset, *, batch_size: int, limit: Optional[int] = None, rank: int = 0,
+                       world_size: int = 1) -> tuple:
+    """``(batches, examples)`` that :func:`evaluate` will run on this rank, for progress bars."""
+    n_total = len(dataset) if limit is None else min(limit, len(dataset))
+    n_rank = len(_shard_indices(n_total, rank, world_size))
+    return -(-n_rank // batch_size), n_total
 
 
 def ensemble_metrics(score_list: Sequence[torch.Tensor], labels: torch.Tensor, multi_label: bool) -> Dict:

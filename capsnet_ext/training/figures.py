@@ -128,13 +128,15 @@ def plot_perturbation_grid(model, image: torch.Tensor, path: os.PathLike,
     """One row per capsule dimension, one column per perturbation (-0.25 ... 0.25)."""
     grid, cls = perturbation_images(model, image, deltas)
     D, K = grid.shape[:2]
-    fig = Figure(figsize=(0.75 * K + 1, 0.75 * D + 1))
+    # Constrained layout places the title right above the column labels (a fixed figure
+    # margin left a gap under it that grew with the number of dimensions).
+    fig = Figure(figsize=(0.75 * K + 1, 0.75 * D + 0.6), layout="constrained")
     axes = fig.subplots(D, K, squeeze=False)
     for d in range(D):
         for k in range(K):
             _show(axes[d, k], grid[d, k])
             if d == 0:
-                axes[d, k].set_title(f"{deltas[k]:+.2f}", fontsize=7)
+                axes[d, k].set_title(f"{float(deltas[k]) + 0.0:+.2f}", fontsize=7)  # + 0.0: no "-0.00"
         axes[d, 0].set_ylabel(f"dim {d}", fontsize=7)
     fig.suptitle(f"capsule of class {cls}: each dimension perturbed")
     return _save(fig, path)
@@ -209,19 +211,32 @@ def routing_logit_changes(model, images: torch.Tensor, iterations: int = 10) -> 
     return changes
 
 
-def plot_routing_dynamics(changes: Dict[str, List[float]], path: os.PathLike) -> pathlib.Path:
-    """``changes``: label -> per-iteration mean logit change (e.g. one curve per checkpoint)."""
-    fig = Figure(figsize=(5, 3.5))
+def plot_routing_dynamics(changes: Dict[str, List[float]], path: os.PathLike,
+                          trained_iterations: Optional[int] = None) -> pathlib.Path:
+    """``changes``: label -> per-iteration mean logit change (e.g. one curve per checkpoint).
+
+    The curves may run past the number of iterations the model routes with, to show whether
+    more iterations would still move the couplings; ``trained_iterations`` marks that number
+    with a dashed line and says so in the title."""
+    fig = Figure(figsize=(5.5, 3.8))
     ax = fig.subplots()
     for label, values in changes.items():
         ax.plot(range(1, len(values) + 1), values, marker="o", label=label)
+    shown = max((len(v) for v in changes.values()), default=0)
+    if trained_iterations is not None:
+        ax.axvline(trained_iterations, color="grey", linestyle="--", linewidth=1,
+                   label=f"the model's {trained_iterations} iteration{'s' if trained_iterations != 1 else ''}")
     ax.set_xlabel("routing iteration")
     ax.set_ylabel("mean |change of routing logit|")
     ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
-    if len(changes) > 1:
+    if len(changes) > 1 or trained_iterations is not None:
         ax.legend(fontsize=8)
-    ax.set_title("Routing logit change per iteration")
+    title = "Routing logit change per iteration"
+    if trained_iterations is not None and shown > trained_iterations:
+        title += (f"\nthe model routes with {trained_iterations}; iterations {trained_iterations + 1}-"
+                  f"{shown} show whether routing has settled")
+    ax.set_title(title, fontsize=10)
     return _save(fig, path)
 
 
@@ -257,7 +272,10 @@ def plot_training_curves(run_dir: os.PathLike, path: Optional[os.PathLike] = Non
 
 
 def plot_confusion(confusion: Sequence[Sequence[int]], path: os.PathLike,
-                   class_names: Optional[Sequence[str]] = None) -> pathlib.Path:
+                   class_names: Optional[Sequence[str]] = None,
+                   title: Optional[str] = None) -> pathlib.Path:
+    """Counts in the cells; colour is the fraction of each true class (row) predicted as each
+    class, so the diagonal is the per-class accuracy."""
     matrix = np.asarray(confusion, dtype=np.float64)
     J = matrix.shape[0]
     names = list(class_names) if class_names is not None else [str(j) for j in range(J)]
@@ -272,7 +290,12 @@ def plot_confusion(confusion: Sequence[Sequence[int]], path: os.PathLike,
                         color="white" if shown[i, j] > 0.5 else "black")
     ax.set_xticks(range(J), names, fontsize=7)
     ax.set_yticks(range(J), names, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    total = int(matrix.sum())
+    correct = int(np.trace(matrix))
+    ax.set_title(title or f"Confusion matrix: {total} test examples, "
+                 f"{100 * correct / max(total, 1):.2f}% correct", fontsize=10)
+    bar = fig.colorbar(image, ax=ax, fraction=0.046)
+    bar.set_label("fraction of the true class (row)")
     return _save(fig, path)

@@ -14,6 +14,16 @@ Design points:
   batch, up to summation order. Rank 0 logs and writes checkpoints.
 * **Interrupts.** SIGINT (Ctrl-C) and SIGTERM set a flag; the loop finishes its step, writes
   ``last.pt`` and returns (a second Ctrl-C aborts at once).
+* **One run per folder.** A new run refuses a run folder that is not empty unless asked to
+  ``overwrite`` it (then what an earlier run wrote is removed first, so no two runs' logs,
+  checkpoints or TensorBoard events ever mix); ``resume`` continues the run already there.
+* **Evaluation schedule.** Every ``eval_every`` steps, by default :func:`auto_eval_every`
+  (once per epoch, but never more test images scored than training images seen in between),
+  and always after the last step.
+* **Throughput** (``images_per_sec`` in ``train_log.csv``, ``metrics.json`` and the console)
+  is training images per second of time spent in training steps: moving the batch to the
+  device, augmentation, forward, backward and the optimizer step. Evaluation, checkpoints,
+  logging and reading the (in-memory) batch are not counted.
 """
 from __future__ import annotations
 
@@ -38,8 +48,8 @@ from .augment import BatchAugmenter
 from .checkpoint import atomic_torch_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state
 from .config import TrainConfig
 from .distributed import DistInfo, barrier, broadcast_flag, cleanup, resolve_device, setup_distributed
-from .evaluation import correct_mask, evaluate, forward_and_loss, scores_of, unwrap
-from .logging_utils import CSVLog, TensorBoardLog
+from .evaluation import correct_mask, evaluate, evaluation_batches, forward_and_loss, scores_of, unwrap
+from .logging_utils import Console, CSVLog, TensorBoardLog, format_duration
 
 TRAIN_FIELDS = ["step", "epoch", "lr", "loss", "margin", "recon", "ce", "accuracy",
                 "images_per_sec", "elapsed_s"]
@@ -104,6 +114,56 @@ def _fill_model_config(model_config: Dict[str, Any], bundle, crop_size: Optional
                                   (inspect.signature(builder).parameters.values() if builder else [])):
             model_config[key] = value
     return model_config
+
+
+# What a run writes into its folder (and what ``overwrite`` removes; other files are left).
+RUN_ENTRIES = ("config.json", "metrics.json", "train_log.csv", "eval_log.csv", "checkpoints",
+               "tensorboard", "figures", "eval", "analysis", "gradient_flow.npz")
+
+
+class RunFolderExistsError(FileExistsError):
+    """A new run was pointed at a folder that already holds files."""
+
+
+def check_run_folder(out_dir: pathlib.Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a new run in a non-empty folder unless ``overwrite``."""
+    out_dir = pathlib.Path(out_dir)
+    if resume or overwrite or not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise RunFolderExistsError(f"run folder {str(out_dir)!r} exists and is not a folder")
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if entries:
+        shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
+        raise RunFolderExistsError(
+            f"run folder {str(out_dir)!r} is not empty ({shown}); pass --resume to continue the "
+            f"run in it, --overwrite to replace it, or another --out (train(..., resume=... or "
+            f"overwrite=True) from Python)")
+
+
+def clear_run_folder(out_dir: pathlib.Path) -> List[str]:
+    """Remove what an earlier run wrote into ``out_dir`` (``RUN_ENTRIES``); returns the names."""
+    import shutil
+
+    removed = []
+    for name in RUN_ENTRIES:
+        path = pathlib.Path(out_dir) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def auto_eval_every(steps_per_epoch: int, eval_items: int, batch_size: int) -> int:
+    """The default evaluation interval in steps: once per epoch, except that evaluations are
+    spaced at least ``ceil(eval_items / batch_size)`` steps apart, so a run never scores more
+    test images than it trains on in between (a short run on a small training subset would
+    otherwise spend most of its time evaluating the full test set)."""
+    return max(1, steps_per_epoch, -(-eval_items // batch_size))
 
 
 def _lr_lambda(cfg: TrainConfig):
@@ -198,7 +258,7 @@ def _call(callbacks, name: str, *args) -> None:
 
 
 def train(cfg: TrainConfig, callbacks: Optional[List[Any]] = None, *, resume: Optional[str] = None,
-          datasets=None) -> Dict[str, Any]:
+          datasets=None, overwrite: bool = False, console: Optional[Console] = None) -> Dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.dataset`` and return the final metrics.
 
     Args:
@@ -210,12 +270,26 @@ def train(cfg: TrainConfig, callbacks: Optional[List[Any]] = None, *, resume: Op
             from; its config replaces ``cfg`` except ``out``, ``max_steps``, ``epochs``,
             ``device``, ``progress`` and the logging intervals.
         datasets: a ready :class:`capsnet_ext.data.DatasetBundle` (else ``build_datasets``).
+        overwrite: start a new run in ``cfg.out`` even if it is not empty, removing what an
+            earlier run wrote there (without it a non-empty folder raises
+            :class:`RunFolderExistsError`).
+        console: where the start-up line, evaluation lines, progress and summary go
+            (default: stdout, with a progress bar when ``cfg.progress`` and stdout is a
+            terminal; ``Console(enabled=False)`` for silence).
+
+    A resumed run that has already reached its last step does nothing: it says so and returns
+    the metrics the run folder holds, leaving every file as it is (``finished`` is True).
 
     Returns a dict with ``out``, ``best_checkpoint``, ``last_checkpoint``, ``step``,
     ``epoch``, ``test_error``/``test_accuracy`` (final evaluation), ``best_error``,
     ``seconds_per_epoch``, ``images_per_sec``, ``backend``, ``interrupted`` and ``metrics``.
     """
     callbacks = list(callbacks or [])
+    # Resuming continues the run in its own folder; resuming into another folder starts a new
+    # run folder there, which must be empty like any other. Checked before any process group
+    # exists, so no rank can have written anything yet.
+    in_place = resume is not None and _run_folder_of(resume).resolve() == pathlib.Path(cfg.out).resolve()
+    check_run_folder(pathlib.Path(cfg.out), resume=in_place, overwrite=overwrite)
     ckpt = None
     if resume is not None:
         ckpt = load_checkpoint(resume)
@@ -229,13 +303,33 @@ def train(cfg: TrainConfig, callbacks: Optional[List[Any]] = None, *, resume: Op
     device_type = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" \
         else torch.device(cfg.device).type
     info = setup_distributed(torch.device(device_type))
+    if console is None:
+        console = Console(enabled=info.is_main, bar=cfg.progress)
+    elif not info.is_main:
+        console = Console(enabled=False)
     try:
-        return _train(cfg, callbacks, ckpt, datasets, info)
+        return _train(cfg, callbacks, ckpt, datasets, info, overwrite and not in_place, console,
+                      resume)
     finally:
+        console.close_bar()
         cleanup(info)
 
 
-def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo) -> Dict[str, Any]:
+def _run_folder_of(path) -> pathlib.Path:
+    """The run folder of a checkpoint file (``<run>/checkpoints/last.pt``) or folder."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        return path
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def _parameter_count(model: nn.Module) -> str:
+    count = sum(p.numel() for p in model.parameters())
+    return f"{count / 1e6:.2f}M" if count >= 1e5 else f"{count / 1e3:.1f}k"
+
+
+def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo, overwrite: bool,
+           console: Console, resume: Optional[str]) -> Dict[str, Any]:
     device = resolve_device(cfg.device, info.local_rank)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -270,13 +364,14 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo) -> Dict[
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
 
-    start_step, best_error, last_metrics = 0, float("inf"), {}
+    start_step, best_error, best_step, last_metrics = 0, float("inf"), None, {}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start_step = int(ckpt["step"])
         best_error = float(ckpt.get("best_error", float("inf")))
+        best_step = ckpt.get("best_step")
         last_metrics = ckpt.get("metrics") or {}
         per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]]
         set_rng_state(per_rank[info.rank] if len(per_rank) == info.world_size else ckpt["rng"])
@@ -292,8 +387,25 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo) -> Dict[
     augment = BatchAugmenter(cfg.seed, cfg.max_shift, cfg.crop_size, info.rank, info.world_size)
     backend_name = routing_backend_name(model, device)
     env = environment_info(device)
+    eval_items = min(cfg.eval_limit or len(bundle.test), len(bundle.test))
+    eval_interval = cfg.eval_every or auto_eval_every(steps_per_epoch, eval_items, cfg.batch_size)
 
     main = info.is_main
+    if ckpt is not None and start_step >= total_steps:
+        return _finished_run(out_dir, ckpt, start_step, total_steps, steps_per_epoch, console, resume)
+    if main and overwrite:
+        removed = clear_run_folder(out_dir)
+        if removed:
+            console.line(f"--overwrite: removed the earlier run's {', '.join(removed)} from {out_dir}")
+    arch = model_config.get("arch", type(model).__name__)
+    console.line(f"{getattr(bundle, 'name', None) or cfg.dataset} ({len(bundle.train)} training / "
+                 f"{eval_items} test images), {arch} with "
+                 f"{_parameter_count(model)} parameters, device {device}, routing backend "
+                 f"{backend_name or 'none'}, {cfg.precision}")
+    what = (f"steps {start_step + 1}-{total_steps} (resumed from {resume})" if ckpt is not None
+            else f"{total_steps} steps")
+    console.line(f"{what} of {cfg.batch_size} images ({steps_per_epoch} steps per epoch); "
+                 f"evaluation every {eval_interval} steps and at the end; run folder {out_dir}")
     train_log = CSVLog(out_dir / "train_log.csv", TRAIN_FIELDS) if main else None
     eval_log = CSVLog(out_dir / "eval_log.csv", EVAL_FIELDS) if main else None
     tb = TensorBoardLog(out_dir / "tensorboard" if (main and cfg.tensorboard) else None)
@@ -317,7 +429,7 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo) -> Dict[
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": state, "rng_per_rank": per_rank,
                 "step": step, "epoch": step // steps_per_epoch, "config": cfg.to_dict(),
-                "metrics": metrics, "best_error": best_error, "environment": env,
+                "metrics": metrics, "best_error": best_error, "best_step": best_step, "environment": env,
                 "world_size": info.world_size,
             }
             path = atomic_torch_save(payload, ckpt_dir / name)
@@ -325,13 +437,19 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo) -> Dict[
         return path
 
     def run_eval(step: int) -> Dict:
-        nonlocal best_error
+        nonlocal best_error, best_step
+        batches_total, items = evaluation_batches(bundle.test, batch_size=cfg.eval_batch_size,
+                                                  limit=cfg.eval_limit, rank=info.rank,
+                                                  world_size=info.world_size)
         metrics = evaluate(model, bundle.test, num_classes=bundle.num_classes, multi_label=multi_label,
                            device=device, batch_size=cfg.eval_batch_size, limit=cfg.eval_limit,
                            precision=cfg.precision, recon_weight=cfg.recon_weight,
                            recon_target=cfg.recon_target, margin=cfg.margin,
-                           transform=augment.evaluation, rank=info.rank, world_size=info.world_size)
+                           transform=augment.evaluation, rank=info.rank, world_size=info.world_size,
+                           progress=console.eval_progress(batches_total, items))
         improved = metrics["error"] < best_error
+        if improved:
+            best_step = step
         best_error = min(best_error, metrics["error"])
         metrics["best_error"] = best_error
         metrics["step"] = step
@@ -347,18 +465,18 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo) -> Dict[
         _call(callbacks, "on_eval", step, metrics)
         return metrics
 
-    progress = None
-    if main and cfg.progress:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=total_steps, initial=start_step, desc=f"train {cfg.dataset}",
-                        dynamic_ncols=True, file=sys.stderr)
+    console.start_bar(total_steps, start_step, f"train {cfg.dataset}")
 
     step = start_step
     interrupted = None
-    train_seconds = 0.0
-    window = {"loss": 0.0, "margin": 0.0, "recon": 0.0, "ce": 0.0, "correct": 0.0, "n": 0, "steps": 0}
-    window_start = time.perf_counter()
+    train_seconds = eval_seconds = 0.0
+    run_start = time.perf_counter()
+    # The log window (train_log.csv rows) and the span between evaluations (console lines);
+    # "seconds" is time in training steps, the throughput's denominator in both.
+    window = {"loss": 0.0, "margin": 0.0, "recon": 0.0, "ce": 0.0, "correct": 0.0, "n": 0, "steps": 0,
+              "seconds": 0.0}
+    span = {"loss": 0.0, "steps": 0, "images": 0, "seconds": 0.0}
+    console_postfix: Dict[str, str] = {}
     train_model.train()
     with _StopFlag() as stop:
         while step < total_steps and interrupted is None:
@@ -386,15 +504,20 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo) -> Dict[
                 window["correct"] += float(correct.sum())
                 window["n"] += int(correct.numel())
                 window["steps"] += 1
-                train_seconds += time.perf_counter() - t0
+                step_seconds = time.perf_counter() - t0
+                train_seconds += step_seconds
+                window["seconds"] += step_seconds
+                span["loss"] += float(loss.detach())
+                span["steps"] += 1
+                span["images"] += cfg.batch_size
+                span["seconds"] += step_seconds
 
                 if step % cfg.log_every == 0 or step == total_steps:
-                    elapsed = time.perf_counter() - window_start
                     row = {"step": step, "epoch": step / steps_per_epoch,
                            "lr": scheduler.get_last_lr()[0],
                            "loss": window["loss"] / window["steps"],
                            "accuracy": window["correct"] / max(window["n"], 1),
-                           "images_per_sec": window["n"] * info.world_size / max(elapsed, 1e-9),
+                           "images_per_sec": window["n"] * info.world_size / max(window["seconds"], 1e-9),
                            "elapsed_s": train_seconds}
                     for key in ("margin", "recon", "ce"):
                         if window[key]:
@@ -402,21 +525,23 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo) -> Dict[
                     if main:
                         train_log.write(row)
                         tb.scalars("train", {k: v for k, v in row.items() if k not in ("step",)}, step)
-                        if progress is not None:
-                            progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.4f}",
-                                                 img_s=f"{row['images_per_sec']:.0f}")
+                        console_postfix = {"loss": f"{row['loss']:.4f}",
+                                           "img/s": f"{row['images_per_sec']:.0f}"}
                     window = dict.fromkeys(window, 0.0)
                     window["n"] = window["steps"] = 0
-                    window_start = time.perf_counter()
-                if progress is not None:
-                    progress.update(1)
+                if main:
+                    console.advance(step, total_steps, **console_postfix)
 
-                end_of_epoch = step % steps_per_epoch == 0
-                if (cfg.eval_every is not None and step % cfg.eval_every == 0) or \
-                        (cfg.eval_every is None and end_of_epoch) or step == total_steps:
+                if step % eval_interval == 0 or step == total_steps:
+                    eval_start = time.perf_counter()
                     last_metrics = run_eval(step)
-                    if progress is not None:
-                        progress.set_postfix(test_err=f"{100 * last_metrics['error']:.2f}%")
+                    eval_seconds += time.perf_counter() - eval_start
+                    console.line(
+                        f"step {step}/{total_steps} (epoch {step / steps_per_epoch:.1f}): train loss "
+                        f"{span['loss'] / max(span['steps'], 1):.4f}, test error "
+                        f"{100 * last_metrics['error']:.2f}% (best {100 * best_error:.2f}%), "
+                        f"{span['images'] / max(span['seconds'], 1e-9):.0f} training images/s")
+                    span = dict.fromkeys(span, 0.0)
                 if step % cfg.checkpoint_every == 0 and step != total_steps:
                     save("last.pt", step, last_metrics)
                 if broadcast_flag(stop.requested, info, device):
@@ -426,8 +551,7 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo) -> Dict[
                     break
         save("last.pt", step, last_metrics)
 
-    if progress is not None:
-        progress.close()
+    console.close_bar()
     if main:
         train_log.close()
         eval_log.close()
@@ -438,10 +562,13 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo) -> Dict[
         "last_checkpoint": str(ckpt_dir / "last.pt"),
         "best_checkpoint": str(ckpt_dir / "best.pt") if (ckpt_dir / "best.pt").is_file() else None,
         "step": step, "epoch": step / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps, "eval_every": eval_interval,
         "test_error": last_metrics.get("error"), "test_accuracy": last_metrics.get("accuracy"),
-        "best_error": best_error if math.isfinite(best_error) else None,
+        "best_error": best_error if math.isfinite(best_error) else None, "best_step": best_step,
         "seconds_per_epoch": train_seconds / epochs_done if epochs_done > 0 else None,
-        "train_seconds": train_seconds,
+        "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+        "wall_seconds": time.perf_counter() - run_start,
+        # Same definition as train_log.csv's column: images / time in training steps.
         "images_per_sec": (step - start_step) * cfg.batch_size / train_seconds if train_seconds else None,
         "backend": backend_name, "world_size": info.world_size,
         "interrupted": interrupted,
@@ -451,4 +578,62 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo) -> Dict[
     if main:
         atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
         _call(callbacks, "on_train_end", out_dir)
+        if console.summary:
+            _summary(console, result, cfg)
+    return result
+
+
+def _summary(console: Console, result: Dict[str, Any], cfg: TrainConfig) -> None:
+    """The closing lines: how it went and where everything is."""
+    out = result["out"]
+    if result["interrupted"]:
+        console.line(f"stopped by {result['interrupted']} at step {result['step']}; continue with: "
+                     f"capsnet-ext train --resume {out}")
+    error = result["test_error"]
+    best = result["best_error"]
+    line = (f"done: step {result['step']}/{result['total_steps']} in "
+            f"{format_duration(result['wall_seconds'])} ({format_duration(result['train_seconds'])} "
+            f"training, {format_duration(result['eval_seconds'])} evaluating)")
+    if error is not None:
+        line += f"; test error {100 * error:.2f}%"
+    if best is not None:
+        line += f" (best {100 * best:.2f}% at step {result['best_step']})"
+    if result["images_per_sec"]:
+        line += f"; {result['images_per_sec']:.0f} training images/s"
+    console.line(line)
+    checkpoints = ", ".join(pathlib.Path(p).name for p in (result["best_checkpoint"],
+                                                             result["last_checkpoint"]) if p)
+    console.line(f"checkpoints: {checkpoints} in {pathlib.Path(out) / 'checkpoints'}")
+    logs = "metrics.json, config.json, train_log.csv, eval_log.csv" + (", tensorboard/" if cfg.tensorboard else "")
+    console.line(f"logs: {logs} in {out}")
+    console.line(f"figures: capsnet-ext eval {out} --figures (writes them to {pathlib.Path(out) / 'eval'})")
+
+
+def _finished_run(out_dir: pathlib.Path, ckpt: Dict[str, Any], step: int, total_steps: int,
+                  steps_per_epoch: int, console: Console, resume) -> Dict[str, Any]:
+    """A resumed run already at (or past) its last step: say so and change nothing."""
+    console.line(f"the run in {out_dir} is finished (step {step} of {total_steps}); nothing to do. "
+                 f"To train longer, resume with a larger --max-steps or --epochs.")
+    saved = {}
+    metrics_file = out_dir / "metrics.json"
+    if metrics_file.is_file():
+        try:
+            saved = json.loads(metrics_file.read_text())
+        except (OSError, ValueError):
+            saved = {}
+    ckpt_dir = out_dir / "checkpoints"
+    metrics = ckpt.get("metrics") or {}
+    result = {
+        "out": str(out_dir), "last_checkpoint": str(ckpt_dir / "last.pt"),
+        "best_checkpoint": str(ckpt_dir / "best.pt") if (ckpt_dir / "best.pt").is_file() else None,
+        "step": step, "epoch": step / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps, "test_error": metrics.get("error"),
+        "test_accuracy": metrics.get("accuracy"),
+        "best_error": ckpt.get("best_error") if math.isfinite(ckpt.get("best_error", math.inf)) else None,
+        "best_step": ckpt.get("best_step"), "interrupted": None, "train_seconds": 0.0,
+        "images_per_sec": saved.get("images_per_sec"), "seconds_per_epoch": saved.get("seconds_per_epoch"),
+        "backend": saved.get("backend"), "metrics": {k: v for k, v in metrics.items()
+                                                     if k not in ("scores", "labels")},
+    }
+    result["finished"] = True
     return result
