@@ -111,6 +111,9 @@ def capsule_size_limit_reason(J: int, D: int, Din: int) -> Optional[str]:
             f"{MAX_CAPSULE_ELEMENTS * 16} (got J={J}, Dout={D}, Din={Din})")
 
 
+_MIN_DOT_K = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 8, torch.float64: 4}
+
+
 class Config(NamedTuple):
     """Tunable: samples per sweep tile, warps of the sweeps, samples per gradient-sweep tile,
     warps of the gradient sweep."""
@@ -123,7 +126,7 @@ class Config(NamedTuple):
 class Plan:
     """Tile sizes and grids of one call, from the shape and a :class:`Config`."""
 
-    def __init__(self, B, I, J, D, Din, device, config: Config):
+    def __init__(self, B, I, J, D, Din, dtype, device, config: Config):
         reason = capsule_size_limit_reason(J, D, Din)
         if reason is not None:
             raise NotImplementedError(reason + "; use backend='reference'")
@@ -131,7 +134,9 @@ class Plan:
         self.BLOCK_J = triton.next_power_of_2(J)
         self.BLOCK_D = max(16, triton.next_power_of_2(D))  # K of the logits dot
         self.DINP = triton.next_power_of_2(Din)
-        self.IC = max(1, 16 // self.DINP)  # N = IC * DINP >= 16: K of the weighted-sum dot
+        # N = IC * DINP is the K of the weighted-sum dot: at least 16 for 16-bit operands,
+        # 8 for float32, 4 for float64 (the smallest K of Triton's NVIDIA dot).
+        self.IC = max(1, _MIN_DOT_K[dtype] // self.DINP)
         self.grad_IC = 1
         target = _target_programs(device)
         self.n_btiles = triton.cdiv(B, config.BB)
@@ -223,7 +228,7 @@ def _common_meta(dtype, plan: Plan, leaky: bool, temperature: float):
 
 def _forward(u, W, iterations, bias, prior, leaky, temperature, return_coupling, config):
     B, I, J, D, Din = _shape(u, W)
-    plan = Plan(B, I, J, D, Din, u.device, config)
+    plan = Plan(B, I, J, D, Din, u.dtype, u.device, config)
     acc = acc_dtype(u.dtype)
     R = iterations
     s_all = torch.empty(R, B, J, D, device=u.device, dtype=acc)
@@ -256,7 +261,7 @@ def _backward(u, W, prior, grad_v, s_all, V_all, leaky, detach_inner, temperatur
               need_u, need_w, need_bias, need_prior, bias_dtype):
     B, I, J, D, Din = _shape(u, W)
     R = s_all.shape[0]
-    plan = Plan(B, I, J, D, Din, u.device, config)
+    plan = Plan(B, I, J, D, Din, u.dtype, u.device, config)
     acc = s_all.dtype
     meta = _common_meta(u.dtype, plan, leaky, temperature)
     has_prior = prior is not None

@@ -43,15 +43,16 @@ def row_offset(row, row_elements):
 def _load_w_chunk(w_ptr, i0, I, J, D, Din, DT: tl.constexpr, BLOCK_J: tl.constexpr,
                   BLOCK_D: tl.constexpr, DINP: tl.constexpr, IC: tl.constexpr):
     """``[BLOCK_J, BLOCK_D, IC * DINP]``: element ``(j, d, n)`` is ``W[i0 + n // DINP, j, d,
-    n % DINP]``, zero outside the tensor (W contiguous)."""
+    n % DINP]``, zero outside the tensor (W contiguous). The chunk's base is a 64-bit scalar
+    offset; offsets inside the chunk are 32-bit (fewer registers per element)."""
     j = tl.arange(0, BLOCK_J)[:, None, None]
     d = tl.arange(0, BLOCK_D)[None, :, None]
     n = tl.arange(0, IC * DINP)[None, None, :]
-    i = i0 + n // DINP
+    ic = n // DINP
     k = n % DINP
-    offs = row_offset(i, J * D * Din) + (j * D + d) * Din + k
-    mask = (j < J) & (d < D) & (i < I) & (k < Din)
-    return tl.load(w_ptr + offs, mask=mask, other=0.0).to(DT)
+    offs = ic * (J * D * Din) + (j * D + d) * Din + k
+    mask = (j < J) & (d < D) & (ic < I - i0) & (k < Din)
+    return tl.load(w_ptr + row_offset(i0, J * D * Din) + offs, mask=mask, other=0.0).to(DT)
 
 
 @triton.jit
