@@ -137,7 +137,6 @@ class Plan:
         # N = IC * DINP is the K of the weighted-sum dot: at least 16 for 16-bit operands,
         # 8 for float32, 4 for float64 (the smallest K of Triton's NVIDIA dot).
         self.IC = max(1, _MIN_DOT_K[dtype] // self.DINP)
-        self.grad_IC = 1
         target = _target_programs(device)
         self.n_btiles = triton.cdiv(B, config.BB)
         n_chunks = triton.cdiv(I, self.IC)
@@ -145,7 +144,7 @@ class Plan:
         n_isplit = max(1, min(n_isplit, n_chunks))
         self.i_per_split = triton.cdiv(n_chunks, n_isplit) * self.IC
         self.n_isplit = triton.cdiv(I, self.i_per_split)
-        self.n_grad_chunks = triton.cdiv(I, self.grad_IC)
+        self.n_grad_chunks = I  # one input capsule per gradient-sweep program
         max_bsplit = triton.cdiv(B, config.grad_BB)
         n_bsplit = FORCE_SPLITS[1] if FORCE_SPLITS else triton.cdiv(target, self.n_grad_chunks)
         n_bsplit = max(1, min(n_bsplit, max_bsplit))
@@ -154,23 +153,18 @@ class Plan:
 
 
 def default_config(B, I, J, D, Din) -> Config:
-    """Heuristic: at least 16 samples (the smallest dot M/K); warps so that each of the
-    largest [BLOCK_J, BB, N] tiles is about 16 registers per thread."""
-    BLOCK_J, BLOCK_D = triton.next_power_of_2(J), max(16, triton.next_power_of_2(D))
-    tile = BLOCK_J * 16 * BLOCK_D
-    warps = min(8, max(4, tile // 512))
-    return Config(16, warps, 16, warps)
+    """16 samples per tile (the smallest dot M and K) and 16 warps: at the MNIST shape every
+    kernel then stays within 128 registers per thread without spilling, for float32, bfloat16
+    and float16 (checked by tests/_triton_compile_check.py for sm_90); with 8 warps the
+    sweeps need 145-240."""
+    return Config(16, 16, 16, 16)
 
 
 def candidate_configs(B, I, J, D, Din):
+    """The default and, for batches of 32 and more, 32 samples per sweep tile (fewer programs,
+    each re-reading its W chunk for twice the samples)."""
     base = default_config(B, I, J, D, Din)
-    out = [base]
-    if B >= 32:
-        out.append(base._replace(BB=32, warps=min(16, base.warps * 2)))
-        out.append(base._replace(grad_BB=32, grad_warps=min(16, base.grad_warps * 2)))
-    if base.warps > 4:
-        out.append(base._replace(warps=base.warps // 2, grad_warps=base.grad_warps // 2))
-    return out
+    return [base, base._replace(BB=32)] if B >= 32 else [base]
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,7 +241,7 @@ def _forward(u, W, iterations, bias, prior, leaky, temperature, return_coupling,
                 r, B, I, J, D, Din, plan.i_per_split, plan.n_isplit,
                 FIRST=r == 0, HAS_PRIOR=prior is not None, HAS_BIAS=bias is not None,
                 STORE_C=return_coupling and r == R - 1 and (r > 0 or prior is not None),
-                num_warps=config.warps, **tiles, **meta)
+                num_warps=config.warps, num_stages=1, **tiles, **meta)
         uniform_c = return_coupling and R == 1 and prior is None
         K._fwd_final_kernel[(plan.n_btiles,)](
             parts[(R - 1) % 2], plan.n_isplit, bias_arg, s_all, v, c, R - 1, B, I, J, D,
@@ -292,7 +286,7 @@ def _backward(u, W, prior, grad_v, s_all, V_all, leaky, detach_inner, temperatur
                     B, I, J, D, Din, plan.i_per_split, plan.n_isplit,
                     HAS_PART=r < R - 1, HAS_G_IN=r < R - 2, HAS_GV=r == R - 1,
                     HAS_PRIOR=has_prior, BB=config.BB, DINP=plan.DINP, IC=plan.IC,
-                    num_warps=config.warps, **meta)
+                    num_warps=config.warps, num_stages=1, **meta)
                 last_partial = r
         # gs of the first iteration (or of the last alone under detach_inner).
         first = R - 1 if (detach_inner or R == 1) else 0
@@ -311,12 +305,20 @@ def _backward(u, W, prior, grad_v, s_all, V_all, leaky, detach_inner, temperatur
                 targets = (dW, d_prior, d_bias)
                 stride = 0
             targets = [t if t is not None else gs_all for t in targets]
-            K._grad_sweep_kernel[(plan.n_grad_chunks, plan.n_bsplit)](
-                u, W, prior_arg, V_all, gs_all, du if du is not None else gs_all, *targets, stride,
-                B, I, J, D, Din, R, plan.b_per_split,
-                DETACH=detach_inner, HAS_PRIOR=has_prior, NEED_DU=need_u, NEED_DW=need_w,
-                NEED_DPRIOR=need_prior, NEED_DBIAS=need_bias, BB=config.grad_BB,
-                DINP=plan.DINP, IC=plan.grad_IC, num_warps=config.grad_warps, **meta)
+            # Two launches: du (with d prior and d bias), then dW; one kernel doing both needs
+            # more than 128 registers per thread.
+            grad_args = (u, W, prior_arg, V_all, gs_all, du if du is not None else gs_all,
+                         *targets, stride, B, I, J, D, Din, R, plan.b_per_split)
+            grad_meta = dict(DETACH=detach_inner, HAS_PRIOR=has_prior, BB=config.grad_BB,
+                             DINP=plan.DINP, num_warps=config.grad_warps, num_stages=1, **meta)
+            if need_u or need_prior or need_bias:
+                K._grad_sweep_kernel[(plan.n_grad_chunks, plan.n_bsplit)](
+                    *grad_args, NEED_DU=need_u, NEED_DW=False, NEED_DPRIOR=need_prior,
+                    NEED_DBIAS=need_bias, **grad_meta)
+            if need_w:
+                K._grad_sweep_kernel[(plan.n_grad_chunks, plan.n_bsplit)](
+                    *grad_args, NEED_DU=False, NEED_DW=True, NEED_DPRIOR=False,
+                    NEED_DBIAS=False, **grad_meta)
             total = n_w + n_prior + n_bias
             if plan.n_bsplit > 1 and total > 0:
                 block = 1024

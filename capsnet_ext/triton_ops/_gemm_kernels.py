@@ -56,56 +56,69 @@ def _load_w_chunk(w_ptr, i0, I, J, D, Din, DT: tl.constexpr, BLOCK_J: tl.constex
 
 
 @triton.jit
-def _load_u_chunk(u_ptr, b_offs, i0, B, I, Din, ACC: tl.constexpr, DINP: tl.constexpr,
-                  IC: tl.constexpr):
-    """``[BB, IC * DINP]``: element ``(b, n)`` is ``u[b, i0 + n // DINP, n % DINP]`` (u
-    contiguous), zero outside."""
+def _load_u_chunk(u_ptr, b0, b_limit, i0, I, Din, ACC: tl.constexpr, BB: tl.constexpr,
+                  DINP: tl.constexpr, IC: tl.constexpr):
+    """``[BB, IC * DINP]``: element ``(b, n)`` is ``u[b0 + b, i0 + n // DINP, n % DINP]`` (u
+    contiguous), zero outside and for samples from ``b_limit`` on."""
     n = tl.arange(0, IC * DINP)[None, :]
-    i = i0 + n // DINP
+    ic = n // DINP
     k = n % DINP
-    b = b_offs[:, None]
-    offs = row_offset(b, I * Din) + i * Din + k
-    return tl.load(u_ptr + offs, mask=(b < B) & (i < I) & (k < Din), other=0.0).to(ACC)
+    b = tl.arange(0, BB)[:, None]
+    offs = b * (I * Din) + ic * Din + k
+    mask = (b < b_limit - b0) & (ic < I - i0) & (k < Din)
+    return tl.load(u_ptr + row_offset(b0, I * Din) + i0 * Din + offs, mask=mask,
+                   other=0.0).to(ACC)
 
 
 @triton.jit
-def _jbd_offsets(b_offs, B, J, D, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Offsets and mask of a ``[BLOCK_J, BB, BLOCK_D]`` tile of a contiguous ``[B, J, D]``
-    tensor."""
+def _jbd_offsets(b0, b_limit, J, D, BB: tl.constexpr, BLOCK_J: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """``(base, offsets, mask)`` of the ``[BLOCK_J, BB, BLOCK_D]`` tile of samples ``b0 ..
+    b0 + BB`` (those below ``b_limit``) of a contiguous ``[B, J, D]`` tensor: a 64-bit scalar
+    base and 32-bit offsets inside the tile (fewer registers per element)."""
     j = tl.arange(0, BLOCK_J)[:, None, None]
     d = tl.arange(0, BLOCK_D)[None, None, :]
-    b = b_offs[None, :, None]
-    return row_offset(b, J * D) + j * D + d, (j < J) & (b < B) & (d < D)
+    b = tl.arange(0, BB)[None, :, None]
+    return row_offset(b0, J * D), (b * J + j) * D + d, (j < J) & (b < b_limit - b0) & (d < D)
 
 
 @triton.jit
-def _load_jbd(ptr, b_offs, B, J, D, ACC: tl.constexpr, BLOCK_J: tl.constexpr,
-              BLOCK_D: tl.constexpr):
-    offs, mask = _jbd_offsets(b_offs, B, J, D, BLOCK_J, BLOCK_D)
-    return tl.load(ptr + offs, mask=mask, other=0.0).to(ACC)
+def _load_jbd(ptr, b0, b_limit, J, D, ACC: tl.constexpr, BB: tl.constexpr,
+              BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    base, offs, mask = _jbd_offsets(b0, b_limit, J, D, BB, BLOCK_J, BLOCK_D)
+    return tl.load(ptr + base + offs, mask=mask, other=0.0).to(ACC)
 
 
 @triton.jit
-def _store_jbd(ptr, value, b_offs, B, J, D, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
-               enabled):
+def _store_jbd(ptr, value, b0, b_limit, J, D, BB: tl.constexpr, BLOCK_J: tl.constexpr,
+               BLOCK_D: tl.constexpr, enabled):
     """Store a ``[BLOCK_J, BB, BLOCK_D]`` tile; ``enabled`` (an integer scalar, 0 or 1) lets
     exactly one of several programs holding the same values write them."""
-    offs, mask = _jbd_offsets(b_offs, B, J, D, BLOCK_J, BLOCK_D)
+    base, offs, mask = _jbd_offsets(b0, b_limit, J, D, BB, BLOCK_J, BLOCK_D)
     # The scalar is broadcast through an integer tensor: Triton's interpreter rejects a mask
     # made of a boolean scalar and a boolean tensor.
     mask = mask & ((offs * 0 + enabled) != 0)
-    tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr + base + offs, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _sum_partials(part_ptr, n_parts, b_offs, B, J, D, ACC: tl.constexpr, BLOCK_J: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
-    """Sum of the ``[n_parts, B, J, D]`` partial sums for samples ``b_offs``, in a fixed order
-    (bitwise reproducible)."""
-    offs, mask = _jbd_offsets(b_offs, B, J, D, BLOCK_J, BLOCK_D)
-    total = tl.zeros([BLOCK_J, b_offs.shape[0], BLOCK_D], dtype=ACC)
+def _load_jd(ptr, J, D, ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A contiguous ``[J, D]`` tensor (the bias) as a ``[BLOCK_J, 1, BLOCK_D]`` tile."""
+    j = tl.arange(0, BLOCK_J)[:, None, None]
+    d = tl.arange(0, BLOCK_D)[None, None, :]
+    return tl.load(ptr + j * D + d, mask=(j < J) & (d < D), other=0.0).to(ACC)
+
+
+@triton.jit
+def _sum_partials(part_ptr, n_parts, b0, B, J, D, ACC: tl.constexpr, BB: tl.constexpr,
+                  BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Sum of the ``[n_parts, B, J, D]`` partial sums for samples ``b0 .. b0 + BB``, in a fixed
+    order (bitwise reproducible)."""
+    base, offs, mask = _jbd_offsets(b0, B, J, D, BB, BLOCK_J, BLOCK_D)
+    total = tl.zeros([BLOCK_J, BB, BLOCK_D], dtype=ACC)
     for part in range(0, n_parts):
-        total += tl.load(part_ptr + row_offset(part, B * J * D) + offs, mask=mask, other=0.0).to(ACC)
+        total += tl.load(part_ptr + row_offset(part, B * J * D) + base + offs, mask=mask,
+                         other=0.0).to(ACC)
     return total
 
 
@@ -215,26 +228,26 @@ def _fwd_sweep_kernel(
     summed in a fixed order, the bias added, ``s^(r-1)`` saved and ``V^r = V^(r-1) +
     squash(s^(r-1))`` formed (every split does this; split 0 writes the saved tensors). Then
     ``partial_j = sum_i c_ij u_hat_ij`` over its input capsules, with ``u_hat`` never formed."""
-    b_offs = tl.program_id(0) * BB + tl.arange(0, BB)
+    b0 = tl.program_id(0) * BB
     split = tl.program_id(1)
     writer = (split == 0).to(tl.int32)
     if FIRST:
         V = tl.zeros([BLOCK_J, BB, BLOCK_D], dtype=ACC)
-        _store_jbd(V_all_ptr, V, b_offs, B, J, D, BLOCK_J, BLOCK_D, writer)
+        _store_jbd(V_all_ptr, V, b0, B, J, D, BB, BLOCK_J, BLOCK_D, writer)
     else:
-        s = _sum_partials(part_in_ptr, n_isplit, b_offs, B, J, D, ACC, BLOCK_J, BLOCK_D)
+        s = _sum_partials(part_in_ptr, n_isplit, b0, B, J, D, ACC, BB, BLOCK_J, BLOCK_D)
         if HAS_BIAS:
-            s += _load_jbd(bias_ptr, tl.zeros_like(b_offs), 1, J, D, ACC, BLOCK_J, BLOCK_D)
-        _store_jbd(s_all_ptr + (r - 1) * B * J * D, s, b_offs, B, J, D, BLOCK_J, BLOCK_D, writer)
-        V = _load_jbd(V_all_ptr + (r - 1) * B * J * D, b_offs, B, J, D, ACC, BLOCK_J, BLOCK_D)
+            s += _load_jd(bias_ptr, J, D, ACC, BLOCK_J, BLOCK_D)
+        _store_jbd(s_all_ptr + (r - 1) * B * J * D, s, b0, B, J, D, BB, BLOCK_J, BLOCK_D, writer)
+        V = _load_jbd(V_all_ptr + (r - 1) * B * J * D, b0, B, J, D, ACC, BB, BLOCK_J, BLOCK_D)
         V += _squash(s, TINY)
-        _store_jbd(V_all_ptr + r * B * J * D, V, b_offs, B, J, D, BLOCK_J, BLOCK_D, writer)
+        _store_jbd(V_all_ptr + r * B * J * D, V, b0, B, J, D, BB, BLOCK_J, BLOCK_D, writer)
     acc = tl.zeros([BLOCK_J, BB, BLOCK_D], dtype=ACC)
     i_begin = split * i_per_split
     i_end = tl.minimum(i_begin + i_per_split, I)
     for i0 in range(i_begin, i_end, IC):
         Wc = _load_w_chunk(w_ptr, i0, I, J, D, Din, DT, BLOCK_J, BLOCK_D, DINP, IC)
-        U = _load_u_chunk(u_ptr, b_offs, i0, B, I, Din, ACC, DINP, IC)
+        U = _load_u_chunk(u_ptr, b0, B, i0, I, Din, ACC, BB, DINP, IC)
         if FIRST and not HAS_PRIOR:
             # All logits zero: uniform couplings (leaky: one more zero logit).
             X = tl.broadcast_to(U[None, :, :] / (J + LEAKY), (BLOCK_J, BB, IC * DINP))
@@ -245,12 +258,13 @@ def _fwd_sweep_kernel(
             X = _per_element(c, BLOCK_J, BB, IC, DINP) * U[None, :, :]
             if STORE_C:
                 j = tl.arange(0, BLOCK_J)[:, None, None]
-                b = b_offs[None, :, None]
-                i = i0 + tl.arange(0, IC)[None, None, :]
-                tl.store(c_ptr + row_offset(b, I * J) + i * J + j, c.to(c_ptr.dtype.element_ty),
-                         mask=(j < J) & (b < B) & (i < I))
+                b = tl.arange(0, BB)[None, :, None]
+                ic = tl.arange(0, IC)[None, None, :]
+                tl.store(c_ptr + row_offset(b0, I * J) + i0 * J + b * (I * J) + ic * J + j,
+                         c.to(c_ptr.dtype.element_ty),
+                         mask=(j < J) & (b < B - b0) & (ic < I - i0))
         acc = tl.dot(X.to(DT), tl.trans(Wc, (0, 2, 1)), acc, input_precision=PRECISION)
-    _store_jbd(part_out_ptr + split * B * J * D, acc, b_offs, B, J, D, BLOCK_J, BLOCK_D, 1)
+    _store_jbd(part_out_ptr + split * B * J * D, acc, b0, B, J, D, BB, BLOCK_J, BLOCK_D, 1)
 
 
 @triton.jit
@@ -264,20 +278,20 @@ def _fwd_final_kernel(
     """Last iteration's ``s = sum of partials + bias`` (saved) and the output ``v = squash(s)``.
     ``UNIFORM_C``: a single iteration without prior never formed couplings; write the uniform
     ``1 / J`` (leaky ``1 / (J + 1)``) the caller asked for."""
-    b_offs = tl.program_id(0) * BB + tl.arange(0, BB)
-    s = _sum_partials(part_ptr, n_isplit, b_offs, B, J, D, ACC, BLOCK_J, BLOCK_D)
+    b0 = tl.program_id(0) * BB
+    s = _sum_partials(part_ptr, n_isplit, b0, B, J, D, ACC, BB, BLOCK_J, BLOCK_D)
     if HAS_BIAS:
-        s += _load_jbd(bias_ptr, tl.zeros_like(b_offs), 1, J, D, ACC, BLOCK_J, BLOCK_D)
-    _store_jbd(s_all_ptr + r * B * J * D, s, b_offs, B, J, D, BLOCK_J, BLOCK_D, 1)
-    _store_jbd(v_ptr, _squash(s, TINY), b_offs, B, J, D, BLOCK_J, BLOCK_D, 1)
+        s += _load_jd(bias_ptr, J, D, ACC, BLOCK_J, BLOCK_D)
+    _store_jbd(s_all_ptr + r * B * J * D, s, b0, B, J, D, BB, BLOCK_J, BLOCK_D, 1)
+    _store_jbd(v_ptr, _squash(s, TINY), b0, B, J, D, BB, BLOCK_J, BLOCK_D, 1)
     if UNIFORM_C:
-        b = b_offs[:, None, None]
+        b = tl.arange(0, BB)[:, None, None]
         j = tl.arange(0, BLOCK_J)[None, None, :]
         value = tl.full([BB, BLOCK_I, BLOCK_J], 1.0, ACC) / (J + LEAKY)
         for i0 in range(0, I, BLOCK_I):
             i = i0 + tl.arange(0, BLOCK_I)[None, :, None]
-            tl.store(c_ptr + row_offset(b, I * J) + i * J + j, value.to(c_ptr.dtype.element_ty),
-                     mask=(b < B) & (i < I) & (j < J))
+            tl.store(c_ptr + row_offset(b0, I * J) + b * (I * J) + i * J + j,
+                     value.to(c_ptr.dtype.element_ty), mask=(b < B - b0) & (i < I) & (j < J))
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,25 +299,26 @@ def _fwd_final_kernel(
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _gs_of_iteration(
-    part_ptr, n_isplit, G_in_ptr, G_out_ptr, grad_v_ptr, s_ptr, gs_ptr, b_offs, writer,
+    part_ptr, n_isplit, G_in_ptr, G_out_ptr, grad_v_ptr, s_ptr, gs_ptr, b0, writer,
     B, J, D, HAS_PART: tl.constexpr, HAS_G_IN: tl.constexpr, HAS_GV: tl.constexpr,
-    ACC: tl.constexpr, TINY: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, TINY: tl.constexpr, BB: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    """``gs = squash-backward(s, gv)`` for samples ``b_offs`` with ``gv = G + dL/dv``: ``G``
+    """``gs = squash-backward(s, gv)`` for samples ``b0 .. b0 + BB`` with ``gv = G + dL/dv``: ``G``
     (gradient reaching ``V`` from later iterations) is the stored ``G_in`` plus the summed
     partials of the later iteration's reduction sweep; it is written to ``G_out`` for the next
     sweep, ``gs`` to ``gs_ptr`` (by ``writer`` only)."""
-    gv = tl.zeros([BLOCK_J, b_offs.shape[0], BLOCK_D], dtype=ACC)
+    gv = tl.zeros([BLOCK_J, BB, BLOCK_D], dtype=ACC)
     if HAS_PART:
-        gv = _sum_partials(part_ptr, n_isplit, b_offs, B, J, D, ACC, BLOCK_J, BLOCK_D)
+        gv = _sum_partials(part_ptr, n_isplit, b0, B, J, D, ACC, BB, BLOCK_J, BLOCK_D)
         if HAS_G_IN:
-            gv += _load_jbd(G_in_ptr, b_offs, B, J, D, ACC, BLOCK_J, BLOCK_D)
-        _store_jbd(G_out_ptr, gv, b_offs, B, J, D, BLOCK_J, BLOCK_D, writer)
+            gv += _load_jbd(G_in_ptr, b0, B, J, D, ACC, BB, BLOCK_J, BLOCK_D)
+        _store_jbd(G_out_ptr, gv, b0, B, J, D, BB, BLOCK_J, BLOCK_D, writer)
     if HAS_GV:
-        gv += _load_jbd(grad_v_ptr, b_offs, B, J, D, ACC, BLOCK_J, BLOCK_D)
-    s = _load_jbd(s_ptr, b_offs, B, J, D, ACC, BLOCK_J, BLOCK_D)
+        gv += _load_jbd(grad_v_ptr, b0, B, J, D, ACC, BB, BLOCK_J, BLOCK_D)
+    s = _load_jbd(s_ptr, b0, B, J, D, ACC, BB, BLOCK_J, BLOCK_D)
     gs = _squash_backward(s, gv, TINY)
-    _store_jbd(gs_ptr, gs, b_offs, B, J, D, BLOCK_J, BLOCK_D, writer)
+    _store_jbd(gs_ptr, gs, b0, B, J, D, BB, BLOCK_J, BLOCK_D, writer)
     return gs
 
 
@@ -323,18 +338,18 @@ def _bwd_sweep_kernel(
     gradient reaching ``v^r``), then ``D_j = sum_i gl_ij u_hat_ij`` over this split's input
     capsules, the gradient reaching ``V^r`` and so every earlier output, with
     ``gc_ij = <u_bi, gs_j @ W_ij>``, ``gl = c (gc - sum_j c gc) / T``."""
-    b_offs = tl.program_id(0) * BB + tl.arange(0, BB)
+    b0 = tl.program_id(0) * BB
     split = tl.program_id(1)
     gs = _gs_of_iteration(part_in_ptr, n_isplit, G_in_ptr, G_out_ptr, grad_v_ptr, s_ptr, gs_ptr,
-                          b_offs, (split == 0).to(tl.int32), B, J, D, HAS_PART, HAS_G_IN, HAS_GV, ACC, TINY,
-                          BLOCK_J, BLOCK_D)
-    V = _load_jbd(V_ptr, b_offs, B, J, D, ACC, BLOCK_J, BLOCK_D)
+                          b0, (split == 0).to(tl.int32), B, J, D, HAS_PART, HAS_G_IN, HAS_GV, ACC, TINY,
+                          BB, BLOCK_J, BLOCK_D)
+    V = _load_jbd(V_ptr, b0, B, J, D, ACC, BB, BLOCK_J, BLOCK_D)
     acc = tl.zeros([BLOCK_J, BB, BLOCK_D], dtype=ACC)
     i_begin = split * i_per_split
     i_end = tl.minimum(i_begin + i_per_split, I)
     for i0 in range(i_begin, i_end, IC):
         Wc = _load_w_chunk(w_ptr, i0, I, J, D, Din, DT, BLOCK_J, BLOCK_D, DINP, IC)
-        U = _load_u_chunk(u_ptr, b_offs, i0, B, I, Din, ACC, DINP, IC)
+        U = _load_u_chunk(u_ptr, b0, B, i0, I, Din, ACC, BB, DINP, IC)
         logits, _ = _logits(V, Wc, U, prior_ptr, i0, I, J, True, HAS_PRIOR, INV_T, DT, ACC,
                             PRECISION, BLOCK_J, BB, IC, DINP)
         c = _softmax_j(logits, J, LEAKY, BLOCK_J)
@@ -345,7 +360,7 @@ def _bwd_sweep_kernel(
             gl = gl * tl.full((), INV_T, ACC)
         X = _per_element(gl, BLOCK_J, BB, IC, DINP) * U[None, :, :]
         acc = tl.dot(X.to(DT), tl.trans(Wc, (0, 2, 1)), acc, input_precision=PRECISION)
-    _store_jbd(part_out_ptr + split * B * J * D, acc, b_offs, B, J, D, BLOCK_J, BLOCK_D, 1)
+    _store_jbd(part_out_ptr + split * B * J * D, acc, b0, B, J, D, BB, BLOCK_J, BLOCK_D, 1)
 
 
 @triton.jit
@@ -356,9 +371,9 @@ def _bwd_first_kernel(
 ):
     """``gs`` of the earliest iteration that carries gradient (the first; the last alone under
     ``detach_inner`` or with one iteration), from the last reduction sweep's partials."""
-    b_offs = tl.program_id(0) * BB + tl.arange(0, BB)
-    _gs_of_iteration(part_ptr, n_isplit, G_in_ptr, G_in_ptr, grad_v_ptr, s_ptr, gs_ptr, b_offs,
-                     1, B, J, D, HAS_PART, HAS_G_IN, HAS_GV, ACC, TINY, BLOCK_J, BLOCK_D)
+    b0 = tl.program_id(0) * BB
+    _gs_of_iteration(part_ptr, n_isplit, G_in_ptr, G_in_ptr, grad_v_ptr, s_ptr, gs_ptr, b0,
+                     1, B, J, D, HAS_PART, HAS_G_IN, HAS_GV, ACC, TINY, BB, BLOCK_J, BLOCK_D)
 
 
 @triton.jit
@@ -373,24 +388,26 @@ def _grad_sweep_kernel(
     NEED_DU: tl.constexpr, NEED_DW: tl.constexpr, NEED_DPRIOR: tl.constexpr,
     NEED_DBIAS: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
     BB: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, DINP: tl.constexpr,
-    IC: tl.constexpr,
 ):
-    """The final backward sweep, all iterations at once, for ``IC`` input capsules and one
-    split of the samples: couplings (and ``gl``) recomputed from the saved ``V^r`` and ``gs^r``,
+    """The final backward sweep, all iterations at once, for one input capsule ``i`` and one
+    split of the samples. Per tile of ``BB`` samples, with couplings (and ``gl``) recomputed
+    from the saved ``V^r`` and ``gs^r`` (logits and ``gc`` as ``[BB x Dout] @ [Dout x Din]``
+    dots),
 
-        du_bi += sum_j c^r_bij (gs^r_j @ W_ij) + gl^r_bij (V^r_j @ W_ij)
-        dW_ij += sum_b gs^r_bj c^r_bij u_bi + V^r_bj gl^r_bij u_bi     (dots over samples)
-        dp_ij += sum_b gl^r_bij
+        g_uhat_bij = sum_r c^r_bij gs^r_bj + gl^r_bij V^r_bj      ([BLOCK_J, BB, Dout], registers)
+        du_bi      = sum_j g_uhat_bij @ W_ij                      (a batched dot, summed over j)
+        dW_ij     += g_uhat_ij^T @ u_i                            (a batched dot over the samples)
+        dp_ij     += sum_b gl^r_bij
 
-    ``DETACH``: the last iteration's ``c gs`` terms only (``gl`` only for the prior). The W tile
-    and the ``dW`` accumulator stay in registers over all the program's samples, so the sum
-    over samples needs no atomics; the program of the first chunk also sums ``gs`` for the
-    bias gradient."""
-    i0 = tl.program_id(0) * IC
+    ``DETACH``: the last iteration's ``c gs`` only (``gl`` only for the prior). The W tile and
+    the ``dW`` accumulator stay in registers over all the program's samples, so the sum over
+    samples needs no atomics; the program of the first capsule also sums ``gs`` for the bias
+    gradient."""
+    i0 = tl.program_id(0)
     split = tl.program_id(1)
-    Wc = _load_w_chunk(w_ptr, i0, I, J, D, Din, DT, BLOCK_J, BLOCK_D, DINP, IC)
-    dW = tl.zeros([BLOCK_J, BLOCK_D, IC * DINP], dtype=ACC)
-    dp = tl.zeros([BLOCK_J, IC], dtype=ACC)
+    Wc = _load_w_chunk(w_ptr, i0, I, J, D, Din, DT, BLOCK_J, BLOCK_D, DINP, 1)
+    dW = tl.zeros([BLOCK_J, BLOCK_D, DINP], dtype=ACC)
+    dp = tl.zeros([BLOCK_J, 1], dtype=ACC)
     db = tl.zeros([BLOCK_J, BLOCK_D], dtype=ACC)
     if DETACH:
         r_begin = R - 1
@@ -399,60 +416,50 @@ def _grad_sweep_kernel(
     b_begin = split * b_per_split
     b_end = tl.minimum(b_begin + b_per_split, B)
     for b0 in range(b_begin, b_end, BB):
-        b_offs = b0 + tl.arange(0, BB)
-        b_offs = tl.where(b_offs < b_end, b_offs, B)  # samples of the next split are masked
-        U = _load_u_chunk(u_ptr, b_offs, i0, B, I, Din, ACC, DINP, IC)
-        du = tl.zeros([BB, IC * DINP], dtype=ACC)
+        # Samples from b_end on belong to the next split: masked.
+        U = _load_u_chunk(u_ptr, b0, b_end, i0, I, Din, ACC, BB, DINP, 1)
+        g_uhat = tl.zeros([BLOCK_J, BB, BLOCK_D], dtype=ACC)
         for r in range(r_begin, R):
-            V = _load_jbd(V_all_ptr + r * B * J * D, b_offs, B, J, D, ACC, BLOCK_J, BLOCK_D)
-            gs = _load_jbd(gs_all_ptr + r * B * J * D, b_offs, B, J, D, ACC, BLOCK_J, BLOCK_D)
+            V = _load_jbd(V_all_ptr + r * B * J * D, b0, b_end, J, D, ACC, BB, BLOCK_J, BLOCK_D)
+            gs = _load_jbd(gs_all_ptr + r * B * J * D, b0, b_end, J, D, ACC, BB, BLOCK_J,
+                            BLOCK_D)
             if NEED_DBIAS:
                 db += tl.sum(gs, axis=1)
-            logits, TV = _logits(V, Wc, U, prior_ptr, i0, I, J, True, HAS_PRIOR, INV_T, DT, ACC,
-                                 PRECISION, BLOCK_J, BB, IC, DINP)
-            c = _softmax_j(logits, J, LEAKY, BLOCK_J)
-            TG = tl.dot(gs.to(DT), Wc, input_precision=PRECISION, out_dtype=ACC)
-            cx = _per_element(c, BLOCK_J, BB, IC, DINP)
-            if NEED_DU:
-                du += tl.sum(cx * TG, axis=0)
-            if NEED_DW:
-                dW = tl.dot(tl.trans(gs, (0, 2, 1)).to(DT), (cx * U[None, :, :]).to(DT), dW,
-                            input_precision=PRECISION)
+            logits, _ = _logits(V, Wc, U, prior_ptr, i0, I, J, True, HAS_PRIOR, INV_T, DT, ACC,
+                                PRECISION, BLOCK_J, BB, 1, DINP)
+            c = _softmax_j(logits, J, LEAKY, BLOCK_J)  # [BLOCK_J, BB, 1]
+            g_uhat += c * gs
             if (not DETACH) or NEED_DPRIOR:
-                gc = _per_capsule_sum(TG * U[None, :, :], BLOCK_J, BB, IC, DINP)
+                TG = tl.dot(gs.to(DT), Wc, input_precision=PRECISION, out_dtype=ACC)
+                gc = tl.sum(TG * U[None, :, :], axis=2, keep_dims=True)
                 gl = c * (gc - tl.sum(c * gc, axis=0)[None, :, :])
                 if INV_T != 1.0:
                     gl = gl * tl.full((), INV_T, ACC)
                 if NEED_DPRIOR:
                     dp += tl.sum(gl, axis=1)
                 if not DETACH:
-                    glx = _per_element(gl, BLOCK_J, BB, IC, DINP)
-                    if NEED_DU:
-                        du += tl.sum(glx * TV, axis=0)
-                    if NEED_DW:
-                        dW = tl.dot(tl.trans(V, (0, 2, 1)).to(DT), (glx * U[None, :, :]).to(DT),
-                                    dW, input_precision=PRECISION)
+                    g_uhat += gl * V
         if NEED_DU:
-            n = tl.arange(0, IC * DINP)[None, :]
-            i = i0 + n // DINP
-            k = n % DINP
-            b = b_offs[:, None]
-            tl.store(du_ptr + row_offset(b, I * Din) + i * Din + k, du.to(du_ptr.dtype.element_ty),
-                     mask=(b < B) & (i < I) & (k < Din))
+            du = tl.sum(tl.dot(g_uhat.to(DT), Wc, input_precision=PRECISION, out_dtype=ACC),
+                        axis=0)
+            k = tl.arange(0, DINP)[None, :]
+            b = tl.arange(0, BB)[:, None]
+            tl.store(du_ptr + row_offset(b0, I * Din) + i0 * Din + b * (I * Din) + k,
+                     du.to(du_ptr.dtype.element_ty), mask=(b < b_end - b0) & (k < Din))
+        if NEED_DW:
+            Ub = tl.broadcast_to(U[None, :, :], (BLOCK_J, BB, DINP)).to(DT)
+            dW = tl.dot(tl.trans(g_uhat, (0, 2, 1)).to(DT), Ub, dW, input_precision=PRECISION)
     if NEED_DW:
         j = tl.arange(0, BLOCK_J)[:, None, None]
         d = tl.arange(0, BLOCK_D)[None, :, None]
-        n = tl.arange(0, IC * DINP)[None, None, :]
-        i = i0 + n // DINP
-        k = n % DINP
-        tl.store(dw_ptr + row_offset(split, split_stride) + row_offset(i, J * D * Din)
+        k = tl.arange(0, DINP)[None, None, :]
+        tl.store(dw_ptr + row_offset(split, split_stride) + row_offset(i0, J * D * Din)
                  + (j * D + d) * Din + k, dW.to(dw_ptr.dtype.element_ty),
-                 mask=(j < J) & (d < D) & (i < I) & (k < Din))
+                 mask=(j < J) & (d < D) & (k < Din))
     if NEED_DPRIOR:
         j = tl.arange(0, BLOCK_J)[:, None]
-        i = i0 + tl.arange(0, IC)[None, :]
-        tl.store(dprior_ptr + row_offset(split, split_stride) + i * J + j,
-                 dp.to(dprior_ptr.dtype.element_ty), mask=(j < J) & (i < I))
+        tl.store(dprior_ptr + row_offset(split, split_stride) + i0 * J + j,
+                 dp.to(dprior_ptr.dtype.element_ty), mask=j < J)
     if NEED_DBIAS:
         j = tl.arange(0, BLOCK_J)[:, None]
         d = tl.arange(0, BLOCK_D)[None, :]
