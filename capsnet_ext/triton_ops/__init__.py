@@ -77,19 +77,25 @@ def unsupported_reason(op: str, *, dtype: torch.dtype, iterations: int = 1, bias
                        return_coupling: bool = False, prior: bool = False,
                        temperature: float = 1.0,
                        sizes: Optional[dict] = None) -> Optional[str]:
-    """``None`` when ``op`` with these options is implemented (all options are, for capsules
-    whose ``[J, Dout, Din]`` slice fits the kernels' registers; ``sizes`` gives J, Dout and,
-    for ``capsule_routing``, Din)."""
+    """``None`` when ``op`` with these options is implemented: every option of
+    ``capsule_routing`` (prior and temperature included) and of ``dynamic_routing`` except
+    prior and temperature, for capsules whose padded ``[J, Dout(, Din)]`` slice fits the
+    kernels' registers (``sizes`` gives J, Dout and, for ``capsule_routing``, Din)."""
     if op not in _SUPPORTED_OPS:
         return f"unknown op {op!r}; the Triton backend implements {_SUPPORTED_OPS}"
     if dtype not in _SUPPORTED_DTYPES:
         return f"dtype {dtype} is not supported; expected one of {_SUPPORTED_DTYPES}"
-    if prior or temperature != 1.0:
-        return "the routing options prior and temperature are not implemented in this backend yet"
+    if op == "dynamic_routing" and (prior or temperature != 1.0):
+        return ("the routing options prior and temperature are implemented for capsule_routing "
+                "only in this backend (dynamic_routing over a given u_hat does not have them yet)")
     if sizes is not None and op != "predict" and _IMPORT_ERROR is None:
+        if op == "capsule_routing":
+            from ._gemm_core import capsule_size_limit_reason
+
+            return capsule_size_limit_reason(sizes["J"], sizes["Dout"], sizes["Din"])
         from ._routing_core import capsule_size_limit_reason
 
-        return capsule_size_limit_reason(sizes["J"], sizes["Dout"], sizes.get("Din"))
+        return capsule_size_limit_reason(sizes["J"], sizes["Dout"])
     return None
 
 

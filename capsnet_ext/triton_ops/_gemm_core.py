@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -50,9 +51,8 @@ TF32_INPUT_PRECISION = "tf32"
 # Most splits of the input capsules per sweep: every split re-sums all of them at the start of
 # the next sweep, so more splits cost reduction traffic.
 MAX_ISPLIT = 16
-# Largest [BLOCK_J, BLOCK_D] slice of one input capsule (times the padded Din for its W tile)
-# the kernels accept.
-MAX_CAPSULE_ELEMENTS = 1 << 14
+# Largest padded [J, Dout, Din] slice of W of one input capsule the kernels accept.
+MAX_CAPSULE_ELEMENTS = 1 << 16
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -82,6 +82,10 @@ def dot_precision(dtype: torch.dtype) -> str:
     return fp32_dot_precision() if dtype == torch.float32 else "ieee"
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _tiny(dtype: torch.dtype) -> float:
     return torch.finfo(acc_dtype(dtype)).tiny
 
@@ -102,13 +106,15 @@ def _target_programs(device: torch.device) -> int:
 
 
 def capsule_size_limit_reason(J: int, D: int, Din: int) -> Optional[str]:
-    elements = triton.next_power_of_2(J) * max(16, triton.next_power_of_2(D))
-    elements *= max(16, triton.next_power_of_2(Din))
-    if elements <= MAX_CAPSULE_ELEMENTS * 16:
+    """Why one input capsule's ``[J, Dout, Din]`` slice of W (padded to powers of two, ``Dout``
+    to at least 16) is too large for the kernels' register tiles, or ``None``."""
+    elements = (triton.next_power_of_2(J) * max(16, triton.next_power_of_2(D))
+                * triton.next_power_of_2(Din))
+    if elements <= MAX_CAPSULE_ELEMENTS:
         return None
-    return (f"the Triton GEMM routing kernels hold an input-capsule chunk's [J, Dout, Din] "
-            f"slice of W in registers, padded to {elements} elements; the limit is "
-            f"{MAX_CAPSULE_ELEMENTS * 16} (got J={J}, Dout={D}, Din={Din})")
+    return (f"the Triton routing kernels hold one input capsule's [J, Dout, Din] slice of W in "
+            f"registers, padded to {elements} elements; the limit is {MAX_CAPSULE_ELEMENTS} "
+            f"(got J={J}, Dout={D}, Din={Din})")
 
 
 _MIN_DOT_K = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 8, torch.float64: 4}
@@ -215,8 +221,11 @@ def _config_for(u, W, iterations, options, run):
 # Launchers
 # --------------------------------------------------------------------------------------------
 def _common_meta(dtype, plan: Plan, leaky: bool, temperature: float):
+    dot_dt = _TL[dtype]
+    if dtype == torch.bfloat16 and _interpreting():
+        dot_dt = tl.float32  # the interpreter's bfloat16 dot is wrong; see _gemm_kernels._op
     return dict(LEAKY=leaky, INV_T=1.0 / temperature, ACC=_TL[acc_dtype(dtype)], DT=_TL[dtype],
-                PRECISION=dot_precision(dtype), TINY=_tiny(dtype), BLOCK_J=plan.BLOCK_J,
+                DOT_DT=dot_dt, PRECISION=dot_precision(dtype), TINY=_tiny(dtype), BLOCK_J=plan.BLOCK_J,
                 BLOCK_D=plan.BLOCK_D, enable_fp_fusion=True)
 
 

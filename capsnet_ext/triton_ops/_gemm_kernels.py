@@ -40,7 +40,19 @@ def row_offset(row, row_elements):
 
 
 @triton.jit
-def _load_w_chunk(w_ptr, i0, I, J, D, Din, DT: tl.constexpr, BLOCK_J: tl.constexpr,
+def _op(x, DT: tl.constexpr, DOT_DT: tl.constexpr):
+    """A ``tl.dot`` operand: rounded to the operand dtype ``DT``, then given to the dot as
+    ``DOT_DT``, which is ``DT`` itself except in Triton's CPU interpreter, whose bfloat16 dot
+    is wrong: there the rounded values are multiplied in float32 (exact products of bfloat16
+    values, float32 sums, as the tensor cores do)."""
+    if DT == DOT_DT:
+        return x.to(DT)
+    return x.to(DT).to(DOT_DT)
+
+
+@triton.jit
+def _load_w_chunk(w_ptr, i0, I, J, D, Din, DT: tl.constexpr, DOT_DT: tl.constexpr,
+                  BLOCK_J: tl.constexpr,
                   BLOCK_D: tl.constexpr, DINP: tl.constexpr, IC: tl.constexpr):
     """``[BLOCK_J, BLOCK_D, IC * DINP]``: element ``(j, d, n)`` is ``W[i0 + n // DINP, j, d,
     n % DINP]``, zero outside the tensor (W contiguous). The chunk's base is a 64-bit scalar
@@ -52,7 +64,8 @@ def _load_w_chunk(w_ptr, i0, I, J, D, Din, DT: tl.constexpr, BLOCK_J: tl.constex
     k = n % DINP
     offs = ic * (J * D * Din) + (j * D + d) * Din + k
     mask = (j < J) & (d < D) & (ic < I - i0) & (k < Din)
-    return tl.load(w_ptr + row_offset(i0, J * D * Din) + offs, mask=mask, other=0.0).to(DT)
+    return _op(tl.load(w_ptr + row_offset(i0, J * D * Din) + offs, mask=mask, other=0.0), DT,
+               DOT_DT)
 
 
 @triton.jit
@@ -187,12 +200,13 @@ def _per_element(x, BLOCK_J: tl.constexpr, BB: tl.constexpr, IC: tl.constexpr,
 
 @triton.jit
 def _logits(V, Wc, U, prior_ptr, i0, I, J, HAS_V: tl.constexpr, HAS_PRIOR: tl.constexpr,
-            INV_T: tl.constexpr, DT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+            INV_T: tl.constexpr, DT: tl.constexpr, DOT_DT: tl.constexpr, ACC: tl.constexpr,
+            PRECISION: tl.constexpr,
             BLOCK_J: tl.constexpr, BB: tl.constexpr, IC: tl.constexpr, DINP: tl.constexpr):
     """Routing logits ``(p_ij + <u_bi, V_j @ W_ij>) / T`` of a tile, ``[BLOCK_J, BB, IC]``, and
     ``V_j @ W_j`` itself (``[BLOCK_J, BB, N]``; zeros when ``not HAS_V``, i.e. ``V = 0``)."""
     if HAS_V:
-        TV = tl.dot(V.to(DT), Wc, input_precision=PRECISION, out_dtype=ACC)
+        TV = tl.dot(_op(V, DT, DOT_DT), Wc, input_precision=PRECISION, out_dtype=ACC)
         logits = _per_capsule_sum(TV * U[None, :, :], BLOCK_J, BB, IC, DINP)
     else:
         TV = tl.zeros([BLOCK_J, BB, IC * DINP], dtype=ACC)
@@ -219,7 +233,7 @@ def _fwd_sweep_kernel(
     r, B, I, J, D, Din, i_per_split, n_isplit,
     FIRST: tl.constexpr, HAS_PRIOR: tl.constexpr, HAS_BIAS: tl.constexpr, LEAKY: tl.constexpr,
     STORE_C: tl.constexpr, INV_T: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr,
-    PRECISION: tl.constexpr, TINY: tl.constexpr, BB: tl.constexpr, BLOCK_J: tl.constexpr,
+    DOT_DT: tl.constexpr, PRECISION: tl.constexpr, TINY: tl.constexpr, BB: tl.constexpr, BLOCK_J: tl.constexpr,
     BLOCK_D: tl.constexpr, DINP: tl.constexpr, IC: tl.constexpr,
 ):
     """Iteration ``r`` (0-based) for ``BB`` samples over one split of the input capsules.
@@ -246,14 +260,14 @@ def _fwd_sweep_kernel(
     i_begin = split * i_per_split
     i_end = tl.minimum(i_begin + i_per_split, I)
     for i0 in range(i_begin, i_end, IC):
-        Wc = _load_w_chunk(w_ptr, i0, I, J, D, Din, DT, BLOCK_J, BLOCK_D, DINP, IC)
+        Wc = _load_w_chunk(w_ptr, i0, I, J, D, Din, DT, DOT_DT, BLOCK_J, BLOCK_D, DINP, IC)
         U = _load_u_chunk(u_ptr, b0, B, i0, I, Din, ACC, BB, DINP, IC)
         if FIRST and not HAS_PRIOR:
             # All logits zero: uniform couplings (leaky: one more zero logit).
             X = tl.broadcast_to(U[None, :, :] / (J + LEAKY), (BLOCK_J, BB, IC * DINP))
         else:
             logits, _ = _logits(V, Wc, U, prior_ptr, i0, I, J, not FIRST, HAS_PRIOR, INV_T, DT,
-                                ACC, PRECISION, BLOCK_J, BB, IC, DINP)
+                                DOT_DT, ACC, PRECISION, BLOCK_J, BB, IC, DINP)
             c = _softmax_j(logits, J, LEAKY, BLOCK_J)
             X = _per_element(c, BLOCK_J, BB, IC, DINP) * U[None, :, :]
             if STORE_C:
@@ -263,7 +277,7 @@ def _fwd_sweep_kernel(
                 tl.store(c_ptr + row_offset(b0, I * J) + i0 * J + b * (I * J) + ic * J + j,
                          c.to(c_ptr.dtype.element_ty),
                          mask=(j < J) & (b < B - b0) & (ic < I - i0))
-        acc = tl.dot(X.to(DT), tl.trans(Wc, (0, 2, 1)), acc, input_precision=PRECISION)
+        acc = tl.dot(_op(X, DT, DOT_DT), tl.trans(Wc, (0, 2, 1)), acc, input_precision=PRECISION)
     _store_jbd(part_out_ptr + split * B * J * D, acc, b0, B, J, D, BB, BLOCK_J, BLOCK_D, 1)
 
 
@@ -331,7 +345,7 @@ def _bwd_sweep_kernel(
     B, I, J, D, Din, i_per_split, n_isplit,
     HAS_PART: tl.constexpr, HAS_G_IN: tl.constexpr, HAS_GV: tl.constexpr,
     HAS_PRIOR: tl.constexpr, LEAKY: tl.constexpr, INV_T: tl.constexpr, ACC: tl.constexpr,
-    DT: tl.constexpr, PRECISION: tl.constexpr, TINY: tl.constexpr, BB: tl.constexpr,
+    DT: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr, TINY: tl.constexpr, BB: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, DINP: tl.constexpr, IC: tl.constexpr,
 ):
     """Reduction sweep of backward iteration ``r > 0``: first ``gs^r`` (squash backward of the
@@ -348,18 +362,18 @@ def _bwd_sweep_kernel(
     i_begin = split * i_per_split
     i_end = tl.minimum(i_begin + i_per_split, I)
     for i0 in range(i_begin, i_end, IC):
-        Wc = _load_w_chunk(w_ptr, i0, I, J, D, Din, DT, BLOCK_J, BLOCK_D, DINP, IC)
+        Wc = _load_w_chunk(w_ptr, i0, I, J, D, Din, DT, DOT_DT, BLOCK_J, BLOCK_D, DINP, IC)
         U = _load_u_chunk(u_ptr, b0, B, i0, I, Din, ACC, BB, DINP, IC)
-        logits, _ = _logits(V, Wc, U, prior_ptr, i0, I, J, True, HAS_PRIOR, INV_T, DT, ACC,
+        logits, _ = _logits(V, Wc, U, prior_ptr, i0, I, J, True, HAS_PRIOR, INV_T, DT, DOT_DT, ACC,
                             PRECISION, BLOCK_J, BB, IC, DINP)
         c = _softmax_j(logits, J, LEAKY, BLOCK_J)
-        TG = tl.dot(gs.to(DT), Wc, input_precision=PRECISION, out_dtype=ACC)
+        TG = tl.dot(_op(gs, DT, DOT_DT), Wc, input_precision=PRECISION, out_dtype=ACC)
         gc = _per_capsule_sum(TG * U[None, :, :], BLOCK_J, BB, IC, DINP)
         gl = c * (gc - tl.sum(c * gc, axis=0)[None, :, :])
         if INV_T != 1.0:
             gl = gl * tl.full((), INV_T, ACC)
         X = _per_element(gl, BLOCK_J, BB, IC, DINP) * U[None, :, :]
-        acc = tl.dot(X.to(DT), tl.trans(Wc, (0, 2, 1)), acc, input_precision=PRECISION)
+        acc = tl.dot(_op(X, DT, DOT_DT), tl.trans(Wc, (0, 2, 1)), acc, input_precision=PRECISION)
     _store_jbd(part_out_ptr + split * B * J * D, acc, b0, B, J, D, BB, BLOCK_J, BLOCK_D, 1)
 
 
@@ -386,7 +400,7 @@ def _grad_sweep_kernel(
     B, I, J, D, Din, R, b_per_split,
     DETACH: tl.constexpr, HAS_PRIOR: tl.constexpr, LEAKY: tl.constexpr, INV_T: tl.constexpr,
     NEED_DU: tl.constexpr, NEED_DW: tl.constexpr, NEED_DPRIOR: tl.constexpr,
-    NEED_DBIAS: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
+    NEED_DBIAS: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
     BB: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, DINP: tl.constexpr,
 ):
     """The final backward sweep, all iterations at once, for one input capsule ``i`` and one
@@ -405,7 +419,7 @@ def _grad_sweep_kernel(
     gradient."""
     i0 = tl.program_id(0)
     split = tl.program_id(1)
-    Wc = _load_w_chunk(w_ptr, i0, I, J, D, Din, DT, BLOCK_J, BLOCK_D, DINP, 1)
+    Wc = _load_w_chunk(w_ptr, i0, I, J, D, Din, DT, DOT_DT, BLOCK_J, BLOCK_D, DINP, 1)
     dW = tl.zeros([BLOCK_J, BLOCK_D, DINP], dtype=ACC)
     dp = tl.zeros([BLOCK_J, 1], dtype=ACC)
     db = tl.zeros([BLOCK_J, BLOCK_D], dtype=ACC)
@@ -425,12 +439,12 @@ def _grad_sweep_kernel(
                             BLOCK_D)
             if NEED_DBIAS:
                 db += tl.sum(gs, axis=1)
-            logits, _ = _logits(V, Wc, U, prior_ptr, i0, I, J, True, HAS_PRIOR, INV_T, DT, ACC,
+            logits, _ = _logits(V, Wc, U, prior_ptr, i0, I, J, True, HAS_PRIOR, INV_T, DT, DOT_DT, ACC,
                                 PRECISION, BLOCK_J, BB, 1, DINP)
             c = _softmax_j(logits, J, LEAKY, BLOCK_J)  # [BLOCK_J, BB, 1]
             g_uhat += c * gs
             if (not DETACH) or NEED_DPRIOR:
-                TG = tl.dot(gs.to(DT), Wc, input_precision=PRECISION, out_dtype=ACC)
+                TG = tl.dot(_op(gs, DT, DOT_DT), Wc, input_precision=PRECISION, out_dtype=ACC)
                 gc = tl.sum(TG * U[None, :, :], axis=2, keep_dims=True)
                 gl = c * (gc - tl.sum(c * gc, axis=0)[None, :, :])
                 if INV_T != 1.0:
@@ -440,15 +454,15 @@ def _grad_sweep_kernel(
                 if not DETACH:
                     g_uhat += gl * V
         if NEED_DU:
-            du = tl.sum(tl.dot(g_uhat.to(DT), Wc, input_precision=PRECISION, out_dtype=ACC),
+            du = tl.sum(tl.dot(_op(g_uhat, DT, DOT_DT), Wc, input_precision=PRECISION, out_dtype=ACC),
                         axis=0)
             k = tl.arange(0, DINP)[None, :]
             b = tl.arange(0, BB)[:, None]
             tl.store(du_ptr + row_offset(b0, I * Din) + i0 * Din + b * (I * Din) + k,
                      du.to(du_ptr.dtype.element_ty), mask=(b < b_end - b0) & (k < Din))
         if NEED_DW:
-            Ub = tl.broadcast_to(U[None, :, :], (BLOCK_J, BB, DINP)).to(DT)
-            dW = tl.dot(tl.trans(g_uhat, (0, 2, 1)).to(DT), Ub, dW, input_precision=PRECISION)
+            Ub = _op(tl.broadcast_to(U[None, :, :], (BLOCK_J, BB, DINP)), DT, DOT_DT)
+            dW = tl.dot(_op(tl.trans(g_uhat, (0, 2, 1)), DT, DOT_DT), Ub, dW, input_precision=PRECISION)
     if NEED_DW:
         j = tl.arange(0, BLOCK_J)[:, None, None]
         d = tl.arange(0, BLOCK_D)[None, :, None]
