@@ -17,7 +17,7 @@ import capsnet_ext as ce
 from capsnet_ext import dispatch, reference
 
 triton_ops = pytest.importorskip("capsnet_ext.triton_ops")
-from capsnet_ext.triton_ops import _routing_core  # noqa: E402
+from capsnet_ext.triton_ops import _gemm_core, _routing_core  # noqa: E402
 
 SHAPES = [  # B, I, J, Din, Dout: odd, not powers of two, B = 1
     (1, 5, 3, 3, 5),
@@ -113,21 +113,24 @@ def test_auto_picks_a_kernel_backend_only_on_cuda(device):
         assert chosen == "reference"
 
 
-def test_float32_ignores_tf32_settings(device):
-    """No tensor-core dot is used: allowing TF32 must not change a single bit."""
+def test_uhat_kernels_ignore_tf32_settings(device):
+    """dynamic_routing and predict use no tensor-core dot: allowing TF32 must not change a
+    single bit. (capsule_routing's float32 dots follow the TF32 switch: tests/test_triton_gemm.py.)"""
     require_triton(device)
-    (u, W), b = make_inputs("capsule_routing", (2, 7, 3, 5, 3), torch.float32, device, seed=29, bias=True)
-    old_flag, old_precision = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+    (u_hat,), b = make_inputs("dynamic_routing", (2, 7, 3, 5, 3), torch.float32, device, seed=29, bias=True)
+    (u, W), _ = make_inputs("capsule_routing", (2, 7, 3, 5, 3), torch.float32, device, seed=29)
+    matmul = torch.backends.cuda.matmul
+    old_precision = matmul.fp32_precision
     results = []
     try:
         for allow in (False, True):
-            torch.backends.cuda.matmul.allow_tf32 = allow
-            torch.set_float32_matmul_precision("high" if allow else "highest")
-            results.append(outputs_and_grads("capsule_routing", "triton", [u, W], b, 3, {}))
+            matmul.fp32_precision = "tf32" if allow else "ieee"
+            results.append(outputs_and_grads("dynamic_routing", "triton", [u_hat], b, 3, {})
+                           + outputs_and_grads("predict", "triton", [u, W], None, 0, {}))
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = old_flag
-        torch.set_float32_matmul_precision(old_precision)
-    for a, e in zip(results[1][0] + results[1][1], results[0][0] + results[0][1]):
+        matmul.fp32_precision = old_precision
+    flat = [[t for part in r for t in part] for r in results]
+    for a, e in zip(flat[1], flat[0]):
         assert torch.equal(a, e)
 
 
@@ -213,12 +216,18 @@ def test_routing_reductions_across_programs(device, op, splits, monkeypatch):
     """Small tiles and forced splits: the sums over input capsules (forward and backward) and
     over samples (dW) cross several programs, as they do at real sizes on a GPU."""
     require_triton(device)
-    monkeypatch.setattr(_routing_core, "TILE_ELEMENTS", 64)
-    monkeypatch.setattr(_routing_core, "FORCE_SPLITS", splits)
     shape = (3, 13, 3, 3, 5)
+    if op == "dynamic_routing":
+        monkeypatch.setattr(_routing_core, "TILE_ELEMENTS", 64)
+        monkeypatch.setattr(_routing_core, "FORCE_SPLITS", splits[0])
+        plan = _routing_core._Plan(3, 13, 3, 5, torch.device(device))
+        assert plan.n_isplit > 1 and plan.n_itiles > plan.n_isplit
+    else:
+        monkeypatch.setattr(_gemm_core, "FORCE_SPLITS", splits)
+        plan = _gemm_core.Plan(3, 13, 3, 5, 3, torch.float64, torch.device(device),
+                               _gemm_core.default_config(3, 13, 3, 5, 3))
+        assert plan.n_isplit > 1 and plan.n_bsplit == 1  # B = 3: one sample tile
     args, b = make_inputs(op, shape, torch.float64, device, seed=5, bias=True)
-    plan = _routing_core._Plan(3, 13, 3, 5, 3, op == "capsule_routing", torch.device(device))
-    assert plan.n_isplit > 1 and plan.n_bsplit > 1 and plan.n_itiles > plan.n_isplit
     options = dict(leaky=False, detach_inner=False, return_coupling=True)
     expected = outputs_and_grads(op, "reference", args, b, 3, options)
     actual = outputs_and_grads(op, "triton", args, b, 3, options)
@@ -340,13 +349,15 @@ def test_registered_operators_pass_opcheck(device):
     torch.compile sees."""
     require_triton(device)
     core = importlib.import_module("capsnet_ext.triton_ops._routing_core")
+    gemm = importlib.import_module("capsnet_ext.triton_ops._gemm_core")
     predict_module = importlib.import_module("capsnet_ext.triton_ops.predict")
     (u, W), b = make_inputs("capsule_routing", (2, 5, 3, 3, 4), torch.float64, device, seed=19, bias=True)
     (u_hat,), _ = make_inputs("dynamic_routing", (2, 5, 3, 3, 4), torch.float64, device, seed=19)
+    prior = torch.randn(5, 3, dtype=torch.float64, device=device, requires_grad=True)
     cases = [
-        (core.routing_forward_op, (u, W, b, 3, True, False, True)),
-        (core.routing_forward_op, (u.detach(), W, None, 2, False, True, False)),
-        (core.routing_forward_op, (u_hat, None, b, 3, False, False, True)),
+        (gemm.routing_forward_op, (u, W, b, prior, 3, True, False, True, 0.7)),
+        (gemm.routing_forward_op, (u.detach(), W, None, None, 2, False, True, False, 1.0)),
+        (core.routing_forward_op, (u_hat, b, 3, False, False, True)),
         (predict_module.predict_op, (u, W)),
     ]
     for op, args in cases:

@@ -2,16 +2,21 @@
 
 * :mod:`.predict`: ``u_hat = W @ u`` forward, ``du`` and ``dW``.
 * :mod:`.routing`: the routing loop over given ``u_hat`` fused into sweeps over the input
-  capsules, with a custom backward.
-* :mod:`.capsule_routing`: prediction and routing fused; ``u_hat`` is recomputed in every
-  pass and never stored.
-* :mod:`._routing_core`: the kernels and autograd.Function the two routing ops share.
+  capsules, with a custom backward (kernels in :mod:`._routing_core`).
+* :mod:`.capsule_routing`: prediction and routing fused as tensor-core GEMM tiles; ``u_hat`` is
+  never formed (kernels in :mod:`._gemm_kernels`, launchers and autograd in :mod:`._gemm_core`).
+  ``R + 1`` launches forward, at most ``R + 3`` backward, no atomics.
 
 Runs on CUDA tensors, and on CPU tensors only under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before triton is imported), a testing tool. Every option of the API
-is supported for float16, bfloat16, float32 and float64. Float32 math is exact IEEE float32
-(no tensor-core ``tl.dot`` is used, so the TF32 settings have nothing to relax); float16 and
-bfloat16 accumulate in float32.
+is supported for float16, bfloat16, float32 and float64 (the learned ``prior`` and the softmax
+``temperature`` in ``capsule_routing`` only). Precision: ``capsule_routing`` feeds float16 and
+bfloat16 operands to tensor cores with float32 accumulation; its float32 dots are exact-input
+(``"ieee"``) unless PyTorch allows TF32 for float32 matmuls, then TF32. ``dynamic_routing`` and
+``predict`` use no ``tl.dot``. float32 math elsewhere is the GPU's, not IEEE-exact: ``exp`` and
+``sqrt`` compile to approximate instructions, divisions to ``div.full``, multiply-adds are fused
+(``enable_fp_fusion=True``, passed explicitly). float64 is float64 throughout. The
+interpreter models none of TF32, approximate math or fused multiply-adds.
 
 Eager calls run ``torch.autograd.Function``s over the kernels. Under ``torch.compile`` the same
 launchers are used through registered operators (``torch.ops.capsnet_ext_triton.*``, with fake

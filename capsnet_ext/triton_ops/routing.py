@@ -13,7 +13,7 @@ Design (details in :mod:`._routing_core`)
   The logits are never stored: the identity ``l^r_ij = <u_hat_ij, V^r_j>`` recomputes them.
 * Backward: iterations in reverse. The squash backward gives ``gs^r``; for ``r > 1`` one sweep
   computes ``D_j = sum_i gl_ij u_hat_ij`` (gradient reaching ``V^r``, hence every earlier
-  ``v``); a last sweep on grid ``(cdiv(I, GRAD_BLOCK_I), n_bsplit)`` writes
+  ``v``); a last kernel on grid ``(cdiv(I, GRAD_BLOCK_I), B)`` writes
   ``g_u_hat_ij = sum_r c^r_ij gs^r_j + gl^r_ij V^r_j``. ``detach_inner``: only the last
   iteration's ``c^R_ij gs^R_j``.
 * Saved for backward: ``u_hat`` (the caller's tensor, no copy) and ``s^r``, ``V^r``
@@ -44,4 +44,4 @@ def dynamic_routing(
     :func:`capsnet_ext.reference.dynamic_routing`; inputs are checked by
     :func:`capsnet_ext.ops.dynamic_routing`.
     """
-    return run_routing(u_hat, None, iterations, bias, leaky, detach_inner, return_coupling)
+    return run_routing(u_hat, iterations, bias, leaky, detach_inner, return_coupling)
