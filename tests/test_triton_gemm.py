@@ -207,7 +207,8 @@ def test_bitwise_deterministic(device, monkeypatch, dtype):
 
 # ---------------------------------------------------------------- squash clamp
 @pytest.mark.parametrize("dtype,scale", [(torch.float64, 1e-160), (torch.float32, 1e-21)])
-def test_squash_backward_clamps_tiny_norms(device, dtype, scale):
+@pytest.mark.parametrize("op", ["capsule_routing", "dynamic_routing"])
+def test_squash_backward_clamps_tiny_norms(device, op, dtype, scale):
     """``0 < |s|^2 <`` the smallest normal number: the reference clamps ``|s|^2`` there before
     the square root, so ``|s|`` is ``sqrt(tiny)``; the kernels must do the same (on a GPU the
     approximate square root would otherwise flush the subnormal to 0 and divide by it). The
@@ -221,7 +222,10 @@ def test_squash_backward_clamps_tiny_norms(device, dtype, scale):
     W = W.to(device=device, dtype=dtype)
     grads = []
     for backend in ("reference", "triton"):
-        v = ce.capsule_routing(u, W, 1, backend=backend)
+        if op == "capsule_routing":
+            v = ce.capsule_routing(u, W, 1, backend=backend)
+        else:
+            v = ce.dynamic_routing(reference.predict(u, W), 1, backend=backend)
         grads.append(torch.autograd.grad(v.sum(), [u])[0])
         assert torch.isfinite(grads[-1]).all()
     assert (grads[0] > 0).all()

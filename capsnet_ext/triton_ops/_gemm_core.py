@@ -48,9 +48,6 @@ from . import _gemm_kernels as K
 FORCE_SPLITS: Optional[tuple] = None
 # The input precision float32 dots use when PyTorch allows TF32 for float32 matmuls.
 TF32_INPUT_PRECISION = "tf32"
-# Most splits of the input capsules per sweep: every split re-sums all of them at the start of
-# the next sweep, so more splits cost reduction traffic.
-MAX_ISPLIT = 16
 # Largest padded [J, Dout, Din] slice of W of one input capsule the kernels accept.
 MAX_CAPSULE_ELEMENTS = 1 << 16
 
@@ -122,11 +119,13 @@ _MIN_DOT_K = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 8, torch.flo
 
 class Config(NamedTuple):
     """Tunable: samples per sweep tile, warps of the sweeps, samples per gradient-sweep tile,
-    warps of the gradient sweep."""
+    warps of the gradient sweeps, and the most splits of the input capsules per sweep (more
+    programs, against more partial sums for the next sweep to add up)."""
     BB: int
     warps: int
     grad_BB: int
     grad_warps: int
+    max_isplit: int = 16
 
 
 class Plan:
@@ -146,7 +145,8 @@ class Plan:
         target = _target_programs(device)
         self.n_btiles = triton.cdiv(B, config.BB)
         n_chunks = triton.cdiv(I, self.IC)
-        n_isplit = FORCE_SPLITS[0] if FORCE_SPLITS else min(MAX_ISPLIT, triton.cdiv(target, self.n_btiles))
+        n_isplit = (FORCE_SPLITS[0] if FORCE_SPLITS
+                    else min(config.max_isplit, triton.cdiv(target, self.n_btiles)))
         n_isplit = max(1, min(n_isplit, n_chunks))
         self.i_per_split = triton.cdiv(n_chunks, n_isplit) * self.IC
         self.n_isplit = triton.cdiv(I, self.i_per_split)
@@ -162,15 +162,16 @@ def default_config(B, I, J, D, Din) -> Config:
     """16 samples per tile (the smallest dot M and K) and 16 warps: at the MNIST shape every
     kernel then stays within 128 registers per thread without spilling, for float32, bfloat16
     and float16 (checked by tests/_triton_compile_check.py for sm_90); with 8 warps the
-    sweeps need 145-240."""
-    return Config(16, 16, 16, 16)
+    sweeps need 145-240 registers, and 32-sample tiles spill. At most 16 splits of the input
+    capsules: every program of the next sweep re-sums all of its samples' partials."""
+    return Config(16, 16, 16, 16, 16)
 
 
 def candidate_configs(B, I, J, D, Din):
-    """The default and, for batches of 32 and more, 32 samples per sweep tile (fewer programs,
-    each re-reading its W chunk for twice the samples)."""
+    """The default and two other split counts of the input capsules (the tile sizes are
+    fixed by the register budget)."""
     base = default_config(B, I, J, D, Din)
-    return [base, base._replace(BB=32)] if B >= 32 else [base]
+    return [base, base._replace(max_isplit=8), base._replace(max_isplit=32)]
 
 
 # --------------------------------------------------------------------------------------------

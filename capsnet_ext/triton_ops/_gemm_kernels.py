@@ -151,13 +151,16 @@ def _squash(s, TINY: tl.constexpr):
 def _squash_backward(s, gv, TINY: tl.constexpr):
     """Gradient wrt ``s`` of ``squash(s)`` given ``gv = dL/dv`` (last axis the capsule's):
     ``gs = h gv + (1 - n^2) / ((1 + n^2)^2 n) <s, gv> s`` with ``h = n / (1 + n^2)``, where ``n``
-    is the norm from ``|s|^2`` clamped at ``TINY`` as the reference's squash does. The clamp also
-    keeps the division finite where the GPU's approximate square root flushes a subnormal
-    ``|s|^2`` to zero (the second term is then of the order of ``sqrt(TINY)``)."""
+    is the norm from ``|s|^2`` clamped at ``TINY`` as in the reference's squash (and, below
+    ``TINY``, the derivative of the reference's clamped formula). The clamp keeps the division
+    finite where the GPU's approximate square root flushes a subnormal ``|s|^2`` to zero."""
     sq_norm = tl.sum(s * s, axis=2)
     norm = tl.sqrt(tl.maximum(sq_norm, TINY))
     one_plus = 1.0 + sq_norm
-    radial = (1.0 - sq_norm) / (one_plus * one_plus * norm)
+    # Below TINY the reference's norm is the constant sqrt(TINY): its derivative is that of
+    # 1 / (1 + |s|^2) alone.
+    radial = tl.where(sq_norm < TINY, -2.0 * norm / (one_plus * one_plus),
+                      (1.0 - sq_norm) / (one_plus * one_plus * norm))
     s_dot_gv = tl.sum(s * gv, axis=2)
     return (norm / one_plus)[:, :, None] * gv + (radial * s_dot_gv)[:, :, None] * s
 

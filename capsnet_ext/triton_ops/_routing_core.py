@@ -306,7 +306,10 @@ def _finalize_bwd_kernel(
     sq_norm = tl.sum(s * s, axis=1)
     norm = tl.sqrt(tl.maximum(sq_norm, TINY))
     one_plus = 1.0 + sq_norm
-    radial = (1.0 - sq_norm) / (one_plus * one_plus * norm)
+    # Below TINY the reference's norm is the constant sqrt(TINY): its derivative is that of
+    # 1 / (1 + |s|^2) alone.
+    radial = tl.where(sq_norm < TINY, -2.0 * norm / (one_plus * one_plus),
+                      (1.0 - sq_norm) / (one_plus * one_plus * norm))
     s_dot_gv = tl.sum(s * gv, axis=1)
     gs = (norm / one_plus)[:, None] * gv + (radial * s_dot_gv)[:, None] * s
     _store_jd(gs_ptr + b * J * D, gs, J, D, BLOCK_J, BLOCK_D)
