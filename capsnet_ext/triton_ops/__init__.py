@@ -2,17 +2,21 @@
 
 * :mod:`.predict`: ``u_hat = W @ u`` forward, ``du`` and ``dW``.
 * :mod:`.routing`: the routing loop over given ``u_hat`` fused into sweeps over the input
-  capsules, with a custom backward.
-* :mod:`.capsule_routing`: prediction and routing fused; ``u_hat`` is recomputed in every
-  pass and never stored.
-* :mod:`._routing_core`: the kernels and autograd.Function the two routing ops share.
+  capsules, with a custom backward (kernels in :mod:`._routing_core`).
+* :mod:`.capsule_routing`: prediction and routing fused as tensor-core GEMM tiles; ``u_hat`` is
+  never formed (kernels in :mod:`._gemm_kernels`, launchers and autograd in :mod:`._gemm_core`).
+  ``R + 1`` launches forward, at most ``R + 3`` backward, no atomics.
 
 Runs on CUDA tensors, and on CPU tensors only under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before triton is imported), a testing tool. Every option of the API
-(the learned ``prior`` logits and the softmax ``temperature`` included) is supported for
-float16, bfloat16, float32 and float64. Float32 math is exact IEEE float32
-(no tensor-core ``tl.dot`` is used, so the TF32 settings have nothing to relax); float16 and
-bfloat16 accumulate in float32.
+is supported for float16, bfloat16, float32 and float64 (the learned ``prior`` and the softmax
+``temperature`` in ``capsule_routing`` only). Precision: ``capsule_routing`` feeds float16 and
+bfloat16 operands to tensor cores with float32 accumulation; its float32 dots are exact-input
+(``"ieee"``) unless PyTorch allows TF32 for float32 matmuls, then TF32. ``dynamic_routing`` and
+``predict`` use no ``tl.dot``. float32 math elsewhere is the GPU's, not IEEE-exact: ``exp`` and
+``sqrt`` compile to approximate instructions, divisions to ``div.full``, multiply-adds are fused
+(``enable_fp_fusion=True``, passed explicitly). float64 is float64 throughout. The
+interpreter models none of TF32, approximate math or fused multiply-adds.
 
 Eager calls run ``torch.autograd.Function``s over the kernels. Under ``torch.compile`` the same
 launchers are used through registered operators (``torch.ops.capsnet_ext_triton.*``, with fake
@@ -78,17 +82,25 @@ def unsupported_reason(op: str, *, dtype: torch.dtype, iterations: int = 1, bias
                        return_coupling: bool = False, prior: bool = False,
                        temperature: float = 1.0,
                        sizes: Optional[dict] = None) -> Optional[str]:
-    """``None`` when ``op`` with these options is implemented (all options are, for capsules
-    whose ``[J, Dout, Din]`` slice fits the kernels' registers; ``sizes`` gives J, Dout and,
-    for ``capsule_routing``, Din)."""
+    """``None`` when ``op`` with these options is implemented: every option of
+    ``capsule_routing`` (prior and temperature included) and of ``dynamic_routing`` except
+    prior and temperature, for capsules whose padded ``[J, Dout(, Din)]`` slice fits the
+    kernels' registers (``sizes`` gives J, Dout and, for ``capsule_routing``, Din)."""
     if op not in _SUPPORTED_OPS:
         return f"unknown op {op!r}; the Triton backend implements {_SUPPORTED_OPS}"
     if dtype not in _SUPPORTED_DTYPES:
         return f"dtype {dtype} is not supported; expected one of {_SUPPORTED_DTYPES}"
+    if op == "dynamic_routing" and (prior or temperature != 1.0):
+        return ("the routing options prior and temperature are implemented for capsule_routing "
+                "only in this backend (dynamic_routing over a given u_hat does not have them yet)")
     if sizes is not None and op != "predict" and _IMPORT_ERROR is None:
+        if op == "capsule_routing":
+            from ._gemm_core import capsule_size_limit_reason
+
+            return capsule_size_limit_reason(sizes["J"], sizes["Dout"], sizes["Din"])
         from ._routing_core import capsule_size_limit_reason
 
-        return capsule_size_limit_reason(sizes["J"], sizes["Dout"], sizes.get("Din"))
+        return capsule_size_limit_reason(sizes["J"], sizes["Dout"])
     return None
 
 

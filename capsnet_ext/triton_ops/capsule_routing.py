@@ -1,26 +1,24 @@
 """Fully fused ``capsule_routing``: ``dynamic_routing(predict(u, W))`` in Triton without ever
 writing the prediction vectors ``u_hat [B, I, J, Dout]`` to memory, forward or backward.
 
-Design (details in :mod:`._routing_core`)
------------------------------------------
-* Every pass recomputes its tile of ``u_hat`` in registers as
-  ``sum_k W[i, j, d, k] u[b, i, k]``; a slice of ``W`` read once serves a block of samples.
-* Forward, per iteration r: grid ``(cdiv(B, BLOCK_B), n_isplit)``; a program holds ``V^r``
-  (the sum of the earlier outputs, [J, Dout]) and a partial ``s`` for each of its
-  ``BLOCK_B`` samples and walks ``[BLOCK_B, BLOCK_I, J, Dout]`` tiles; logits are
-  ``prior_ij + <u_hat_ij, V^r_j>``, divided by the temperature before the softmax. Partials
-  cross programs through a ``[n_isplit, B, J, Dout]`` workspace, reduced with bias and squash
-  by a ``(B,)`` grid. ``2R`` launches.
-* Backward, iterations in reverse from the saved ``s^r`` and ``V^r``: squash backward
-  (grid ``(B,)``), and for ``r > 1`` one reduction sweep for the gradient reaching ``V^r``;
-  then one sweep on grid ``(cdiv(I, BLOCK_I), n_bsplit)`` whose programs keep their W tile in
-  registers across their samples, rebuild ``g_u_hat`` for all iterations and turn it into
-  ``du`` (written per sample), ``dW`` and the prior's gradient (both summed over the
-  program's samples in registers; ``n_bsplit`` partials summed after: no atomics).
-* Memory kept for backward: ``u``, ``W`` (and the prior) and ``s^r``, ``V^r`` for every
-  iteration: ``B*I*Din + I*J*Dout*Din + 2*R*B*J*Dout`` elements (``+ I*J`` for a prior);
-  autograd over the reference keeps ``u_hat`` itself (``B*I*J*Dout``) and per-iteration
-  ``[B, I, J]`` tensors besides.
+Design (kernels in :mod:`._gemm_kernels`, launchers in :mod:`._gemm_core`)
+--------------------------------------------------------------------------
+* Every contraction is a batched tensor-core ``tl.dot`` with the output capsule ``j`` as the
+  batch axis: logits ``<u_bi, V_j @ W_ij>`` (``[BB x Dout] @ [Dout x IC*Din]``), weighted sums
+  ``(c_j * u) @ W_j^T`` over a chunk of input capsules flattened with their ``Din`` entries;
+  ``u_hat`` exists neither in memory nor as a tile.
+* Forward, ``R + 1`` launches: iteration r is one sweep on grid ``(cdiv(B, BB), n_isplit)``
+  writing partial ``s`` per split of the input capsules; the next sweep (or the finishing
+  kernel after the last) sums them in a fixed order, adds the bias and squashes.
+* Backward, at most ``R + 3`` launches: ``R - 1`` reduction sweeps for the gradient reaching
+  ``V^r``, one kernel for the first iteration's ``gs``, then per input capsule the gradient
+  sweeps: ``g_u_hat = sum_r c^r gs^r + gl^r V^r`` in registers, ``du = sum_j g_u_hat @ W`` (with
+  the prior and bias gradients) and ``dW = g_u_hat^T @ u`` summed over the samples of the
+  program (one more launch sums sample splits when the GPU needs them). No atomics.
+* Memory kept for backward: ``u``, ``W``, ``prior`` (if given) and ``s^r``, ``V^r`` for every
+  iteration: ``B*I*Din + I*J*Dout*Din (+ I*J) + 2*R*B*J*Dout`` elements; autograd over the
+  reference keeps ``u_hat`` itself (``B*I*J*Dout``) and per-iteration ``[B, I, J]`` tensors
+  besides.
 """
 from __future__ import annotations
 
@@ -28,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from ._routing_core import run_routing
+from ._gemm_core import run_capsule_routing
 
 
 def capsule_routing(
@@ -53,5 +51,5 @@ def capsule_routing(
     Returns:
         ``v [B, J, Dout]`` or ``(v, c)`` with ``c [B, I, J]`` (no gradient).
     """
-    return run_routing(u, W, iterations, bias, leaky, detach_inner, return_coupling,
-                       prior, temperature)
+    return run_capsule_routing(u, W, iterations, bias, leaky, detach_inner, return_coupling,
+                               prior, temperature)

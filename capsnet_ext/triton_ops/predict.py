@@ -15,8 +15,11 @@ Design
   ``dW[i, n, k] = sum_b g[b, i, n] u[b, i, k]``, walking the batch in chunks: the sum over
   samples stays inside one program, so there are no atomics and the result is deterministic.
 
-No ``tl.dot``: float32 is exact IEEE float32 regardless of the TF32 settings; float16 and
-bfloat16 are accumulated in float32, float64 in float64. Inputs are read through their strides
+No ``tl.dot`` (the reduction over ``Din``, typically 8, is a broadcast product): float32 is
+computed in float32 on CUDA cores whatever the TF32 settings say (with fused multiply-adds,
+``enable_fp_fusion=True`` passed explicitly); float16 and bfloat16 are accumulated in float32,
+float64 in float64. Offsets along the sample axis are 64-bit (``B * I * J * Dout`` passes 2^31
+at realistic sizes). Inputs are read through their strides
 (non-contiguous inputs need no copy). Saved for backward: ``u`` and ``W`` only.
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._gemm_core import device_guard
 from ._routing_core import _tl_acc
 
 # Elements of the 3-D register tile of one program.
@@ -54,6 +58,7 @@ def _predict_fwd_kernel(
     b_offs = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
     n_mask = n_offs < N
     b_mask = b_offs < B
+    b64 = tl.cast(b_offs, tl.int64)  # B * I * N passes 2^31 at realistic sizes
     w_row = (n_offs // D) * w_j + (n_offs % D) * w_d
     acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=ACC)
     for k0 in range(0, Din, BLOCK_K):
@@ -64,7 +69,7 @@ def _predict_fwd_kernel(
         x = tl.load(u_ptr + b_offs[:, None] * u_b + i * u_i + k_offs[None, :] * u_k,
                     mask=b_mask[:, None] & k_mask[None, :], other=0.0).to(ACC)
         acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-    tl.store(out_ptr + (b_offs[:, None] * I + i) * N + n_offs[None, :],
+    tl.store(out_ptr + (b64[:, None] * I + i) * N + n_offs[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=b_mask[:, None] & n_mask[None, :])
 
 
@@ -81,6 +86,7 @@ def _predict_du_kernel(
     b_offs = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     k_offs = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
     b_mask = b_offs < B
+    b64 = tl.cast(b_offs, tl.int64)  # B * I * N passes 2^31 at realistic sizes
     k_mask = k_offs < Din
     acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=ACC)
     for n0 in range(0, N, BLOCK_N):
@@ -90,10 +96,10 @@ def _predict_du_kernel(
         d = n_offs % D
         w = tl.load(w_ptr + i * w_i + (j * w_j + d * w_d)[:, None] + k_offs[None, :] * w_k,
                     mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(ACC)
-        g = tl.load(g_ptr + b_offs[:, None] * g_b + i * g_i + (j * g_j + d * g_d)[None, :],
+        g = tl.load(g_ptr + b64[:, None] * g_b + i * g_i + (j * g_j + d * g_d)[None, :],
                     mask=b_mask[:, None] & n_mask[None, :], other=0.0).to(ACC)
         acc += tl.sum(g[:, :, None] * w[None, :, :], axis=1)
-    tl.store(du_ptr + (b_offs[:, None] * I + i) * Din + k_offs[None, :],
+    tl.store(du_ptr + (b64[:, None] * I + i) * Din + k_offs[None, :],
              acc.to(du_ptr.dtype.element_ty), mask=b_mask[:, None] & k_mask[None, :])
 
 
@@ -116,7 +122,7 @@ def _predict_dw_kernel(
     for b0 in range(0, B, BLOCK_B):
         b_offs = b0 + tl.arange(0, BLOCK_B)
         b_mask = b_offs < B
-        g = tl.load(g_ptr + b_offs[:, None] * g_b + i * g_i + g_col[None, :],
+        g = tl.load(g_ptr + tl.cast(b_offs, tl.int64)[:, None] * g_b + i * g_i + g_col[None, :],
                     mask=b_mask[:, None] & n_mask[None, :], other=0.0).to(ACC)
         x = tl.load(u_ptr + b_offs[:, None] * u_b + i * u_i + k_offs[None, :] * u_k,
                     mask=b_mask[:, None] & k_mask[None, :], other=0.0).to(ACC)
@@ -132,8 +138,10 @@ def _predict_forward(u: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     out = torch.empty(B, I, J, D, device=u.device, dtype=u.dtype)
     block_b, block_n, block_k = _blocks(B, N, Din)
     grid = (I, triton.cdiv(N, block_n), triton.cdiv(B, block_b))
-    _predict_fwd_kernel[grid](u, *u.stride(), W, *W.stride(), out, B, I, D, N, Din,
-                              ACC=_tl_acc(u.dtype), BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k)
+    with device_guard(u):
+        _predict_fwd_kernel[grid](u, *u.stride(), W, *W.stride(), out, B, I, D, N, Din,
+                                  ACC=_tl_acc(u.dtype), BLOCK_B=block_b, BLOCK_N=block_n,
+                                  BLOCK_K=block_k, enable_fp_fusion=True)
     return out
 
 
@@ -147,13 +155,17 @@ def _predict_backward(grad, u, W, need_u: bool, need_w: bool):
     if need_u:
         du = torch.empty(B, I, Din, device=u.device, dtype=u.dtype)
         grid = (I, triton.cdiv(B, block_b), triton.cdiv(Din, block_k))
-        _predict_du_kernel[grid](grad, *grad.stride(), W, *W.stride(), du, B, I, D, N, Din,
-                                 ACC=acc, BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k)
+        with device_guard(u):
+            _predict_du_kernel[grid](grad, *grad.stride(), W, *W.stride(), du, B, I, D, N, Din,
+                                     ACC=acc, BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k,
+                                     enable_fp_fusion=True)
     if need_w:
         dW = torch.empty(I, J, D, Din, device=u.device, dtype=W.dtype)
         grid = (I, triton.cdiv(N, block_n), triton.cdiv(Din, block_k))
-        _predict_dw_kernel[grid](grad, *grad.stride(), u, *u.stride(), dW, B, D, N, Din,
-                                 ACC=acc, BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k)
+        with device_guard(u):
+            _predict_dw_kernel[grid](grad, *grad.stride(), u, *u.stride(), dW, B, D, N, Din,
+                                     ACC=acc, BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k,
+                                     enable_fp_fusion=True)
     return du, dW
 
 

@@ -1,0 +1,485 @@
+"""The fused ``capsule_routing`` as tensor-core GEMM tiles: launchers, autotuning, the
+autograd.Function and the registered operators for ``torch.compile``. The kernels and the math
+are in :mod:`._gemm_kernels`.
+
+Launches (every kernel counted; PyTorch allocates the workspaces with ``torch.empty`` and runs
+no kernel of its own):
+
+* forward, ``R`` iterations: ``R`` sweeps and one finishing kernel, ``R + 1``. Sweep ``r`` first
+  finishes iteration ``r - 1`` for its samples (sums the previous sweep's partials in a fixed
+  order, adds the bias, squashes, forms ``V^r``), so the reduction over the input capsules needs
+  no launch of its own;
+* backward: ``R - 1`` reduction sweeps (the gradient reaching ``V^r``, iterations in reverse),
+  one kernel for the first iteration's ``gs``, one gradient sweep (``du``, ``dW``, ``d prior``,
+  ``d bias`` for all iterations at once), and one kernel summing ``dW``/``d prior``/``d bias``
+  over sample splits when the gradient sweep splits the samples to fill the GPU: ``R + 1`` or
+  ``R + 2``. ``detach_inner``: 2 or 3.
+
+No atomics: every sum crossing programs goes through a workspace summed in a fixed order, so
+results are bitwise identical from run to run.
+
+Precision: float16/bfloat16 operands go to the tensor cores with float32 accumulation; float32
+follows PyTorch's switch for float32 matmuls (:func:`fp32_dot_precision`): ``"ieee"`` unless
+TF32 is allowed (``torch.backends.cuda.matmul.fp32_precision = "tf32"`` or the legacy
+``allow_tf32 = True`` / ``torch.set_float32_matmul_precision("high")``), then
+:data:`TF32_INPUT_PRECISION` (``"tf32"``; ``"tf32x3"`` trades speed for about float32 accuracy).
+float64 runs in float64. Other float32 math is the GPU's: ``exp`` and ``sqrt`` compile to
+approximate instructions (``ex2.approx``, ``sqrt.approx``), divisions to ``div.full``, and
+multiply-adds are fused (``enable_fp_fusion=True``, passed explicitly): not IEEE-exact,
+within a few float32 ulps.
+
+Memory kept for backward: ``u``, ``W``, the prior (when given) and ``s^r``, ``V^r`` for every
+iteration (``2 * R * B * J * Dout`` elements in the accumulation dtype).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _gemm_kernels as K
+
+# Tests set this to (n_isplit, n_bsplit) to force the cross-program sums on small shapes.
+FORCE_SPLITS: Optional[tuple] = None
+# The input precision float32 dots use when PyTorch allows TF32 for float32 matmuls.
+TF32_INPUT_PRECISION = "tf32"
+# Largest padded [J, Dout, Din] slice of W of one input capsule the kernels accept.
+MAX_CAPSULE_ELEMENTS = 1 << 16
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+       torch.float64: tl.float64}
+
+
+def fp32_dot_precision() -> str:
+    """``input_precision`` of float32 ``tl.dot``: ``"ieee"`` unless PyTorch allows TF32 for
+    float32 matmuls on CUDA, then :data:`TF32_INPUT_PRECISION`."""
+    matmul = torch.backends.cuda.matmul
+    setting = getattr(matmul, "fp32_precision", "none")
+    if setting == "tf32":
+        return TF32_INPUT_PRECISION
+    if setting == "ieee":
+        return "ieee"
+    try:
+        return TF32_INPUT_PRECISION if matmul.allow_tf32 else "ieee"
+    except RuntimeError:  # legacy and new TF32 APIs mixed: PyTorch refuses to say; be exact
+        return "ieee"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    return fp32_dot_precision() if dtype == torch.float32 else "ieee"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _tiny(dtype: torch.dtype) -> float:
+    return torch.finfo(acc_dtype(dtype)).tiny
+
+
+def device_guard(tensor: torch.Tensor):
+    """Launch on the tensors' GPU, not the current one."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return 2 * torch.cuda.get_device_properties(index).multi_processor_count
+    return 1  # the interpreter runs programs one after another
+
+
+def capsule_size_limit_reason(J: int, D: int, Din: int) -> Optional[str]:
+    """Why one input capsule's ``[J, Dout, Din]`` slice of W (padded to powers of two, ``Dout``
+    to at least 16) is too large for the kernels' register tiles, or ``None``."""
+    elements = (triton.next_power_of_2(J) * max(16, triton.next_power_of_2(D))
+                * triton.next_power_of_2(Din))
+    if elements <= MAX_CAPSULE_ELEMENTS:
+        return None
+    return (f"the Triton routing kernels hold one input capsule's [J, Dout, Din] slice of W in "
+            f"registers, padded to {elements} elements; the limit is {MAX_CAPSULE_ELEMENTS} "
+            f"(got J={J}, Dout={D}, Din={Din})")
+
+
+_MIN_DOT_K = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 8, torch.float64: 4}
+
+
+class Config(NamedTuple):
+    """Tunable: samples per sweep tile, warps of the sweeps, samples per gradient-sweep tile,
+    warps of the gradient sweeps, and the most splits of the input capsules per sweep (more
+    programs, against more partial sums for the next sweep to add up)."""
+    BB: int
+    warps: int
+    grad_BB: int
+    grad_warps: int
+    max_isplit: int = 16
+
+
+class Plan:
+    """Tile sizes and grids of one call, from the shape and a :class:`Config`."""
+
+    def __init__(self, B, I, J, D, Din, dtype, device, config: Config):
+        reason = capsule_size_limit_reason(J, D, Din)
+        if reason is not None:
+            raise NotImplementedError(reason + "; use backend='reference'")
+        self.config = config
+        self.BLOCK_J = triton.next_power_of_2(J)
+        self.BLOCK_D = max(16, triton.next_power_of_2(D))  # K of the logits dot
+        self.DINP = triton.next_power_of_2(Din)
+        # N = IC * DINP is the K of the weighted-sum dot: at least 16 for 16-bit operands,
+        # 8 for float32, 4 for float64 (the smallest K of Triton's NVIDIA dot).
+        self.IC = max(1, _MIN_DOT_K[dtype] // self.DINP)
+        target = _target_programs(device)
+        self.n_btiles = triton.cdiv(B, config.BB)
+        n_chunks = triton.cdiv(I, self.IC)
+        n_isplit = (FORCE_SPLITS[0] if FORCE_SPLITS
+                    else min(config.max_isplit, triton.cdiv(target, self.n_btiles)))
+        n_isplit = max(1, min(n_isplit, n_chunks))
+        self.i_per_split = triton.cdiv(n_chunks, n_isplit) * self.IC
+        self.n_isplit = triton.cdiv(I, self.i_per_split)
+        self.n_grad_chunks = I  # one input capsule per gradient-sweep program
+        max_bsplit = triton.cdiv(B, config.grad_BB)
+        n_bsplit = FORCE_SPLITS[1] if FORCE_SPLITS else triton.cdiv(target, self.n_grad_chunks)
+        n_bsplit = max(1, min(n_bsplit, max_bsplit))
+        self.b_per_split = triton.cdiv(triton.cdiv(B, n_bsplit), config.grad_BB) * config.grad_BB
+        self.n_bsplit = triton.cdiv(B, self.b_per_split)
+
+
+def default_config(B, I, J, D, Din) -> Config:
+    """16 samples per tile (the smallest dot M and K) and 16 warps: at the MNIST shape every
+    kernel then stays within 128 registers per thread without spilling, for float32, bfloat16
+    and float16 (checked by tests/_triton_compile_check.py for sm_90); with 8 warps the
+    sweeps need 145-240 registers, and 32-sample tiles spill. At most 16 splits of the input
+    capsules: every program of the next sweep re-sums all of its samples' partials."""
+    return Config(16, 16, 16, 16, 16)
+
+
+def candidate_configs(B, I, J, D, Din):
+    """The default and two other split counts of the input capsules (the tile sizes are
+    fixed by the register budget)."""
+    base = default_config(B, I, J, D, Din)
+    return [base, base._replace(max_isplit=8), base._replace(max_isplit=32)]
+
+
+# --------------------------------------------------------------------------------------------
+# Autotuning: a few configurations per shape, timed once on the GPU, the choice cached.
+# --------------------------------------------------------------------------------------------
+_TUNED: Dict[tuple, Config] = {}
+
+
+def _time_cuda(fn, reps: int = 3) -> float:
+    fn()  # compile and warm up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def tuned_config(key: tuple, candidates, run, timer=None) -> Config:
+    """The fastest of ``candidates`` for ``key`` (shape, dtype, options, device), measured once
+    by ``timer(lambda: run(config))`` and cached. Without a timer (the CPU interpreter, where
+    timing means nothing) the first candidate, the heuristic default, is taken."""
+    config = _TUNED.get(key)
+    if config is None:
+        if timer is None or len(candidates) == 1:
+            config = candidates[0]
+        else:
+            config = min(candidates, key=lambda c: timer(lambda: run(c)))
+        _TUNED[key] = config
+    return config
+
+
+def _shape(u, W):
+    B, I, Din = u.shape
+    _, J, D, _ = W.shape
+    return B, I, J, D, Din
+
+
+def _config_for(u, W, iterations, options, run):
+    B, I, J, D, Din = _shape(u, W)
+    key = (B, I, J, D, Din, iterations, u.dtype, u.device, dot_precision(u.dtype), options)
+    timer = _time_cuda if u.device.type == "cuda" else None
+    return tuned_config(key, candidate_configs(B, I, J, D, Din), run, timer)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+def _common_meta(dtype, plan: Plan, leaky: bool, temperature: float):
+    dot_dt = _TL[dtype]
+    if dtype == torch.bfloat16 and _interpreting():
+        dot_dt = tl.float32  # the interpreter's bfloat16 dot is wrong; see _gemm_kernels._op
+    return dict(LEAKY=leaky, INV_T=1.0 / temperature, ACC=_TL[acc_dtype(dtype)], DT=_TL[dtype],
+                DOT_DT=dot_dt, PRECISION=dot_precision(dtype), TINY=_tiny(dtype), BLOCK_J=plan.BLOCK_J,
+                BLOCK_D=plan.BLOCK_D, enable_fp_fusion=True)
+
+
+def _forward(u, W, iterations, bias, prior, leaky, temperature, return_coupling, config):
+    B, I, J, D, Din = _shape(u, W)
+    plan = Plan(B, I, J, D, Din, u.dtype, u.device, config)
+    acc = acc_dtype(u.dtype)
+    R = iterations
+    s_all = torch.empty(R, B, J, D, device=u.device, dtype=acc)
+    V_all = torch.empty(R, B, J, D, device=u.device, dtype=acc)
+    parts = torch.empty(2, plan.n_isplit, B, J, D, device=u.device, dtype=acc)
+    v = torch.empty(B, J, D, device=u.device, dtype=u.dtype)
+    c = torch.empty(B, I, J, device=u.device, dtype=u.dtype) if return_coupling else parts
+    meta = _common_meta(u.dtype, plan, leaky, temperature)
+    tiles = dict(BB=config.BB, DINP=plan.DINP, IC=plan.IC)
+    bias_arg = bias if bias is not None else parts
+    prior_arg = prior if prior is not None else parts
+    with device_guard(u):
+        for r in range(R):
+            K._fwd_sweep_kernel[(plan.n_btiles, plan.n_isplit)](
+                u, W, prior_arg, bias_arg, parts[(r + 1) % 2], parts[r % 2], s_all, V_all, c,
+                r, B, I, J, D, Din, plan.i_per_split, plan.n_isplit,
+                FIRST=r == 0, HAS_PRIOR=prior is not None, HAS_BIAS=bias is not None,
+                STORE_C=return_coupling and r == R - 1 and (r > 0 or prior is not None),
+                num_warps=config.warps, num_stages=1, **tiles, **meta)
+        uniform_c = return_coupling and R == 1 and prior is None
+        K._fwd_final_kernel[(plan.n_btiles,)](
+            parts[(R - 1) % 2], plan.n_isplit, bias_arg, s_all, v, c, R - 1, B, I, J, D,
+            HAS_BIAS=bias is not None, UNIFORM_C=uniform_c, LEAKY=leaky, ACC=meta["ACC"],
+            TINY=meta["TINY"], BB=config.BB, BLOCK_J=plan.BLOCK_J, BLOCK_D=plan.BLOCK_D,
+            BLOCK_I=16, num_warps=config.warps, enable_fp_fusion=True)
+    return v, s_all, V_all, (c if return_coupling else None)
+
+
+def _backward(u, W, prior, grad_v, s_all, V_all, leaky, detach_inner, temperature, config,
+              need_u, need_w, need_bias, need_prior, bias_dtype):
+    B, I, J, D, Din = _shape(u, W)
+    R = s_all.shape[0]
+    plan = Plan(B, I, J, D, Din, u.dtype, u.device, config)
+    acc = s_all.dtype
+    meta = _common_meta(u.dtype, plan, leaky, temperature)
+    has_prior = prior is not None
+    grad_v = grad_v.contiguous()
+    gs_all = torch.empty(R, B, J, D, device=u.device, dtype=acc)
+    parts = torch.empty(2, plan.n_isplit, B, J, D, device=u.device, dtype=acc)
+    G = torch.empty(2, B, J, D, device=u.device, dtype=acc)
+    prior_arg = prior if has_prior else parts
+    small = dict(ACC=meta["ACC"], TINY=meta["TINY"], BLOCK_J=plan.BLOCK_J, BLOCK_D=plan.BLOCK_D,
+                 enable_fp_fusion=True)
+    du = torch.empty(B, I, Din, device=u.device, dtype=u.dtype) if need_u else None
+    n_w = I * J * D * Din if need_w else 0
+    n_prior = I * J if need_prior else 0
+    n_bias = J * D if need_bias else 0
+    if plan.n_bsplit > 1:
+        split_parts = torch.empty(plan.n_bsplit, n_w + n_prior + n_bias, device=u.device,
+                                  dtype=acc)
+    dW = torch.empty(I, J, D, Din, device=u.device, dtype=W.dtype) if need_w else None
+    d_prior = torch.empty(I, J, device=u.device, dtype=prior.dtype) if need_prior else None
+    d_bias = torch.empty(J, D, device=u.device, dtype=bias_dtype) if need_bias else None
+    with device_guard(u):
+        last_partial = None
+        if not detach_inner:
+            for r in range(R - 1, 0, -1):
+                K._bwd_sweep_kernel[(plan.n_btiles, plan.n_isplit)](
+                    u, W, prior_arg, parts[(r + 1) % 2], parts[r % 2], G[(r + 1) % 2], G[r % 2],
+                    grad_v, s_all[r], V_all[r], gs_all[r],
+                    B, I, J, D, Din, plan.i_per_split, plan.n_isplit,
+                    HAS_PART=r < R - 1, HAS_G_IN=r < R - 2, HAS_GV=r == R - 1,
+                    HAS_PRIOR=has_prior, BB=config.BB, DINP=plan.DINP, IC=plan.IC,
+                    num_warps=config.warps, num_stages=1, **meta)
+                last_partial = r
+        # gs of the first iteration (or of the last alone under detach_inner).
+        first = R - 1 if (detach_inner or R == 1) else 0
+        has_part = last_partial is not None
+        K._bwd_first_kernel[(plan.n_btiles,)](
+            parts[1] if has_part else parts, plan.n_isplit, G[1] if has_part else parts,
+            grad_v, s_all[first], gs_all[first], B, J, D,
+            HAS_PART=has_part, HAS_G_IN=has_part and R > 2, HAS_GV=not has_part,
+            BB=config.BB, num_warps=config.warps, **small)
+        if need_u or need_w or need_prior or need_bias:
+            if plan.n_bsplit > 1:
+                base = split_parts
+                targets = (base, base[:, n_w:], base[:, n_w + n_prior:])
+                stride = split_parts.shape[1]
+            else:
+                targets = (dW, d_prior, d_bias)
+                stride = 0
+            targets = [t if t is not None else gs_all for t in targets]
+            # Two launches: du (with d prior and d bias), then dW; one kernel doing both needs
+            # more than 128 registers per thread.
+            grad_args = (u, W, prior_arg, V_all, gs_all, du if du is not None else gs_all,
+                         *targets, stride, B, I, J, D, Din, R, plan.b_per_split)
+            grad_meta = dict(DETACH=detach_inner, HAS_PRIOR=has_prior, BB=config.grad_BB,
+                             DINP=plan.DINP, num_warps=config.grad_warps, num_stages=1, **meta)
+            if need_u or need_prior or need_bias:
+                K._grad_sweep_kernel[(plan.n_grad_chunks, plan.n_bsplit)](
+                    *grad_args, NEED_DU=need_u, NEED_DW=False, NEED_DPRIOR=need_prior,
+                    NEED_DBIAS=need_bias, **grad_meta)
+            if need_w:
+                K._grad_sweep_kernel[(plan.n_grad_chunks, plan.n_bsplit)](
+                    *grad_args, NEED_DU=False, NEED_DW=True, NEED_DPRIOR=False,
+                    NEED_DBIAS=False, **grad_meta)
+            total = n_w + n_prior + n_bias
+            if plan.n_bsplit > 1 and total > 0:
+                block = 1024
+                K._sum_splits_kernel[(triton.cdiv(total, block),)](
+                    split_parts, plan.n_bsplit, total,
+                    dW if dW is not None else split_parts, n_w,
+                    d_prior if d_prior is not None else split_parts, n_prior,
+                    d_bias if d_bias is not None else split_parts, n_bias,
+                    ACC=meta["ACC"], BLOCK=block, num_warps=4, enable_fp_fusion=True)
+    return du, dW, d_bias, d_prior
+
+
+def routing_forward(u, W, iterations, bias, prior, leaky, temperature, return_coupling):
+    """``(v, s_all, V_all, c or None)``; ``u``, ``W``, ``bias``, ``prior`` contiguous."""
+    options = (bias is not None, prior is not None, leaky, float(temperature), return_coupling)
+
+    def run(config):
+        return _forward(u, W, iterations, bias, prior, leaky, temperature, return_coupling,
+                        config)
+
+    return run(_config_for(u, W, iterations, ("fwd",) + options, run))
+
+
+def routing_backward(u, W, prior, grad_v, s_all, V_all, leaky, detach_inner, temperature,
+                     need_u, need_w, need_bias, need_prior, bias_dtype):
+    """``(du, dW, d_bias, d_prior)``, ``None`` where not needed."""
+    options = (prior is not None, leaky, detach_inner, float(temperature), need_u, need_w,
+               need_bias, need_prior)
+
+    def run(config):
+        return _backward(u, W, prior, grad_v, s_all, V_all, leaky, detach_inner, temperature,
+                         config, need_u, need_w, need_bias, need_prior, bias_dtype)
+
+    return run(_config_for(u, W, s_all.shape[0], ("bwd",) + options, run))
+
+
+class GemmRoutingFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, W, bias, prior, iterations, leaky, detach_inner, return_coupling,
+                temperature):
+        v, s_all, V_all, c = routing_forward(u, W, iterations, bias, prior, leaky, temperature,
+                                             return_coupling)
+        ctx.save_for_backward(u, W, prior, s_all, V_all)
+        ctx.options = (leaky, detach_inner, temperature)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        if c is not None:
+            ctx.mark_non_differentiable(c)
+            return v, c
+        return v
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_v, grad_c=None):
+        u, W, prior, s_all, V_all = ctx.saved_tensors
+        leaky, detach_inner, temperature = ctx.options
+        need = ctx.needs_input_grad
+        du, dW, d_bias, d_prior = routing_backward(
+            u, W, prior, grad_v, s_all, V_all, leaky, detach_inner, temperature, need[0],
+            need[1], ctx.bias_dtype is not None and need[2], prior is not None and need[3],
+            ctx.bias_dtype)
+        return du, dW, d_bias, d_prior, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Registered operators for torch.compile (opaque to Dynamo, with fake implementations).
+# --------------------------------------------------------------------------------------------
+def _empty(ref: torch.Tensor) -> torch.Tensor:
+    return ref.new_empty(0)
+
+
+@torch.library.custom_op("capsnet_ext_triton::gemm_routing_forward", mutates_args=())
+def routing_forward_op(u: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor],
+                       prior: Optional[torch.Tensor], iterations: int, leaky: bool,
+                       detach_inner: bool, return_coupling: bool, temperature: float
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(v, s_all, V_all, c)``; ``c`` is empty unless ``return_coupling``."""
+    v, s_all, V_all, c = routing_forward(u, W, iterations, bias, prior, leaky, temperature,
+                                         return_coupling)
+    return v, s_all, V_all, (c if c is not None else _empty(u))
+
+
+@routing_forward_op.register_fake
+def _(u, W, bias, prior, iterations, leaky, detach_inner, return_coupling, temperature):
+    B, I, J, D, _ = _shape(u, W)
+    acc = acc_dtype(u.dtype)
+    c = u.new_empty(B, I, J) if return_coupling else u.new_empty(0)
+    return (u.new_empty(B, J, D), u.new_empty(iterations, B, J, D, dtype=acc),
+            u.new_empty(iterations, B, J, D, dtype=acc), c)
+
+
+@torch.library.custom_op("capsnet_ext_triton::gemm_routing_backward", mutates_args=())
+def routing_backward_op(grad_v: torch.Tensor, u: torch.Tensor, W: torch.Tensor,
+                        prior: Optional[torch.Tensor], s_all: torch.Tensor, V_all: torch.Tensor,
+                        leaky: bool, detach_inner: bool, temperature: float, need_u: bool,
+                        need_w: bool, need_bias: bool, need_prior: bool
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(du, dW, d_bias, d_prior)``; gradients not asked for are empty. ``d_bias`` is in the
+    accumulation dtype (the caller casts it to the bias dtype)."""
+    du, dW, d_bias, d_prior = routing_backward(
+        u, W, prior, grad_v, s_all, V_all, leaky, detach_inner, temperature, need_u, need_w,
+        need_bias, need_prior, s_all.dtype)
+    return tuple(t if t is not None else _empty(u) for t in (du, dW, d_bias, d_prior))
+
+
+@routing_backward_op.register_fake
+def _(grad_v, u, W, prior, s_all, V_all, leaky, detach_inner, temperature, need_u, need_w,
+      need_bias, need_prior):
+    J, D = W.shape[1], W.shape[2]
+    return (u.new_empty(u.shape) if need_u else u.new_empty(0),
+            W.new_empty(W.shape) if need_w else u.new_empty(0),
+            s_all.new_empty(J, D) if need_bias else u.new_empty(0),
+            prior.new_empty(prior.shape) if need_prior else u.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    u, W, bias, prior, iterations, leaky, detach_inner, return_coupling, temperature = inputs
+    _, s_all, V_all, c = output
+    ctx.save_for_backward(u, W, prior, s_all, V_all)
+    ctx.options = (leaky, detach_inner, temperature)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.mark_non_differentiable(s_all, V_all, c)
+
+
+def _backward_formula(ctx, grad_v, grad_s_all, grad_V_all, grad_c):
+    u, W, prior, s_all, V_all = ctx.saved_tensors
+    leaky, detach_inner, temperature = ctx.options
+    need = ctx.needs_input_grad
+    need_bias = ctx.bias_dtype is not None and need[2]
+    need_prior = prior is not None and need[3]
+    du, dW, d_bias, d_prior = routing_backward_op(
+        grad_v, u, W, prior, s_all, V_all, leaky, detach_inner, temperature, need[0], need[1],
+        need_bias, need_prior)
+    return (du if need[0] else None, dW if need[1] else None,
+            d_bias.to(ctx.bias_dtype) if need_bias else None,
+            d_prior if need_prior else None, None, None, None, None, None)
+
+
+routing_forward_op.register_autograd(_backward_formula, setup_context=_setup_context)
+
+
+def run_capsule_routing(u, W, iterations, bias, leaky, detach_inner, return_coupling,
+                        prior=None, temperature=1.0):
+    """Entry of :func:`capsnet_ext.triton_ops.capsule_routing`: contiguous inputs (re-read in
+    every pass), then the autograd.Function (eager) or the registered operator (compiled)."""
+    u, W = u.contiguous(), W.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    prior = prior.contiguous() if prior is not None else None
+    temperature = float(temperature)
+    if torch.compiler.is_compiling():
+        v, _, _, c = routing_forward_op(u, W, bias, prior, iterations, leaky, detach_inner,
+                                        return_coupling, temperature)
+        return (v, c) if return_coupling else v
+    return GemmRoutingFunction.apply(u, W, bias, prior, iterations, leaky, detach_inner,
+                                     return_coupling, temperature)
