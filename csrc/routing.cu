@@ -49,10 +49,10 @@ struct Config {
 
 // Padding (elements) after each staged W row of the specialised kernels: 16 bytes, so the rows
 // of lanes j, j+1, ... start in different bank quads and 128-bit reads are conflict free.
-template <typename acc> constexpr int row_pad() { return 16 / static_cast<int>(sizeof(acc)); }
+template <typename acc> __host__ __device__ constexpr int row_pad() { return 16 / static_cast<int>(sizeof(acc)); }
 
 // Per-lane state records of the generic kernel: uh, V, gs, sum, gu (D each), z, c, gl, gp.
-constexpr int generic_record(int D) { return 5 * D + 4; }
+__host__ __device__ constexpr int generic_record(int D) { return 5 * D + 4; }
 
 template <typename scalar_t>
 struct RoutingArgs {
