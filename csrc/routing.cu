@@ -329,9 +329,9 @@ __device__ bool arrive(const ReductionTree& tree, acc* ws, unsigned* counters, u
     const int64_t parent = node / kTreeFanIn;
     const int64_t begin = parent * kTreeFanIn;
     const int64_t children = min(static_cast<int64_t>(kTreeFanIn), tree.nodes[l - 1] - begin);
-    __syncthreads();  // the block's writes of its node are done
+    __threadfence();  // this thread's writes of the node are visible device-wide ...
+    __syncthreads();  // ... for every thread of the block, before the ticket is taken
     if (threadIdx.x == 0) {
-      __threadfence();  // ... and visible to the block that will sum them
       unsigned* counter = counters + tree.counter_offset[l] + key * tree.nodes[l] + parent;
       const unsigned arrived = atomicAdd(counter, 1u);
       const bool last = arrived == static_cast<unsigned>(children - 1);

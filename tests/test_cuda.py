@@ -44,7 +44,8 @@ EXTRAS = [dict(prior=False, temperature=1.0), dict(prior=True, temperature=0.7)]
 
 
 def _option_id(o):
-    return "-".join(k if v is True else f"{k}{v}" for k, v in o.items() if v and not (k == "temperature" and v == 1.0)) or "plain"
+    shown = [k if v is True else f"{k}{v}" for k, v in o.items() if v and not (k == "temperature" and v == 1.0)]
+    return "-".join(shown) or "plain"
 
 
 def _max_err(x, y):
@@ -698,6 +699,27 @@ def test_results_are_bitwise_independent_of_block_order(emulation_runs):
             assert torch.equal(x, reference_out[name]), f"{order} case {index} {name} differs"
         compared += 1
     assert compared >= 2 * (len(EMULATION_CASES) // 3)
+
+
+@pytest.mark.parametrize("inject,expected", [("pending", "earlier work (error pending before routing_forward)"),
+                                             ("grid", "routing_forward_sweep_kernel")])
+def test_launch_errors_name_the_kernel_and_stay_pending(emulated_kernels, tmp_path, inject, expected):
+    """An error pending before the launcher is reported as earlier work's, a failed launch by
+    the kernel's name; neither is cleared (cudaPeekAtLastError), so torch still sees it."""
+    case = _case((3, 2, 10, 16, 8), 3, True)
+    arrays, meta = _case_inputs(case, 0)
+    _write_problem(tmp_path, arrays, dict(meta, inject=inject), torch.float64)
+    _run_driver(emulated_kernels[torch.float64], [tmp_path])
+    code, kernel, still_pending = (tmp_path / "error.txt").read_text().splitlines()
+    assert int(code) != 0 and kernel == expected and still_pending == "1"
+
+
+def test_prior_and_temperature_are_supported():
+    from capsnet_ext import cuda_ops
+
+    for op in ("dynamic_routing", "capsule_routing"):
+        assert cuda_ops.unsupported_reason(op, dtype=torch.float32, iterations=3, bias=True, leaky=True,
+                                           prior=True, temperature=0.5) is None
 
 
 def test_predict_kernels_in_host_emulation(emulated_kernels, tmp_path):

@@ -77,7 +77,7 @@ void run() {
   options.detach_inner = num("detach_inner") != 0;
   options.inv_temperature = 1.0 / std::stod(meta.at("temperature"));
   const capsnet::RoutingShape shape{B, I, J, D, fused ? K : 1, R};
-  const capsnet::RoutingPlan plan = capsnet::plan_routing(shape, fused, has_prior, sizeof(Acc));
+  capsnet::RoutingPlan plan = capsnet::plan_routing(shape, fused, has_prior, sizeof(Acc));
   std::vector<T> u, W, u_hat, bias, prior;
   if (fused) {
     u = read<T>("u.bin", B * I * K), W = read<T>("W.bin", I * J * D * K);
@@ -91,6 +91,21 @@ void run() {
   auto s_all = poisoned<Acc>(R * B * J * D), V_all = poisoned<Acc>(R * B * J * D);
   auto ws = poisoned<Acc>(plan.workspace_elems);
   std::vector<unsigned> counters(plan.counter_elems, 0xdeadbeefu);  // the launchers zero them
+  if (meta.count("inject")) {
+    // Error reporting: "pending" leaves an error from earlier work pending before the call,
+    // "grid" breaks the plan so that the first sweep's launch fails. Writes the Status's
+    // kernel name and whether an error is still pending afterwards (it must not be cleared).
+    if (meta.at("inject") == "pending") capsnet_emu::last_error() = cudaErrorInvalidValue;
+    else plan.num_chunks = 0;
+    const capsnet::Status st = capsnet::routing_forward(
+        dtype, shape, plan, options, fused ? nullptr : u_hat.data(), fused ? u.data() : nullptr,
+        fused ? W.data() : nullptr, nullptr, nullptr, v.data(), nullptr, s_all.data(), V_all.data(), ws.data(),
+        counters.data(), nullptr);
+    std::ofstream(dir + "/error.txt") << st.cuda_error << "\n" << st.kernel << "\n"
+                                      << (cudaPeekAtLastError() != cudaSuccess) << "\n";
+    capsnet_emu::last_error() = cudaSuccess;
+    return;
+  }
   long launches = capsnet_emu::launch_count();
   check(capsnet::routing_forward(dtype, shape, plan, options, fused ? nullptr : u_hat.data(),
                                  fused ? u.data() : nullptr, fused ? W.data() : nullptr,
