@@ -89,16 +89,16 @@ B, I, J, D, K, R = 5, 37, 10, 16, 8, 3
 meta = dict(device="meta", requires_grad=True)
 for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
     u, W = torch.empty(B, I, K, dtype=dtype, **meta), torch.empty(I, J, D, K, dtype=dtype, **meta)
-    bias = torch.empty(J, D, dtype=dtype, **meta)
-    v, c, s_all, V_all = ops.capsule_routing_forward(u, W, bias, R, True, False, True)
+    bias, prior = torch.empty(J, D, dtype=dtype, **meta), torch.empty(I, J, dtype=dtype, **meta)
+    v, c, s_all, V_all = ops.capsule_routing_forward(u, W, bias, prior, R, True, False, True, 0.5)
     assert v.shape == (B, J, D) and c.shape == (B, I, J) and s_all.shape == (R, B, J, D), (v.shape, c.shape)
     assert not c.requires_grad and not s_all.requires_grad and v.dtype == dtype
     assert s_all.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    du, dW, db = torch.autograd.grad(v.sum(), [u, W, bias])
-    assert du.shape == u.shape and dW.shape == W.shape and db.shape == bias.shape
+    du, dW, db, dp = torch.autograd.grad(v.sum(), [u, W, bias, prior])
+    assert du.shape == u.shape and dW.shape == W.shape and db.shape == bias.shape and dp.shape == prior.shape
     u_hat = ops.predict(u, W)
     assert u_hat.shape == (B, I, J, D)
-    v2, c2, _, _ = ops.routing_forward(u_hat, None, R, False, True, False)
+    v2, c2, _, _ = ops.routing_forward(u_hat, None, None, R, False, True, False, 1.0)
     assert c2.shape == (0,)
     gu, gW = torch.autograd.grad(v2.sum(), [u, W])
     assert gu.shape == u.shape and gW.shape == W.shape

@@ -13,6 +13,8 @@
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <string>
 #include <tuple>
 
 #include "capsnet_kernels.h"
@@ -78,30 +80,41 @@ void* stream_of(const Tensor& t) {
   return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(t.device()).native_handle();
 }
 
-// The routing kernels keep W[i] (fused form) and per-warp scratch of J * Dout numbers in shared
-// memory; refuse sizes beyond the device's limit with the numbers, before launching anything.
-void check_shared_memory(const Tensor& ref, int64_t J, int64_t D, int64_t K, bool recompute) {
+void check_temperature(double temperature) {
+  TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature),
+              "capsnet_ext: temperature must be a positive finite number, got ", temperature);
+}
+
+// The split plan of a routing problem (a function of the shape only, so results are the same
+// on every GPU). The kernels keep the W slices of a chunk (fused form) and, in the generic
+// kernel, per-lane state in shared memory; sizes beyond the device's limit are refused with the
+// numbers before anything launches.
+RoutingPlan plan_for(const Tensor& ref, const RoutingShape& shape, bool recompute, bool prior) {
   const DType dtype = dtype_of(ref, "input");
+  TORCH_CHECK(shape.J * shape.D <= (1 << 20) && shape.K <= (1 << 20) && shape.J * shape.D * shape.K <= (1 << 24),
+              "capsnet_ext: J * Dout = ", shape.J * shape.D, " and Din = ", shape.K, " must be at most 2^20 (and J * Dout * Din at most 2^24)");
+  TORCH_CHECK(shape.I < (int64_t{1} << 40), "capsnet_ext: at most 2^40 input capsules are supported, got ", shape.I);
+  const RoutingPlan plan = plan_routing(shape, recompute, prior, dtype == DType::kFloat64 ? 8 : 4);
+  TORCH_CHECK(plan.sample_tiles < (int64_t{1} << 31) && plan.num_chunks <= 65535,
+              "capsnet_ext: the routing grid (", plan.sample_tiles, " sample tiles x ", plan.num_chunks,
+              " capsule chunks) exceeds the CUDA grid limits");
   const int64_t limit = device_smem_optin(ref.device().index());
   TORCH_CHECK(limit > 0, "capsnet_ext: could not query the shared memory limit of ", ref.device());
-  TORCH_CHECK(J * D <= (1 << 20) && K <= (1 << 20), "capsnet_ext: J * Dout = ", J * D, " and Din = ", K,
-              " must be at most 2^20");
-  const int64_t need = std::max(sweep_smem_bytes(dtype, J, D, K, recompute), grad_smem_bytes(dtype, J, D, K, recompute));
-  TORCH_CHECK(need <= limit, "capsnet_ext: J = ", J, ", Dout = ", D, (recompute ? ", Din = " : ""),
-              (recompute ? std::to_string(K) : std::string()), " needs ", need,
+  const int64_t need = routing_smem_bytes(dtype, shape, plan, recompute);
+  TORCH_CHECK(need <= limit, "capsnet_ext: J = ", shape.J, ", Dout = ", shape.D, (recompute ? ", Din = " : ""),
+              (recompute ? std::to_string(shape.K) : std::string()), " needs ", need,
               " bytes of shared memory per block, more than the ", limit, " bytes ", ref.device(),
               " allows; use backend='triton' or 'reference' for capsules this large");
+  return plan;
 }
 
-// Grid limits: the gradient kernel has one block per input capsule.
-void check_grid(int64_t I) {
-  TORCH_CHECK(I < (int64_t{1} << 31), "capsnet_ext: at most 2^31 - 1 input capsules are supported, got ", I);
-}
-
-SweepPlan plan_for(const Tensor& ref, int64_t B, int64_t I, int64_t J, int64_t D) {
-  const int sms = device_sm_count(ref.device().index());
-  TORCH_CHECK(sms > 0, "capsnet_ext: could not query the multiprocessor count of ", ref.device());
-  return plan_sweep(B, I, J, D, sms);
+Tensor check_prior(const c10::optional<Tensor>& prior_in, const Tensor& ref, const char* ref_name, int64_t I,
+                   int64_t J) {
+  if (!prior_in.has_value() || !prior_in->defined()) return Tensor();
+  check_tensor(*prior_in, "prior", 2, "[I, J]");
+  check_like(ref, ref_name, *prior_in, "prior");
+  check_shape(*prior_in, "prior", {I, J}, "[I, J]");
+  return prior_in->contiguous();
 }
 
 // ---- predict ----------------------------------------------------------------------------
@@ -139,20 +152,22 @@ std::tuple<Tensor, Tensor> predict_backward_op(const Tensor& grad_in, const Tens
 // Given form: u_hat defined, u/W undefined. Fused form: the other way round.
 std::tuple<Tensor, Tensor, Tensor, Tensor> routing_forward_common(const Tensor& u_hat, const Tensor& u,
                                                                   const Tensor& W, const Tensor& ref,
+                                                                  const char* ref_name,
                                                                   const c10::optional<Tensor>& bias_in,
+                                                                  const c10::optional<Tensor>& prior_in,
                                                                   const RoutingShape& shape, bool leaky,
-                                                                  bool return_coupling) {
+                                                                  bool return_coupling, double temperature) {
   Tensor bias;
   if (bias_in.has_value() && bias_in->defined()) {
     check_tensor(*bias_in, "bias", 2, "[J, Dout]");
-    check_like(ref, u.defined() ? "u" : "u_hat", *bias_in, "bias");
+    check_like(ref, ref_name, *bias_in, "bias");
     check_shape(*bias_in, "bias", {shape.J, shape.D}, "[J, Dout]");
     bias = bias_in->contiguous();
   }
+  const Tensor prior = check_prior(prior_in, ref, ref_name, shape.I, shape.J);
+  check_temperature(temperature);
   const bool recompute = !u_hat.defined();
-  check_shared_memory(ref, shape.J, shape.D, shape.K, recompute);
-  check_grid(shape.I);
-  const SweepPlan plan = plan_for(ref, shape.B, shape.I, shape.J, shape.D);
+  const RoutingPlan plan = plan_for(ref, shape, recompute, prior.defined());
   const auto acc_opts = ref.options().dtype(acc_type(ref));
   const int64_t R = shape.iterations;
   Tensor v = at::empty({shape.B, shape.J, shape.D}, ref.options());
@@ -160,11 +175,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> routing_forward_common(const Tensor& 
   Tensor s_all = at::empty({R, shape.B, shape.J, shape.D}, acc_opts);
   Tensor V_all = at::empty({R, shape.B, shape.J, shape.D}, acc_opts);
   Tensor workspace = at::empty({plan.workspace_elems}, acc_opts);
-  const Status st = routing_forward(dtype_of(ref, "input"), shape, plan, recompute ? nullptr : u_hat.data_ptr(),
-                                    recompute ? u.data_ptr() : nullptr, recompute ? W.data_ptr() : nullptr,
-                                    bias.defined() ? bias.data_ptr() : nullptr, leaky, v.data_ptr(),
+  Tensor counters = at::empty({plan.counter_elems}, ref.options().dtype(at::kInt));
+  RoutingOptions options;
+  options.leaky = leaky;
+  options.inv_temperature = 1.0 / temperature;
+  const Status st = routing_forward(dtype_of(ref, "input"), shape, plan, options,
+                                    recompute ? nullptr : u_hat.data_ptr(), recompute ? u.data_ptr() : nullptr,
+                                    recompute ? W.data_ptr() : nullptr, bias.defined() ? bias.data_ptr() : nullptr,
+                                    prior.defined() ? prior.data_ptr() : nullptr, v.data_ptr(),
                                     return_coupling ? c.data_ptr() : nullptr, s_all.data_ptr(), V_all.data_ptr(),
-                                    workspace.data_ptr(), stream_of(ref));
+                                    workspace.data_ptr(), static_cast<unsigned*>(counters.data_ptr()), stream_of(ref));
   CAPSNET_CHECK_STATUS(st);
   return {v, c, s_all, V_all};
 }
@@ -183,86 +203,99 @@ void check_saved(const Tensor& ref, const Tensor& grad_v, const Tensor& s_all, c
   }
 }
 
+// Shared by both backward forms: allocates gradients and scratch and runs the backward.
+// Returns (grad_u_hat or du, dW or undefined, grad_bias ([0] without bias), grad_prior ([0] without prior)).
+std::tuple<Tensor, Tensor, Tensor, Tensor> routing_backward_common(
+    const Tensor& grad_v_in, const Tensor& u_hat_in, const Tensor& u_in, const Tensor& W_in, const Tensor& ref,
+    const char* ref_name, const c10::optional<Tensor>& prior_in, const Tensor& s_all_in, const Tensor& V_all_in,
+    const RoutingShape& shape, bool leaky, bool detach_inner, bool has_bias, double temperature) {
+  check_saved(ref, grad_v_in, s_all_in, V_all_in, shape);
+  const Tensor prior = check_prior(prior_in, ref, ref_name, shape.I, shape.J);
+  check_temperature(temperature);
+  const bool recompute = !u_hat_in.defined();
+  const RoutingPlan plan = plan_for(ref, shape, recompute, prior.defined());
+  const c10::DeviceGuard guard(ref.device());
+  const Tensor grad_v = grad_v_in.contiguous(), s_all = s_all_in.contiguous(), V_all = V_all_in.contiguous();
+  const Tensor u_hat = recompute ? Tensor() : u_hat_in.contiguous();
+  const Tensor u = recompute ? u_in.contiguous() : Tensor(), W = recompute ? W_in.contiguous() : Tensor();
+  const auto acc_opts = ref.options().dtype(acc_type(ref));
+  Tensor first = recompute ? at::empty(u.sizes(), u.options()) : at::empty(u_hat.sizes(), u_hat.options());
+  Tensor dW = recompute ? at::empty(W.sizes(), W.options()) : Tensor();
+  Tensor grad_bias = has_bias ? at::empty({shape.J, shape.D}, ref.options()) : at::empty({0}, ref.options());
+  Tensor grad_prior = prior.defined() ? at::empty({shape.I, shape.J}, ref.options()) : at::empty({0}, ref.options());
+  Tensor gs_all = at::empty({shape.iterations, shape.B, shape.J, shape.D}, acc_opts);
+  Tensor G = at::empty({shape.B, shape.J, shape.D}, acc_opts);
+  Tensor workspace = at::empty({plan.workspace_elems}, acc_opts);
+  Tensor counters = at::empty({plan.counter_elems}, ref.options().dtype(at::kInt));
+  RoutingOptions options;
+  options.leaky = leaky;
+  options.detach_inner = detach_inner;
+  options.inv_temperature = 1.0 / temperature;
+  const Status st = routing_backward(
+      dtype_of(ref, "input"), shape, plan, options, grad_v.data_ptr(), recompute ? nullptr : u_hat.data_ptr(),
+      recompute ? u.data_ptr() : nullptr, recompute ? W.data_ptr() : nullptr,
+      prior.defined() ? prior.data_ptr() : nullptr, s_all.data_ptr(), V_all.data_ptr(),
+      recompute ? nullptr : first.data_ptr(), recompute ? first.data_ptr() : nullptr,
+      recompute ? dW.data_ptr() : nullptr, has_bias ? grad_bias.data_ptr() : nullptr,
+      prior.defined() ? grad_prior.data_ptr() : nullptr, gs_all.data_ptr(), G.data_ptr(), workspace.data_ptr(),
+      static_cast<unsigned*>(counters.data_ptr()), stream_of(ref));
+  CAPSNET_CHECK_STATUS(st);
+  return {first, dW, grad_bias, grad_prior};
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> routing_forward_op(const Tensor& u_hat_in,
-                                                              const c10::optional<Tensor>& bias, int64_t iterations,
-                                                              bool leaky, bool detach_inner, bool return_coupling) {
+                                                              const c10::optional<Tensor>& bias,
+                                                              const c10::optional<Tensor>& prior, int64_t iterations,
+                                                              bool leaky, bool detach_inner, bool return_coupling,
+                                                              double temperature) {
   (void)detach_inner;  // changes only the backward
   check_tensor(u_hat_in, "u_hat", 4, "[B, I, J, Dout]");
   check_iterations(iterations);
   const c10::DeviceGuard guard(u_hat_in.device());
   const Tensor u_hat = u_hat_in.contiguous();
   const RoutingShape shape{u_hat.size(0), u_hat.size(1), u_hat.size(2), u_hat.size(3), 1, static_cast<int>(iterations)};
-  return routing_forward_common(u_hat, Tensor(), Tensor(), u_hat, bias, shape, leaky, return_coupling);
+  return routing_forward_common(u_hat, Tensor(), Tensor(), u_hat, "u_hat", bias, prior, shape, leaky,
+                                return_coupling, temperature);
 }
 
-std::tuple<Tensor, Tensor> routing_backward_op(const Tensor& grad_v_in, const Tensor& u_hat_in, const Tensor& s_all_in,
-                                               const Tensor& V_all_in, int64_t iterations, bool leaky,
-                                               bool detach_inner) {
-  check_tensor(u_hat_in, "u_hat", 4, "[B, I, J, Dout]");
+std::tuple<Tensor, Tensor, Tensor> routing_backward_op(const Tensor& grad_v, const Tensor& u_hat,
+                                                       const c10::optional<Tensor>& prior, const Tensor& s_all,
+                                                       const Tensor& V_all, int64_t iterations, bool leaky,
+                                                       bool detach_inner, bool has_bias, double temperature) {
+  check_tensor(u_hat, "u_hat", 4, "[B, I, J, Dout]");
   check_iterations(iterations);
-  const RoutingShape shape{u_hat_in.size(0), u_hat_in.size(1), u_hat_in.size(2), u_hat_in.size(3), 1,
+  const RoutingShape shape{u_hat.size(0), u_hat.size(1), u_hat.size(2), u_hat.size(3), 1,
                            static_cast<int>(iterations)};
-  check_saved(u_hat_in, grad_v_in, s_all_in, V_all_in, shape);
-  check_shared_memory(u_hat_in, shape.J, shape.D, shape.K, false);
-  check_grid(shape.I);
-  const c10::DeviceGuard guard(u_hat_in.device());
-  const Tensor u_hat = u_hat_in.contiguous(), grad_v = grad_v_in.contiguous();
-  const Tensor s_all = s_all_in.contiguous(), V_all = V_all_in.contiguous();
-  const SweepPlan plan = plan_for(u_hat, shape.B, shape.I, shape.J, shape.D);
-  const auto acc_opts = u_hat.options().dtype(acc_type(u_hat));
-  Tensor grad_u_hat = at::empty(u_hat.sizes(), u_hat.options());
-  Tensor grad_bias = at::empty({shape.J, shape.D}, u_hat.options());
-  Tensor gs_all = at::empty({iterations, shape.B, shape.J, shape.D}, acc_opts);
-  Tensor G = at::empty({shape.B, shape.J, shape.D}, acc_opts);
-  Tensor workspace = at::empty({plan.workspace_elems}, acc_opts);
-  const Status st = routing_backward(dtype_of(u_hat, "u_hat"), shape, plan, grad_v.data_ptr(), u_hat.data_ptr(),
-                                     nullptr, nullptr, s_all.data_ptr(), V_all.data_ptr(), leaky, detach_inner,
-                                     grad_u_hat.data_ptr(), nullptr, nullptr, grad_bias.data_ptr(),
-                                     gs_all.data_ptr(), G.data_ptr(), workspace.data_ptr(), stream_of(u_hat));
-  CAPSNET_CHECK_STATUS(st);
-  return {grad_u_hat, grad_bias};
+  auto [grad_u_hat, unused, grad_bias, grad_prior] = routing_backward_common(
+      grad_v, u_hat, Tensor(), Tensor(), u_hat, "u_hat", prior, s_all, V_all, shape, leaky, detach_inner, has_bias,
+      temperature);
+  (void)unused;
+  return {grad_u_hat, grad_bias, grad_prior};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> capsule_routing_forward_op(const Tensor& u_in, const Tensor& W_in,
                                                                       const c10::optional<Tensor>& bias,
+                                                                      const c10::optional<Tensor>& prior,
                                                                       int64_t iterations, bool leaky,
-                                                                      bool detach_inner, bool return_coupling) {
+                                                                      bool detach_inner, bool return_coupling,
+                                                                      double temperature) {
   (void)detach_inner;  // changes only the backward
   check_u_W(u_in, W_in);
   check_iterations(iterations);
   const c10::DeviceGuard guard(u_in.device());
   const Tensor u = u_in.contiguous(), W = W_in.contiguous();
   const RoutingShape shape{u.size(0), u.size(1), W.size(1), W.size(2), u.size(2), static_cast<int>(iterations)};
-  return routing_forward_common(Tensor(), u, W, u, bias, shape, leaky, return_coupling);
+  return routing_forward_common(Tensor(), u, W, u, "u", bias, prior, shape, leaky, return_coupling, temperature);
 }
 
-std::tuple<Tensor, Tensor, Tensor> capsule_routing_backward_op(const Tensor& grad_v_in, const Tensor& u_in,
-                                                               const Tensor& W_in, const Tensor& s_all_in,
-                                                               const Tensor& V_all_in, int64_t iterations,
-                                                               bool leaky, bool detach_inner) {
-  check_u_W(u_in, W_in);
+std::tuple<Tensor, Tensor, Tensor, Tensor> capsule_routing_backward_op(
+    const Tensor& grad_v, const Tensor& u, const Tensor& W, const c10::optional<Tensor>& prior, const Tensor& s_all,
+    const Tensor& V_all, int64_t iterations, bool leaky, bool detach_inner, bool has_bias, double temperature) {
+  check_u_W(u, W);
   check_iterations(iterations);
-  const RoutingShape shape{u_in.size(0), u_in.size(1), W_in.size(1), W_in.size(2), u_in.size(2),
-                           static_cast<int>(iterations)};
-  check_saved(u_in, grad_v_in, s_all_in, V_all_in, shape);
-  check_shared_memory(u_in, shape.J, shape.D, shape.K, true);
-  check_grid(shape.I);
-  const c10::DeviceGuard guard(u_in.device());
-  const Tensor u = u_in.contiguous(), W = W_in.contiguous(), grad_v = grad_v_in.contiguous();
-  const Tensor s_all = s_all_in.contiguous(), V_all = V_all_in.contiguous();
-  const SweepPlan plan = plan_for(u, shape.B, shape.I, shape.J, shape.D);
-  const auto acc_opts = u.options().dtype(acc_type(u));
-  Tensor du = at::empty(u.sizes(), u.options()), dW = at::empty(W.sizes(), W.options());
-  Tensor grad_bias = at::empty({shape.J, shape.D}, u.options());
-  Tensor gs_all = at::empty({iterations, shape.B, shape.J, shape.D}, acc_opts);
-  Tensor G = at::empty({shape.B, shape.J, shape.D}, acc_opts);
-  Tensor workspace = at::empty({plan.workspace_elems}, acc_opts);
-  const Status st = routing_backward(dtype_of(u, "u"), shape, plan, grad_v.data_ptr(), nullptr, u.data_ptr(),
-                                     W.data_ptr(), s_all.data_ptr(), V_all.data_ptr(), leaky, detach_inner, nullptr,
-                                     du.data_ptr(), dW.data_ptr(), grad_bias.data_ptr(), gs_all.data_ptr(),
-                                     G.data_ptr(), workspace.data_ptr(), stream_of(u));
-  CAPSNET_CHECK_STATUS(st);
-  return {du, dW, grad_bias};
+  const RoutingShape shape{u.size(0), u.size(1), W.size(1), W.size(2), u.size(2), static_cast<int>(iterations)};
+  return routing_backward_common(grad_v, Tensor(), u, W, u, "u", prior, s_all, V_all, shape, leaky, detach_inner,
+                                 has_bias, temperature);
 }
 
 }  // namespace
@@ -271,10 +304,10 @@ std::tuple<Tensor, Tensor, Tensor> capsule_routing_backward_op(const Tensor& gra
 TORCH_LIBRARY(capsnet_ext, m) {
   m.def("predict(Tensor u, Tensor W) -> Tensor");
   m.def("predict_backward(Tensor grad_u_hat, Tensor u, Tensor W) -> (Tensor, Tensor)");
-  m.def("routing_forward(Tensor u_hat, Tensor? bias, int iterations, bool leaky, bool detach_inner, bool return_coupling) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("routing_backward(Tensor grad_v, Tensor u_hat, Tensor s_all, Tensor V_all, int iterations, bool leaky, bool detach_inner) -> (Tensor, Tensor)");
-  m.def("capsule_routing_forward(Tensor u, Tensor W, Tensor? bias, int iterations, bool leaky, bool detach_inner, bool return_coupling) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("capsule_routing_backward(Tensor grad_v, Tensor u, Tensor W, Tensor s_all, Tensor V_all, int iterations, bool leaky, bool detach_inner) -> (Tensor, Tensor, Tensor)");
+  m.def("routing_forward(Tensor u_hat, Tensor? bias, Tensor? prior, int iterations, bool leaky, bool detach_inner, bool return_coupling, float temperature) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("routing_backward(Tensor grad_v, Tensor u_hat, Tensor? prior, Tensor s_all, Tensor V_all, int iterations, bool leaky, bool detach_inner, bool has_bias, float temperature) -> (Tensor, Tensor, Tensor)");
+  m.def("capsule_routing_forward(Tensor u, Tensor W, Tensor? bias, Tensor? prior, int iterations, bool leaky, bool detach_inner, bool return_coupling, float temperature) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("capsule_routing_backward(Tensor grad_v, Tensor u, Tensor W, Tensor? prior, Tensor s_all, Tensor V_all, int iterations, bool leaky, bool detach_inner, bool has_bias, float temperature) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(capsnet_ext, CUDA, m) {

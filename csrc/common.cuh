@@ -70,6 +70,20 @@ template <typename acc> __device__ __forceinline__ acc warp_max(acc x) {
   return x;
 }
 
+// Sums and maxima over aligned groups of kWidth lanes (a power of two <= 32). Every lane of
+// the warp takes part (the butterfly never crosses a group), so the full mask is right.
+template <int kWidth, typename acc> __device__ __forceinline__ acc group_sum(acc x) {
+#pragma unroll
+  for (int offset = kWidth / 2; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset, kWidth);
+  return x;
+}
+template <int kWidth, typename acc> __device__ __forceinline__ acc group_max(acc x) {
+#pragma unroll
+  for (int offset = kWidth / 2; offset > 0; offset >>= 1)
+    x = max_acc(x, __shfl_xor_sync(0xffffffffu, x, offset, kWidth));
+  return x;
+}
+
 // Grid size for a grid-stride loop over n elements with `threads` threads per block.
 inline unsigned grid_for(int64_t n, int threads) {
   int64_t blocks = (n + threads - 1) / threads;
@@ -86,10 +100,20 @@ inline unsigned grid_for(int64_t n, int threads) {
 #define CAPSNET_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
 
-// Every launch is followed by this: a failed launch is reported with the kernel's name.
+// Launch-error checks that never clear an error and never blame a kernel for an error that
+// was there before it: CAPSNET_CHECK_PENDING(where) at the start of a launcher reports a
+// pending error as earlier work's (it stays pending for the caller); CAPSNET_CHECK_LAUNCH(name)
+// after each launch reports the kernel by name. Both use cudaPeekAtLastError, which leaves
+// the error in place for torch's own checks.
+#define CAPSNET_CHECK_PENDING(where)                                                      \
+  do {                                                                                    \
+    cudaError_t err_ = cudaPeekAtLastError();                                             \
+    if (err_ != cudaSuccess) return Status{static_cast<int>(err_), "earlier work (error pending before " where ")"}; \
+  } while (0)
+
 #define CAPSNET_CHECK_LAUNCH(name)                                              \
   do {                                                                          \
-    cudaError_t err_ = cudaGetLastError();                                      \
+    cudaError_t err_ = cudaPeekAtLastError();                                   \
     if (err_ != cudaSuccess) return Status{static_cast<int>(err_), name};       \
   } while (0)
 
@@ -109,8 +133,15 @@ template <typename F> Status dispatch_dtype(DType dtype, F&& f) {
     case DType::kFloat16:
     case DType::kBFloat16: break;
 #endif
+// A host emulation build may hold one dtype's instances only (CAPSNET_EMULATION_DTYPE = 32 or
+// 64), so that the two builds compile in parallel.
+#if !defined(CAPSNET_EMULATION_DTYPE) || CAPSNET_EMULATION_DTYPE == 32
     case DType::kFloat32: return f(static_cast<float*>(nullptr));
+#endif
+#if !defined(CAPSNET_EMULATION_DTYPE) || CAPSNET_EMULATION_DTYPE == 64
     case DType::kFloat64: return f(static_cast<double*>(nullptr));
+#endif
+    default: break;
   }
   return Status{static_cast<int>(cudaErrorInvalidValue), "dtype dispatch"};
 }

@@ -1,396 +1,725 @@
 // Dynamic routing by agreement, forward and backward, on a given u_hat (dynamic_routing) or
 // on u and W with u_hat recomputed in every sweep and never stored (capsule_routing).
 //
-// The algorithm (see docs/cuda-backend.md and the fused-routing design note): iteration r
+// The algorithm (docs/cuda-backend.md, and the design note on fused routing): iteration r
 // needs only V^r = v^0 + ... + v^(r-1) (J*D numbers per sample), since the logits after r
-// agreement updates are <u_hat_ij, V^r_j>. Each iteration is therefore one sweep over the
-// input capsules i that reduces s^r_j = sum_i c^r_ij u_hat_ij, followed by a small kernel
-// that sums the per-chunk partials, adds the bias and squashes.
+// agreement updates are prior_ij + <u_hat_ij, V^r_j>. Each iteration is one sweep over the
+// input capsules that reduces s^r_j = sum_i c^r_ij u_hat_ij; the backward runs reverse sweeps
+// that reduce dL/dV^r = sum_i gl^r_ij u_hat_ij, then one gradient sweep.
 //
-// Kernels (B samples, I input capsules, J outputs of D dims, K = Din, R iterations):
-//   routing_sweep_kernel    grid (ceil(B / 8) sample tiles, num_chunks input-capsule chunks),
-//                           8 warps; warp w owns sample 8 * blockIdx.x + w. For each input
-//                           capsule of the chunk the block stages W[i] in shared memory
-//                           (reused by the 8 samples), each warp recomputes u_hat[b, i] into
-//                           its shared scratch, forms the logits (lanes over j, serial over
-//                           d), the softmax over j (warp shuffles), and accumulates its
-//                           sample's partial sum in shared memory. The reverse mode of the
-//                           same kernel accumulates sum_i gl_ij u_hat_ij for the backward.
-//   routing_squash_kernel   one thread per (b, j): sums the chunk partials in a fixed order
-//                           (deterministic, no atomics), adds the bias, squashes.
-//   squash_backward_kernel  one thread per (b, j).
-//   add_partials_kernel     one thread per (b, j, d): G += sum over chunks.
-//   routing_grad_kernel     grid (I, sample groups), 4 warps: the final gradient sweep over
-//                           all iterations at once. In the fused form a block owns one input
-//                           capsule for the whole batch, so dW[i] is summed over samples in
-//                           shared memory and written once: no atomics.
-//   bias_grad_kernel        one thread per (j, d).
+// Tiling (RoutingPlan in capsnet_kernels.h, a function of the shape only): a grid of
+// (sample tiles of up to 32 samples) x (chunks of input capsules), 256 threads per block in
+// groups of G lanes (G = 16 for J <= 16, else 32), lane j of a group owning output capsule j.
+// A block stages the W slices of its chunk in shared memory once (128-bit loads) and every
+// group walks its samples of the tile through them one after another, keeping u_hat_ij, V_j
+// (and gs_j) and the partial sum of its sample in registers; the softmax over j is a shuffle
+// butterfly inside the group. Partial sums of the chunks are reduced by a tree of fixed shape
+// whose nodes are summed, children in index order, by the last block to arrive (atomic
+// ticket); the root block adds the bias and squashes (forward) or accumulates dL/dV and runs
+// the squash backward of the previous iteration (reverse). So results do not depend on block
+// timing or on the device.
+//
+// Kernels:
+//   routing_forward_sweep_kernel   one per iteration: partial s, tree, bias + squash, V^(r+1)
+//   routing_reverse_sweep_kernel   r = R-1 .. 1: partial dL/dV^r, tree, G += .., gs^(r-1)
+//   routing_grad_kernel            all iterations at once: grad_u_hat, or du and the tile's
+//                                  dW (summed over its samples in registers); dprior; the
+//                                  tiles' dW / dprior combined by a tree in tile order
+//   routing_bias_grad_kernel       dbias = sum over r and b of gs^r (only with a bias)
+// Each comes as compile-time instances for Din in {4, 8, 16}, Dout in {8, 16, 32}, J <= 32
+// (G = 16 or 32) and as a generic instance with runtime sizes whose per-lane state lives in
+// shared memory and whose lanes loop over J in steps of 32.
 #include "common.cuh"
 
 namespace capsnet {
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr int kSweepThreads = kSweepWarps * kWarpSize;
-constexpr int kGradWarps = 4;
-constexpr int kGradThreads = kGradWarps * kWarpSize;
-constexpr int kElemThreads = 256;
-constexpr int64_t kDefaultSmemLimit = 48 * 1024;
+constexpr int kThreads = kRoutingThreads;
+constexpr int kTicketBytes = 16;   // the block's reduction ticket, ahead of the shared arrays
+constexpr int kBiasColumns = 32;   // bias gradient: output elements per block
+constexpr int kBiasParts = kThreads / kBiasColumns;
 
-// ---- warp-level building blocks ----------------------------------------------------------
-// Every helper is executed by all 32 lanes of a warp. Scratch arrays live in shared memory;
-// entries indexed by jd (= j * D + d) or j are owned by lane (index % 32) when written.
+// Compile-time sizes of a kernel instance: Din (0 = runtime), Dout (0 = runtime: the generic
+// instance), lanes per sample.
+template <int kK_, int kD_, int kG_>
+struct Config {
+  static constexpr int kK = kK_, kD = kD_, kG = kG_;
+  static constexpr bool kGeneric = kD_ == 0;
+};
 
-// uh[jd] = u_hat[b, i, jd]: recomputed from W_s (W[i] staged by the block, transposed to
-// [K, JD] so that consecutive lanes read consecutive banks) and u[b, i], or loaded.
-// u_s receives u[b, i] (recompute only).
-template <typename scalar_t, typename acc, bool kRecompute>
-__device__ __forceinline__ void load_prediction(const scalar_t* __restrict__ u_hat, const scalar_t* __restrict__ u,
-                                                const acc* W_s, acc* u_s, acc* uh, int64_t bi, int JD, int K,
-                                                int lane) {
-  if (kRecompute) {
-    for (int k = lane; k < K; k += kWarpSize) u_s[k] = load_as<acc>(u + bi * K + k);
-    __syncwarp();
-    for (int jd = lane; jd < JD; jd += kWarpSize) {
-      acc sum = 0;
-      for (int k = 0; k < K; ++k) sum += W_s[k * JD + jd] * u_s[k];
-      uh[jd] = sum;
-    }
-  } else {
-    for (int jd = lane; jd < JD; jd += kWarpSize) uh[jd] = load_as<acc>(u_hat + bi * JD + jd);
-  }
-  __syncwarp();
-}
+// Padding (elements) after each staged W row of the specialised kernels: 16 bytes, so the rows
+// of lanes j, j+1, ... start in different bank quads and 128-bit reads are conflict free.
+template <typename acc> __host__ __device__ constexpr int row_pad() { return 16 / static_cast<int>(sizeof(acc)); }
 
-// c_s[j] = softmax over j of <uh_j, V_j>; leaky adds a constant zero logit that enters only
-// the normalisation. V (J * D) may be in shared or global memory.
-template <typename acc>
-__device__ __forceinline__ void couplings(const acc* uh, const acc* V, acc* c_s, int J, int D, bool leaky,
-                                          int lane) {
-  acc m = static_cast<acc>(-INFINITY);
-  for (int j = lane; j < J; j += kWarpSize) {
-    acc logit = 0;
-    for (int d = 0; d < D; ++d) logit += uh[j * D + d] * V[j * D + d];
-    c_s[j] = logit;
-    m = max_acc(m, logit);
-  }
-  m = warp_max(m);
-  if (leaky) m = max_acc(m, acc(0));
-  acc sum = 0;
-  for (int j = lane; j < J; j += kWarpSize) {
-    const acc e = exp_acc(c_s[j] - m);
-    c_s[j] = e;
-    sum += e;
-  }
-  sum = warp_sum(sum);
-  if (leaky) sum += exp_acc(-m);
-  const acc inv = acc(1) / sum;
-  for (int j = lane; j < J; j += kWarpSize) c_s[j] *= inv;
-  __syncwarp();
-}
+// Per-lane state records of the generic kernel: uh, V, gs, sum, gu (D each), z, c, gl, gp.
+__host__ __device__ constexpr int generic_record(int D) { return 5 * D + 4; }
 
-// Softmax backward: gc_j = <gs_j, uh_j>, gl_j = c_j (gc_j - sum_k c_k gc_k) into gl_s. The
-// sum over k runs over the real outputs only (the leaky logit is a constant).
-template <typename acc>
-__device__ __forceinline__ void logit_grads(const acc* uh, const acc* gs, const acc* c_s, acc* gl_s, int J, int D,
-                                            int lane) {
-  acc t = 0;
-  for (int j = lane; j < J; j += kWarpSize) {
-    acc gc = 0;
-    for (int d = 0; d < D; ++d) gc += gs[j * D + d] * uh[j * D + d];
-    gl_s[j] = gc;
-    t += c_s[j] * gc;
-  }
-  t = warp_sum(t);
-  for (int j = lane; j < J; j += kWarpSize) gl_s[j] = c_s[j] * (gl_s[j] - t);
-  __syncwarp();
-}
-
-// W[i] ([JD, K] in global memory, read coalesced) into shared memory as [K, JD].
-template <typename scalar_t, typename acc>
-__device__ __forceinline__ void stage_transposed(const scalar_t* __restrict__ Wi, acc* W_s, int JD, int K, int tid,
-                                                 int nthreads) {
-  for (int e = tid; e < JD * K; e += nthreads) W_s[(e % K) * JD + e / K] = load_as<acc>(Wi + e);
-}
-
-// ---- sweep over the input capsules (forward, and the backward's reverse sweeps) ----------
-// Forward:  partial[chunk, b, jd] = sum_{i in chunk} c_ij u_hat_ij          (c from V_r)
-// Reverse:  partial[chunk, b, jd] = sum_{i in chunk} gl_ij u_hat_ij   (gl from V_r, gs_r)
-template <typename scalar_t, bool kRecompute, bool kReverse>
-__global__ void __launch_bounds__(kSweepThreads)
-routing_sweep_kernel(const scalar_t* __restrict__ u_hat,      // [B, I, JD] or null (recompute)
-                     const scalar_t* __restrict__ u,          // [B, I, K] (recompute)
-                     const scalar_t* __restrict__ W,          // [I, JD, K] (recompute)
-                     const acc_t<scalar_t>* __restrict__ V_r,   // [B, JD]: V^r
-                     const acc_t<scalar_t>* __restrict__ gs_r,  // [B, JD]: dL/ds^r (reverse)
-                     scalar_t* __restrict__ c_out,            // [B, I, J] or null
-                     acc_t<scalar_t>* __restrict__ partial,   // [num_chunks, B, JD]
-                     int64_t B, int64_t I, int J, int D, int K, int64_t caps_per_chunk, bool leaky) {
-  using acc = acc_t<scalar_t>;
-  CAPSNET_DYNAMIC_SMEM(smem_raw);
-  acc* smem = reinterpret_cast<acc*>(smem_raw);
-  const int JD = J * D;
-  const int warp = threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-
-  acc* W_s = smem;  // [K, JD] (W[i] transposed), recompute only
-  acc* scratch = smem + (kRecompute ? JD * K : 0) + warp * (4 * JD + 2 * J + K);
-  acc* uh = scratch;          // [JD]
-  acc* V_s = uh + JD;         // [JD]
-  acc* gs_s = V_s + JD;       // [JD]
-  acc* sum_s = gs_s + JD;     // [JD]
-  acc* c_s = sum_s + JD;      // [J]
-  acc* gl_s = c_s + J;        // [J]
-  acc* u_s = gl_s + J;        // [K]
-
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * kSweepWarps + warp;
-  const bool active = b < B;
-  const int64_t i_begin = static_cast<int64_t>(blockIdx.y) * caps_per_chunk;
-  const int64_t i_end = min(I, i_begin + caps_per_chunk);
-
-  if (active) {
-    for (int jd = lane; jd < JD; jd += kWarpSize) {
-      V_s[jd] = V_r[b * JD + jd];
-      gs_s[jd] = kReverse ? gs_r[b * JD + jd] : acc(0);
-      sum_s[jd] = 0;
-    }
-  }
-  __syncwarp();
-
-  for (int64_t i = i_begin; i < i_end; ++i) {
-    if (kRecompute) {
-      __syncthreads();  // every warp is done with the previous W[i]
-      stage_transposed(W + i * JD * K, W_s, JD, K, threadIdx.x, kSweepThreads);
-      __syncthreads();
-    }
-    if (!active) continue;  // after the barriers: the block's warps reach them together
-    const int64_t bi = b * I + i;
-    load_prediction<scalar_t, acc, kRecompute>(u_hat, u, W_s, u_s, uh, bi, JD, K, lane);
-    couplings(uh, V_s, c_s, J, D, leaky, lane);
-    if (c_out != nullptr) {
-      for (int j = lane; j < J; j += kWarpSize) store_from(c_out + bi * J + j, c_s[j]);
-    }
-    const acc* weight = c_s;
-    if (kReverse) {
-      logit_grads(uh, gs_s, c_s, gl_s, J, D, lane);
-      weight = gl_s;
-    }
-    for (int jd = lane; jd < JD; jd += kWarpSize) sum_s[jd] += weight[jd / D] * uh[jd];
-    __syncwarp();  // uh, c_s, gl_s are rewritten for the next capsule
-  }
-
-  if (active) {
-    acc* out = partial + (static_cast<int64_t>(blockIdx.y) * B + b) * JD;
-    for (int jd = lane; jd < JD; jd += kWarpSize) out[jd] = sum_s[jd];
-  }
-}
-
-// s^r = sum over chunks + bias; v^r = squash(s^r); V^(r+1) = V^r + v^r, or the output v at
-// the last iteration. One thread per (b, j); chunks summed in a fixed order.
 template <typename scalar_t>
-__global__ void routing_squash_kernel(const acc_t<scalar_t>* __restrict__ partial,  // [num_chunks, B, JD]
-                                      int64_t num_chunks,
-                                      const scalar_t* __restrict__ bias,            // [JD] or null
-                                      acc_t<scalar_t>* __restrict__ s_r,            // [B, JD] out
-                                      const acc_t<scalar_t>* __restrict__ V_r,      // [B, JD]
-                                      acc_t<scalar_t>* __restrict__ V_next,         // [B, JD] out, or null
-                                      scalar_t* __restrict__ v_out,                 // [B, JD] out, or null
-                                      int64_t B, int J, int D) {
+struct RoutingArgs {
   using acc = acc_t<scalar_t>;
-  const int64_t JD = static_cast<int64_t>(J) * D;
-  const int64_t n = B * J;
-  const int64_t chunk_stride = B * JD;
-  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n;
-       idx += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t j = idx % J;
-    const int64_t base = idx * D;  // (b * J + j) * D
-    acc sq = 0;
-    for (int d = 0; d < D; ++d) {
-      acc s = 0;
-      for (int64_t c = 0; c < num_chunks; ++c) s += partial[c * chunk_stride + base + d];
-      if (bias != nullptr) s += load_as<acc>(bias + j * D + d);
-      s_r[base + d] = s;
-      sq += s * s;
-    }
-    const acc norm = sqrt_acc(max_acc(sq, tiny_normal<acc>()));
-    const acc scale = norm / (acc(1) + sq);
-    for (int d = 0; d < D; ++d) {
-      const acc v = s_r[base + d] * scale;
-      if (V_next != nullptr) V_next[base + d] = V_r[base + d] + v;
-      if (v_out != nullptr) store_from(v_out + base + d, v);
-    }
-  }
-}
+  const scalar_t* u_hat = nullptr;  // [B, I, J, D] (given form)
+  const scalar_t* u = nullptr;      // [B, I, K] (fused form)
+  const scalar_t* W = nullptr;      // [I, J, D, K] (fused form)
+  const scalar_t* prior = nullptr;  // [I, J] or null
+  const scalar_t* bias = nullptr;   // [J, D] or null
+  int64_t B = 0, I = 0;
+  int J = 0, D = 0, K = 0;
+  int tile_samples = 0, slots = 1;
+  int64_t caps_per_chunk = 0;
+  bool leaky = false;
+  acc inv_temperature = 1;
+  // sweeps
+  const acc* V_r = nullptr;       // V^r [B, J, D]; null at r = 0 (V^0 = 0)
+  acc* V_zero = nullptr;          // forward r = 0: V_all[0], zeroed by the chunk-0 blocks
+  acc* s_out = nullptr;           // forward root: s^r
+  acc* V_next = nullptr;          // forward root: V^(r+1), or null at the last iteration
+  scalar_t* v_out = nullptr;      // forward root: v, at the last iteration
+  scalar_t* c_out = nullptr;      // couplings of the last iteration, or null
+  const acc* s_r = nullptr;       // reverse: s^r
+  const scalar_t* grad_v = nullptr;  // first reverse sweep (or grad without reverse sweeps): gs from dL/dv
+  acc* gs_r = nullptr;            // reverse: gs^r (read, or written by chunk 0 when grad_v is given)
+  acc* G = nullptr;               // reverse root: dL/dV summed over later iterations
+  bool G_first = false;           // G is not yet written (treated as 0)
+  const acc* s_prev = nullptr;    // reverse root: s^(r-1)
+  acc* gs_prev = nullptr;         // reverse root: gs^(r-1)
+  // gradient sweep
+  const acc* V_all = nullptr;     // [R, B, J, D]
+  acc* gs_all = nullptr;          // [R, B, J, D]
+  const acc* s_last = nullptr;    // s^(R-1), with grad_v when no reverse sweep ran
+  int R = 1, r_begin = 0;
+  bool through_logits = false;    // later iterations' gradient flows through the logits
+  scalar_t* grad_u_hat = nullptr;
+  scalar_t* du = nullptr;
+  scalar_t* dW = nullptr;
+  scalar_t* dprior = nullptr;
+  int64_t grad_record = 0;
+  // reductions
+  acc* ws = nullptr;
+  unsigned* counters = nullptr;
+  ReductionTree tree;
+};
 
-// Squash backward. With q = |s|^2, n = sqrt(max(q, tiny)), v = s n / (1 + q):
+// ---- per-lane state ---------------------------------------------------------------------
+// Specialised: one output capsule per lane, everything in registers.
+template <typename acc, typename Cfg, bool kGeneric = Cfg::kGeneric>
+struct LaneState {
+  acc uh_[Cfg::kD], V_[Cfg::kD], gs_[Cfg::kD], sum_[Cfg::kD], gu_[Cfg::kD];
+  acc z_, c_, gl_, gp_;
+  __device__ __forceinline__ LaneState(acc*, int, int, int, int) {}
+  __device__ __forceinline__ acc* uh(int) { return uh_; }
+  __device__ __forceinline__ acc* V(int) { return V_; }
+  __device__ __forceinline__ acc* gs(int) { return gs_; }
+  __device__ __forceinline__ acc* sum(int) { return sum_; }
+  __device__ __forceinline__ acc* gu(int) { return gu_; }
+  __device__ __forceinline__ acc& z(int) { return z_; }
+  __device__ __forceinline__ acc& c(int) { return c_; }
+  __device__ __forceinline__ acc& gl(int) { return gl_; }
+  __device__ __forceinline__ acc& gp(int) { return gp_; }
+};
+
+// Generic: `slots` output capsules per lane (j = lane + 32 t), records in shared memory.
+template <typename acc, typename Cfg>
+struct LaneState<acc, Cfg, true> {
+  acc* base;
+  int D, step;
+  __device__ __forceinline__ LaneState(acc* scratch, int group, int lane, int slots, int D_)
+      : base(scratch + (static_cast<int64_t>(group) * slots * 32 + lane) * generic_record(D_)),
+        D(D_), step(32 * generic_record(D_)) {}
+  __device__ __forceinline__ acc* rec(int t) { return base + static_cast<int64_t>(t) * step; }
+  __device__ __forceinline__ acc* uh(int t) { return rec(t); }
+  __device__ __forceinline__ acc* V(int t) { return rec(t) + D; }
+  __device__ __forceinline__ acc* gs(int t) { return rec(t) + 2 * D; }
+  __device__ __forceinline__ acc* sum(int t) { return rec(t) + 3 * D; }
+  __device__ __forceinline__ acc* gu(int t) { return rec(t) + 4 * D; }
+  __device__ __forceinline__ acc& z(int t) { return rec(t)[5 * D]; }
+  __device__ __forceinline__ acc& c(int t) { return rec(t)[5 * D + 1]; }
+  __device__ __forceinline__ acc& gl(int t) { return rec(t)[5 * D + 2]; }
+  __device__ __forceinline__ acc& gp(int t) { return rec(t)[5 * D + 3]; }
+};
+
+// Squash backward of one row. With q = |s|^2, n = sqrt(max(q, tiny)), v = s n / (1 + q):
 //   gs = n / (1 + q) gv + coef <s, gv> s,  coef = (1 - q) / (n (1 + q)^2)   (q >= tiny)
 //                                           coef = -2 n / (1 + q)^2        (q < tiny: clamped)
-// gv = G (gradient reaching v^r through later iterations' logits) + grad_v (last iteration).
-template <typename scalar_t>
-__global__ void squash_backward_kernel(const acc_t<scalar_t>* __restrict__ s_r,  // [B, JD]
-                                       const scalar_t* __restrict__ grad_v,      // [B, JD] or null
-                                       const acc_t<scalar_t>* __restrict__ G,    // [B, JD] or null
-                                       acc_t<scalar_t>* __restrict__ gs_r,       // [B, JD] out
-                                       int64_t B, int J, int D) {
+// gv = gv_acc + gv_in (either may be null). out may alias nothing else.
+template <int kD, typename acc, typename scalar_t>
+__device__ __forceinline__ void squash_backward_row(const acc* s, const acc* gv_acc, const scalar_t* gv_in, acc* out,
+                                                    int D_rt) {
+  const int D = kD > 0 ? kD : D_rt;
+  acc sq = 0, dot = 0;
+#pragma unroll
+  for (int d = 0; d < D; ++d) {
+    acc gv = 0;
+    if (gv_acc != nullptr) gv += gv_acc[d];
+    if (gv_in != nullptr) gv += load_as<acc>(gv_in + d);
+    const acc x = s[d];
+    sq += x * x;
+    dot += x * gv;
+    out[d] = gv;
+  }
+  const acc norm = sqrt_acc(max_acc(sq, tiny_normal<acc>()));
+  const acc denom = acc(1) + sq;
+  const acc h = norm / denom;
+  const acc coef = sq >= tiny_normal<acc>() ? (acc(1) - sq) / (norm * denom * denom) : acc(-2) * norm / (denom * denom);
+#pragma unroll
+  for (int d = 0; d < D; ++d) out[d] = h * out[d] + coef * dot * s[d];
+}
+
+// Copies the W slices of a chunk ([rows, DK] in global memory, rows = capsules * J) into
+// shared memory rows of `row` elements, converting to the accumulation type; 128-bit loads
+// for float32 and float64 when the source is 16-byte aligned.
+template <typename scalar_t, typename acc>
+__device__ __forceinline__ void stage_rows(const scalar_t* __restrict__ src, acc* dst, int rows, int DK, int row) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(scalar_t));
+  if constexpr (std::is_same<scalar_t, float>::value || std::is_same<scalar_t, double>::value) {
+    using vec_t = typename std::conditional<std::is_same<scalar_t, float>::value, float4, double2>::type;
+    if (DK % kVec == 0 && row % kVec == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+      const int per_row = DK / kVec;
+      const vec_t* src_v = reinterpret_cast<const vec_t*>(src);
+      for (int e = threadIdx.x; e < rows * per_row; e += kThreads) {
+        const int r = e / per_row, q = e - r * per_row;
+        *reinterpret_cast<vec_t*>(dst + r * row + q * kVec) = src_v[e];
+      }
+      return;
+    }
+  }
+  for (int e = threadIdx.x; e < rows * DK; e += kThreads) {
+    const int r = e / DK, q = e - r * DK;
+    dst[r * row + q] = load_as<acc>(src + e);
+  }
+}
+
+// u_hat_ij of every slot of the lane: recomputed from the staged W rows of capsule ci and
+// u[b, i] (fused), or loaded (given).
+template <typename scalar_t, typename Cfg, bool kRecompute, typename State>
+__device__ __forceinline__ void load_predictions(const RoutingArgs<scalar_t>& a, State& st, const acc_t<scalar_t>* W_s,
+                                                 int ci, int64_t b, int64_t i, int lane, int slots, int row) {
   using acc = acc_t<scalar_t>;
-  const int64_t n = B * J;
-  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n;
-       idx += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t base = idx * D;
-    acc sq = 0, dot = 0;
-    for (int d = 0; d < D; ++d) {
-      acc gv = 0;
-      if (G != nullptr) gv += G[base + d];
-      if (grad_v != nullptr) gv += load_as<acc>(grad_v + base + d);
-      const acc s = s_r[base + d];
-      sq += s * s;
-      dot += s * gv;
+  constexpr int G = Cfg::kG;
+  const int D = Cfg::kD > 0 ? Cfg::kD : a.D;
+  const int K = Cfg::kK > 0 ? Cfg::kK : a.K;
+  const int J = a.J;
+  if constexpr (kRecompute) {
+    const scalar_t* ui = a.u + (b * a.I + i) * K;
+    if constexpr (!Cfg::kGeneric) {
+      acc ur[Cfg::kK];
+#pragma unroll
+      for (int k = 0; k < Cfg::kK; ++k) ur[k] = load_as<acc>(ui + k);
+      const int j = lane < J ? lane : J - 1;
+      const acc* w = W_s + (ci * J + j) * row;
+      acc* uh = st.uh(0);
+#pragma unroll
+      for (int d = 0; d < Cfg::kD; ++d) {
+        acc x = 0;
+        if constexpr (std::is_same<acc, float>::value && Cfg::kK % 4 == 0) {
+#pragma unroll
+          for (int k4 = 0; k4 < Cfg::kK / 4; ++k4) {
+            const float4 w4 = *reinterpret_cast<const float4*>(w + d * Cfg::kK + 4 * k4);
+            x += w4.x * ur[4 * k4];
+            x += w4.y * ur[4 * k4 + 1];
+            x += w4.z * ur[4 * k4 + 2];
+            x += w4.w * ur[4 * k4 + 3];
+          }
+        } else {
+#pragma unroll
+          for (int k = 0; k < Cfg::kK; ++k) x += w[d * Cfg::kK + k] * ur[k];
+        }
+        uh[d] = x;
+      }
+    } else {
+      for (int t = 0; t < slots; ++t) {
+        const int j0 = lane + G * t;
+        const int j = j0 < J ? j0 : J - 1;
+        const acc* w = W_s + (ci * J + j) * row;
+        acc* uh = st.uh(t);
+        for (int d = 0; d < D; ++d) {
+          acc x = 0;
+          for (int k = 0; k < K; ++k) x += w[d * K + k] * load_as<acc>(ui + k);
+          uh[d] = x;
+        }
+      }
     }
-    const acc norm = sqrt_acc(max_acc(sq, tiny_normal<acc>()));
-    const acc denom = acc(1) + sq;
-    const acc h = norm / denom;
-    const acc coef = sq >= tiny_normal<acc>() ? (acc(1) - sq) / (norm * denom * denom)
-                                              : acc(-2) * norm / (denom * denom);
-    for (int d = 0; d < D; ++d) {
-      acc gv = 0;
-      if (G != nullptr) gv += G[base + d];
-      if (grad_v != nullptr) gv += load_as<acc>(grad_v + base + d);
-      gs_r[base + d] = h * gv + coef * dot * s_r[base + d];
+  } else {
+    for (int t = 0; t < slots; ++t) {
+      const int j0 = lane + G * t;
+      const int j = j0 < J ? j0 : J - 1;
+      const scalar_t* src = a.u_hat + ((b * a.I + i) * J + j) * D;
+      acc* uh = st.uh(t);
+#pragma unroll
+      for (int d = 0; d < D; ++d) uh[d] = load_as<acc>(src + d);
     }
   }
 }
 
-// G[b, jd] += sum over chunks of partial[chunk, b, jd]
+// c_ij = softmax over j of (prior_ij + <u_hat_ij, V_j>) * inv_temperature for every slot;
+// leaky routing adds a constant zero logit that enters only the normalisation. V == false:
+// V = 0 (the first iteration). All lanes of the group take part.
+template <typename scalar_t, typename Cfg, typename State>
+__device__ __forceinline__ void couplings(const RoutingArgs<scalar_t>& a, State& st, bool with_V, int64_t i, int lane,
+                                          int slots) {
+  using acc = acc_t<scalar_t>;
+  constexpr int G = Cfg::kG;
+  const int D = Cfg::kD > 0 ? Cfg::kD : a.D;
+  const int J = a.J;
+  acc m = static_cast<acc>(-INFINITY);
+  for (int t = 0; t < slots; ++t) {
+    const int j = lane + G * t;
+    acc z = 0;
+    if (with_V) {
+      const acc* uh = st.uh(t);
+      const acc* V = st.V(t);
+#pragma unroll
+      for (int d = 0; d < D; ++d) z += uh[d] * V[d];
+    }
+    if (a.prior != nullptr) z += load_as<acc>(a.prior + i * J + (j < J ? j : J - 1));
+    z *= a.inv_temperature;
+    if (j >= J) z = static_cast<acc>(-INFINITY);
+    st.z(t) = z;
+    m = max_acc(m, z);
+  }
+  m = group_max<G>(m);
+  if (a.leaky) m = max_acc(m, acc(0));
+  acc total = 0;
+  for (int t = 0; t < slots; ++t) {
+    const int j = lane + G * t;
+    const acc e = j < J ? exp_acc(st.z(t) - m) : acc(0);
+    st.c(t) = e;
+    total += e;
+  }
+  total = group_sum<G>(total);
+  if (a.leaky) total += exp_acc(-m);
+  const acc inv = acc(1) / total;
+  for (int t = 0; t < slots; ++t) st.c(t) *= inv;
+}
+
+// Softmax backward for every slot: gc_j = <gs_j, u_hat_ij>, gl_j = c_j (gc_j - sum_k c_k gc_k)
+// * inv_temperature (the gradient of the unscaled logits; the sum runs over real outputs).
+template <typename scalar_t, typename Cfg, typename State>
+__device__ __forceinline__ void logit_grads(const RoutingArgs<scalar_t>& a, State& st, int lane, int slots) {
+  using acc = acc_t<scalar_t>;
+  constexpr int G = Cfg::kG;
+  const int D = Cfg::kD > 0 ? Cfg::kD : a.D;
+  acc tot = 0;
+  for (int t = 0; t < slots; ++t) {
+    const acc* uh = st.uh(t);
+    const acc* gs = st.gs(t);
+    acc gc = 0;
+#pragma unroll
+    for (int d = 0; d < D; ++d) gc += gs[d] * uh[d];
+    if (lane + G * t >= a.J) gc = 0;
+    st.gl(t) = gc;
+    tot += st.c(t) * gc;
+  }
+  tot = group_sum<G>(tot);
+  for (int t = 0; t < slots; ++t) st.gl(t) = st.c(t) * (st.gl(t) - tot) * a.inv_temperature;
+}
+
+// Arrival of a block at the reduction tree (see ReductionTree). The block's leaf has been
+// written (leaf index `leaf` for key `key`, elements [lo, hi) of each node). Returns false in
+// blocks that are not the last at some node (they are done); in the block that reaches the
+// root it returns true with the root's children: nodes [*first, *first + *count) of the level
+// buffer *src. Intermediate nodes are summed here, children in index order.
 template <typename acc>
-__global__ void add_partials_kernel(const acc* __restrict__ partial, int64_t num_chunks, acc* __restrict__ G,
-                                    int64_t n) {
-  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n;
-       idx += (int64_t)gridDim.x * blockDim.x) {
-    acc sum = G[idx];
-    for (int64_t c = 0; c < num_chunks; ++c) sum += partial[c * n + idx];
-    G[idx] = sum;
+__device__ bool arrive(const ReductionTree& tree, acc* ws, unsigned* counters, unsigned* ticket, int64_t leaf,
+                       int64_t key, int64_t lo, int64_t hi, const acc** src, int64_t* first, int64_t* count) {
+  int64_t node = leaf;
+  *src = ws + tree.buffer_offset[0];
+  *first = leaf;
+  *count = 1;
+  for (int l = 1; l <= tree.levels; ++l) {
+    const int64_t parent = node / kTreeFanIn;
+    const int64_t begin = parent * kTreeFanIn;
+    const int64_t children = min(static_cast<int64_t>(kTreeFanIn), tree.nodes[l - 1] - begin);
+    __threadfence();  // this thread's writes of the node are visible device-wide ...
+    __syncthreads();  // ... for every thread of the block, before the ticket is taken
+    if (threadIdx.x == 0) {
+      unsigned* counter = counters + tree.counter_offset[l] + key * tree.nodes[l] + parent;
+      const unsigned arrived = atomicAdd(counter, 1u);
+      const bool last = arrived == static_cast<unsigned>(children - 1);
+      if (last) *counter = 0;  // ready for the next launch on the stream
+      *ticket = last ? 1u : 0u;
+    }
+    __syncthreads();
+    const bool last = *ticket != 0;
+    __syncthreads();  // everyone has read the ticket before it is rewritten
+    if (!last) return false;
+    __threadfence();
+    const acc* level = ws + tree.buffer_offset[l - 1];
+    if (l == tree.levels) {
+      *src = level;
+      *first = begin;
+      *count = children;
+      return true;
+    }
+    acc* out = ws + tree.buffer_offset[l] + parent * tree.stride;
+    for (int64_t e = lo + threadIdx.x; e < hi; e += kThreads) {
+      acc x = 0;
+      for (int64_t ch = 0; ch < children; ++ch) x += __ldcg(level + (begin + ch) * tree.stride + e);
+      out[e] = x;
+    }
+    node = parent;
+  }
+  __syncthreads();  // single leaf: the block's own writes are the root's input
+  return true;
+}
+
+template <typename acc>
+__device__ __forceinline__ acc sum_children(const acc* src, int64_t first, int64_t count, int64_t stride, int64_t e) {
+  acc x = 0;
+  for (int64_t ch = 0; ch < count; ++ch) x += __ldcg(src + (first + ch) * stride + e);
+  return x;
+}
+
+// ---- forward and reverse sweeps ----------------------------------------------------------
+// Forward:  partial[chunk, b, j, :] = sum_{i in chunk} c_ij u_hat_ij                (c from V^r)
+// Reverse:  partial[chunk, b, j, :] = sum_{i in chunk} gl_ij u_hat_ij   (gl from V^r and gs^r)
+template <typename scalar_t, typename Cfg, bool kRecompute, bool kReverse>
+__device__ __forceinline__ void routing_sweep(const RoutingArgs<scalar_t>& a) {
+  using acc = acc_t<scalar_t>;
+  constexpr int G = Cfg::kG;
+  constexpr int kGroups = kThreads / G;
+  const int D = Cfg::kD > 0 ? Cfg::kD : a.D;
+  const int K = Cfg::kK > 0 ? Cfg::kK : a.K;
+  const int J = a.J;
+  const int JD = J * D;
+  const int slots = Cfg::kGeneric ? a.slots : 1;
+  const int row = D * K + (Cfg::kGeneric ? 0 : row_pad<acc>());
+  const int64_t B = a.B;
+
+  CAPSNET_DYNAMIC_SMEM(smem_raw);
+  unsigned* ticket = reinterpret_cast<unsigned*>(smem_raw);
+  acc* W_s = reinterpret_cast<acc*>(smem_raw + kTicketBytes);
+  acc* scratch = W_s + (kRecompute ? a.caps_per_chunk * J * row : 0);
+
+  const int64_t tile = blockIdx.x, chunk = blockIdx.y;
+  const int64_t b0 = tile * a.tile_samples;
+  const int64_t i0 = chunk * a.caps_per_chunk;
+  const int nc = static_cast<int>(min(a.caps_per_chunk, a.I - i0));
+  const int group = threadIdx.x / G;
+  const int lane = threadIdx.x & (G - 1);
+  LaneState<acc, Cfg> st(scratch, group, lane, slots, D);
+
+  if (kRecompute) stage_rows(a.W + i0 * J * D * K, W_s, nc * J, D * K, row);
+  __syncthreads();
+
+  acc* leaf = a.ws + a.tree.buffer_offset[0] + chunk * a.tree.stride;
+  for (int s = group; s < a.tile_samples; s += kGroups) {  // the same trip count in every lane
+    const bool active = b0 + s < B;
+    const int64_t b = active ? b0 + s : B - 1;  // inactive groups compute on a real sample, store nothing
+    for (int t = 0; t < slots; ++t) {
+      const int j0 = lane + G * t;
+      const bool valid = active && j0 < J;
+      const int64_t base = b * JD + (j0 < J ? j0 : J - 1) * D;
+      acc* V = st.V(t);
+      acc* sum = st.sum(t);
+#pragma unroll
+      for (int d = 0; d < D; ++d) {
+        V[d] = a.V_r != nullptr ? __ldg(a.V_r + base + d) : acc(0);
+        sum[d] = 0;
+      }
+      if (!kReverse && a.V_zero != nullptr && chunk == 0 && valid) {
+        for (int d = 0; d < D; ++d) a.V_zero[base + d] = 0;
+      }
+      if (kReverse) {
+        acc* gs = st.gs(t);
+        if (a.grad_v != nullptr) {  // the last iteration: gs from dL/dv, computed by each lane
+          squash_backward_row<Cfg::kD>(a.s_r + base, static_cast<const acc*>(nullptr), a.grad_v + base, gs, D);
+          if (chunk == 0 && valid) {
+            for (int d = 0; d < D; ++d) a.gs_r[base + d] = gs[d];
+          }
+        } else {
+#pragma unroll
+          for (int d = 0; d < D; ++d) gs[d] = __ldg(a.gs_r + base + d);
+        }
+      }
+    }
+    for (int ci = 0; ci < nc; ++ci) {
+      const int64_t i = i0 + ci;
+      load_predictions<scalar_t, Cfg, kRecompute>(a, st, W_s, ci, b, i, lane, slots, row);
+      couplings<scalar_t, Cfg>(a, st, a.V_r != nullptr, i, lane, slots);
+      if (!kReverse && a.c_out != nullptr && active) {
+        for (int t = 0; t < slots; ++t) {
+          const int j = lane + G * t;
+          if (j < J) store_from(a.c_out + (b * a.I + i) * J + j, st.c(t));
+        }
+      }
+      if (kReverse) logit_grads<scalar_t, Cfg>(a, st, lane, slots);
+      for (int t = 0; t < slots; ++t) {
+        const acc weight = kReverse ? st.gl(t) : st.c(t);
+        const acc* uh = st.uh(t);
+        acc* sum = st.sum(t);
+#pragma unroll
+        for (int d = 0; d < D; ++d) sum[d] += weight * uh[d];
+      }
+    }
+    for (int t = 0; t < slots; ++t) {
+      const int j = lane + G * t;
+      if (active && j < J) {
+        const acc* sum = st.sum(t);
+        for (int d = 0; d < D; ++d) leaf[b * JD + j * D + d] = sum[d];
+      }
+    }
+  }
+
+  const acc* src;
+  int64_t first, count;
+  const int64_t hi = min(b0 + a.tile_samples, B);
+  if (!arrive(a.tree, a.ws, a.counters, ticket, chunk, tile, b0 * JD, hi * JD, &src, &first, &count)) return;
+
+  // Root of the tile: the chunks' sum, in chunk order.
+  for (int s = group; s < a.tile_samples; s += kGroups) {
+    const int64_t b = b0 + s;
+    if (b >= B) break;
+    for (int t = 0; t < slots; ++t) {
+      const int j = lane + G * t;
+      if (j >= J) break;
+      const int64_t base = b * JD + j * D;
+      if (!kReverse) {
+        acc sq = 0;
+        for (int d = 0; d < D; ++d) {
+          acc x = sum_children(src, first, count, a.tree.stride, base + d);
+          if (a.bias != nullptr) x += load_as<acc>(a.bias + j * D + d);
+          a.s_out[base + d] = x;
+          sq += x * x;
+        }
+        const acc scale = sqrt_acc(max_acc(sq, tiny_normal<acc>())) / (acc(1) + sq);
+        for (int d = 0; d < D; ++d) {
+          const acc v = a.s_out[base + d] * scale;
+          if (a.V_next != nullptr) a.V_next[base + d] = (a.V_r != nullptr ? a.V_r[base + d] : acc(0)) + v;
+          if (a.v_out != nullptr) store_from(a.v_out + base + d, v);
+        }
+      } else {
+        for (int d = 0; d < D; ++d) {
+          const acc x = sum_children(src, first, count, a.tree.stride, base + d);
+          a.G[base + d] = (a.G_first ? acc(0) : a.G[base + d]) + x;
+        }
+        squash_backward_row<0>(a.s_prev + base, a.G + base, static_cast<const scalar_t*>(nullptr),
+                               a.gs_prev + base, D);
+      }
+    }
   }
 }
 
-// Final gradient sweep, all iterations at once (r from r_begin; r_begin = R - 1 with
-// detach_inner, where only the last weighted sum carries gradient):
-//   gu_ij = sum_r [ c^r_ij gs^r_j + gl^r_ij V^r_j ]     (gl^r = 0 for r = 0 or detach_inner)
-// Given u_hat: grad_u_hat = gu. Fused: du_i = sum_j W_ij^T gu_ij, dW_ij = sum_b gu_ij u_i^T.
-template <typename scalar_t, bool kRecompute>
-__global__ void __launch_bounds__(kGradThreads)
-routing_grad_kernel(const scalar_t* __restrict__ u_hat,        // [B, I, JD] (given)
-                    const scalar_t* __restrict__ u,            // [B, I, K] (recompute)
-                    const scalar_t* __restrict__ W,            // [I, JD, K] (recompute)
-                    const acc_t<scalar_t>* __restrict__ V_all,   // [R, B, JD]
-                    const acc_t<scalar_t>* __restrict__ gs_all,  // [R, B, JD]
-                    scalar_t* __restrict__ grad_u_hat,         // [B, I, JD] out (given)
-                    scalar_t* __restrict__ du,                 // [B, I, K] out (recompute)
-                    scalar_t* __restrict__ dW,                 // [I, JD, K] out (recompute)
-                    int64_t B, int64_t I, int J, int D, int K, int R, int r_begin,
-                    int64_t samples_per_block, bool leaky) {
+template <typename scalar_t, typename Cfg, bool kRecompute>
+__global__ void __launch_bounds__(kThreads) routing_forward_sweep_kernel(const RoutingArgs<scalar_t> a) {
+  routing_sweep<scalar_t, Cfg, kRecompute, false>(a);
+}
+
+template <typename scalar_t, typename Cfg, bool kRecompute>
+__global__ void __launch_bounds__(kThreads) routing_reverse_sweep_kernel(const RoutingArgs<scalar_t> a) {
+  routing_sweep<scalar_t, Cfg, kRecompute, true>(a);
+}
+
+// ---- the gradient sweep -------------------------------------------------------------------
+// For every (b, i), all iterations r >= r_begin at once:
+//   gu_ij = sum_r [ c^r_ij gs^r_j + gl^r_ij V^r_j ]   (the gl term for r > 0 without detach_inner)
+//   gprior_ij = sum_r gl^r_ij                          (with a prior)
+// Given u_hat: grad_u_hat = gu. Fused: du_i = sum_j W_ij^T gu_ij (a shuffle sum over the
+// group), and the tile's dW_i = sum_b gu_ij u_i^T, summed in registers over the tile's samples
+// from gu staged in shared memory; the tiles' dW (and dprior) partials go through a tree in
+// tile order.
+template <typename scalar_t, typename Cfg, bool kRecompute>
+__global__ void __launch_bounds__(kThreads) routing_grad_kernel(const RoutingArgs<scalar_t> a) {
+  using acc = acc_t<scalar_t>;
+  constexpr int G = Cfg::kG;
+  constexpr int kGroups = kThreads / G;
+  const int D = Cfg::kD > 0 ? Cfg::kD : a.D;
+  const int K = Cfg::kK > 0 ? Cfg::kK : a.K;
+  const int J = a.J;
+  const int JD = J * D;
+  const int JDK = kRecompute ? JD * K : 0;
+  const int slots = Cfg::kGeneric ? a.slots : 1;
+  const int row = D * K + (Cfg::kGeneric ? 0 : row_pad<acc>());
+  const int64_t B = a.B;
+  const int TB = a.tile_samples;
+  const bool has_prior = a.prior != nullptr;
+
+  CAPSNET_DYNAMIC_SMEM(smem_raw);
+  unsigned* ticket = reinterpret_cast<unsigned*>(smem_raw);
+  acc* W_s = reinterpret_cast<acc*>(smem_raw + kTicketBytes);
+  acc* gu_s = W_s + (kRecompute ? a.caps_per_chunk * J * row : 0);  // [TB, JD] (fused)
+  acc* u_s = gu_s + (kRecompute ? TB * JD : 0);                       // [TB, K] (fused)
+  acc* gp_s = u_s + (kRecompute ? TB * K : 0);                        // [TB, J] (prior)
+  acc* scratch = gp_s + (has_prior ? TB * J : 0);
+
+  const int64_t tile = blockIdx.x, chunk = blockIdx.y;
+  const int64_t b0 = tile * TB;
+  const int64_t i0 = chunk * a.caps_per_chunk;
+  const int nc = static_cast<int>(min(a.caps_per_chunk, a.I - i0));
+  const int group = threadIdx.x / G;
+  const int lane = threadIdx.x & (G - 1);
+  LaneState<acc, Cfg> st(scratch, group, lane, slots, D);
+  const int64_t RS = B * JD;  // stride between iterations of V_all / gs_all
+
+  if (kRecompute) stage_rows(a.W + i0 * J * D * K, W_s, nc * J, D * K, row);
+  __syncthreads();
+
+  acc* leaf = a.ws + a.tree.buffer_offset[0] + tile * a.tree.stride + chunk * a.caps_per_chunk * a.grad_record;
+  for (int ci = 0; ci < nc; ++ci) {
+    const int64_t i = i0 + ci;
+    for (int s = group; s < TB; s += kGroups) {
+      const bool active = b0 + s < B;
+      const int64_t b = active ? b0 + s : B - 1;
+      load_predictions<scalar_t, Cfg, kRecompute>(a, st, W_s, ci, b, i, lane, slots, row);
+      for (int t = 0; t < slots; ++t) {
+        acc* gu = st.gu(t);
+#pragma unroll
+        for (int d = 0; d < D; ++d) gu[d] = 0;
+        st.gp(t) = 0;
+      }
+      for (int r = a.r_begin; r < a.R; ++r) {
+        for (int t = 0; t < slots; ++t) {
+          const int j0 = lane + G * t;
+          const int64_t base = b * JD + (j0 < J ? j0 : J - 1) * D;
+          acc* V = st.V(t);
+          acc* gs = st.gs(t);
+#pragma unroll
+          for (int d = 0; d < D; ++d) V[d] = r > 0 ? __ldg(a.V_all + r * RS + base + d) : acc(0);
+          if (a.grad_v != nullptr && r == a.R - 1) {  // no reverse sweep ran: gs^(R-1) from dL/dv
+            squash_backward_row<Cfg::kD>(a.s_last + base, static_cast<const acc*>(nullptr), a.grad_v + base, gs, D);
+            if (chunk == 0 && ci == 0 && active && j0 < J) {
+              for (int d = 0; d < D; ++d) a.gs_all[r * RS + base + d] = gs[d];
+            }
+          } else {
+#pragma unroll
+            for (int d = 0; d < D; ++d) gs[d] = __ldg(a.gs_all + r * RS + base + d);
+          }
+        }
+        couplings<scalar_t, Cfg>(a, st, r > 0, i, lane, slots);
+        const bool logit_term = a.through_logits && r > 0;
+        if (logit_term || has_prior) logit_grads<scalar_t, Cfg>(a, st, lane, slots);
+        for (int t = 0; t < slots; ++t) {
+          const acc c = st.c(t);
+          const acc gl = logit_term ? st.gl(t) : acc(0);
+          if (has_prior) st.gp(t) += st.gl(t);
+          const acc* V = st.V(t);
+          const acc* gs = st.gs(t);
+          acc* gu = st.gu(t);
+#pragma unroll
+          for (int d = 0; d < D; ++d) gu[d] += c * gs[d] + gl * V[d];
+        }
+      }
+      if constexpr (!kRecompute) {
+        for (int t = 0; t < slots; ++t) {
+          const int j = lane + G * t;
+          if (active && j < J) {
+            const acc* gu = st.gu(t);
+            for (int d = 0; d < D; ++d) store_from(a.grad_u_hat + ((b * a.I + i) * J + j) * D + d, gu[d]);
+          }
+        }
+      } else {
+        // du[b, i, k] = sum_j sum_d W[i, j, d, k] gu_ij[d]: per lane, then over the group.
+        for (int k = 0; k < K; ++k) {
+          acc part = 0;
+          for (int t = 0; t < slots; ++t) {
+            const int j = lane + G * t;
+            if (j < J) {
+              const acc* w = W_s + (ci * J + j) * row + k;
+              const acc* gu = st.gu(t);
+#pragma unroll
+              for (int d = 0; d < D; ++d) part += w[d * K] * gu[d];
+            }
+          }
+          part = group_sum<G>(part);
+          if (lane == 0 && active) store_from(a.du + (b * a.I + i) * K + k, part);
+        }
+        for (int t = 0; t < slots; ++t) {
+          const int j = lane + G * t;
+          if (j < J) {
+            const acc* gu = st.gu(t);
+            for (int d = 0; d < D; ++d) gu_s[s * JD + j * D + d] = active ? gu[d] : acc(0);
+          }
+        }
+        for (int k = lane; k < K; k += G) u_s[s * K + k] = active ? load_as<acc>(a.u + (b * a.I + i) * K + k) : acc(0);
+      }
+      if (has_prior) {
+        for (int t = 0; t < slots; ++t) {
+          const int j = lane + G * t;
+          if (j < J) gp_s[s * J + j] = active ? st.gp(t) : acc(0);
+        }
+      }
+    }
+    if (a.grad_record > 0) {
+      __syncthreads();
+      // The tile's partial dW_i and dprior_i, each element summed over the samples in order.
+      acc* rec = leaf + ci * a.grad_record;
+      for (int e = threadIdx.x; e < JDK; e += kThreads) {
+        const int jd = e / K, k = e - jd * K;
+        acc x = 0;
+        for (int s = 0; s < TB; ++s) x += gu_s[s * JD + jd] * u_s[s * K + k];
+        rec[e] = x;
+      }
+      if (has_prior) {
+        for (int j = threadIdx.x; j < J; j += kThreads) {
+          acc x = 0;
+          for (int s = 0; s < TB; ++s) x += gp_s[s * J + j];
+          rec[JDK + j] = x;
+        }
+      }
+      __syncthreads();  // gu_s, u_s, gp_s are rewritten for the next capsule
+    }
+  }
+  if (a.grad_record == 0) return;
+
+  const acc* src;
+  int64_t first, count;
+  const int64_t lo = chunk * a.caps_per_chunk * a.grad_record;
+  if (!arrive(a.tree, a.ws, a.counters, ticket, tile, chunk, lo, lo + nc * a.grad_record, &src, &first, &count)) return;
+  for (int ci = 0; ci < nc; ++ci) {
+    const int64_t i = i0 + ci;
+    const int64_t e0 = lo + ci * a.grad_record;
+    for (int e = threadIdx.x; e < a.grad_record; e += kThreads) {
+      const acc x = sum_children(src, first, count, a.tree.stride, e0 + e);
+      if (e < JDK) store_from(a.dW + i * JDK + e, x);
+      else store_from(a.dprior + i * J + (e - JDK), x);
+    }
+  }
+}
+
+// dbias[jd] = sum over iterations r >= r_begin and samples b of gs^r[b, jd]: a block per 32
+// output elements, 8 parts of the batch each (b = part, part + 8, ...), parts summed in order.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) routing_bias_grad_kernel(const acc_t<scalar_t>* __restrict__ gs_all,
+                                                                     scalar_t* __restrict__ dbias, int64_t B,
+                                                                     int64_t JD, int R, int r_begin) {
   using acc = acc_t<scalar_t>;
   CAPSNET_DYNAMIC_SMEM(smem_raw);
-  acc* smem = reinterpret_cast<acc*>(smem_raw);
-  const int JD = J * D;
-  const int JDK = JD * K;
-  const int warp = threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t i = blockIdx.x;
-
-  acc* W_s = smem;                                           // [K, JD], recompute only
-  acc* dW_s = W_s + (kRecompute ? JDK : 0);                  // [kGradWarps, K, JD], recompute only
-  acc* scratch = dW_s + (kRecompute ? kGradWarps * JDK : 0) + warp * (2 * JD + 2 * J + K);
-  acc* uh = scratch;     // [JD]
-  acc* gu = uh + JD;     // [JD]
-  acc* c_s = gu + JD;    // [J]
-  acc* gl_s = c_s + J;   // [J]
-  acc* u_s = gl_s + J;   // [K]
-
-  if (kRecompute) {
-    stage_transposed(W + i * JDK, W_s, JD, K, threadIdx.x, kGradThreads);
-    for (int e = threadIdx.x; e < kGradWarps * JDK; e += kGradThreads) dW_s[e] = 0;
-    __syncthreads();
-  }
-  acc* dW_w = dW_s + warp * JDK;  // this warp's share of dW[i]
-
-  const int64_t b_begin = static_cast<int64_t>(blockIdx.y) * samples_per_block;
-  const int64_t b_end = min(B, b_begin + samples_per_block);
-  const int64_t rstride = B * JD;
-  for (int64_t b = b_begin + warp; b < b_end; b += kGradWarps) {
-    const int64_t bi = b * I + i;
-    load_prediction<scalar_t, acc, kRecompute>(u_hat, u, W_s, u_s, uh, bi, JD, K, lane);
-    for (int jd = lane; jd < JD; jd += kWarpSize) gu[jd] = 0;
-    for (int r = r_begin; r < R; ++r) {
-      const acc* V = V_all + r * rstride + b * JD;
-      const acc* gs = gs_all + r * rstride + b * JD;
-      couplings(uh, V, c_s, J, D, leaky, lane);
-      const bool through_logits = r > 0 && r_begin == 0;
-      if (through_logits) logit_grads(uh, gs, c_s, gl_s, J, D, lane);
-      for (int jd = lane; jd < JD; jd += kWarpSize) {
-        const int j = jd / D;
-        acc g = c_s[j] * gs[jd];
-        if (through_logits) g += gl_s[j] * V[jd];
-        gu[jd] += g;
-      }
-      __syncwarp();  // c_s and gl_s are rewritten by the next iteration
-    }
-    if (!kRecompute) {
-      for (int jd = lane; jd < JD; jd += kWarpSize) store_from(grad_u_hat + bi * JD + jd, gu[jd]);
-    } else {
-      for (int k = 0; k < K; ++k) {
-        acc part = 0;
-        for (int jd = lane; jd < JD; jd += kWarpSize) part += W_s[k * JD + jd] * gu[jd];
-        part = warp_sum(part);
-        if (lane == 0) store_from(du + bi * K + k, part);
-      }
-      for (int jd = lane; jd < JD; jd += kWarpSize) {
-        const acc g = gu[jd];
-        for (int k = 0; k < K; ++k) dW_w[k * JD + jd] += g * u_s[k];
-      }
-    }
-    __syncwarp();  // uh, gu, u_s are rewritten for the next sample
-  }
-
-  if (kRecompute) {
-    __syncthreads();
-    for (int e = threadIdx.x; e < JDK; e += kGradThreads) {  // e = jd * K + k, coalesced store
-      const int jd = e / K, k = e % K;
-      acc sum = 0;
-      for (int w = 0; w < kGradWarps; ++w) sum += dW_s[w * JDK + k * JD + jd];
-      store_from(dW + i * JDK + e, sum);
-    }
-  }
-}
-
-// dbias[jd] = sum over iterations r >= r_begin and samples of gs^r[b, jd]
-template <typename scalar_t>
-__global__ void bias_grad_kernel(const acc_t<scalar_t>* __restrict__ gs_all,  // [R, B, JD]
-                                 scalar_t* __restrict__ dbias,                // [JD]
-                                 int64_t B, int64_t JD, int R, int r_begin) {
-  using acc = acc_t<scalar_t>;
-  for (int64_t jd = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; jd < JD;
-       jd += (int64_t)gridDim.x * blockDim.x) {
-    acc sum = 0;
+  acc* parts = reinterpret_cast<acc*>(smem_raw);
+  const int col = threadIdx.x % kBiasColumns, part = threadIdx.x / kBiasColumns;
+  const int64_t jd = static_cast<int64_t>(blockIdx.x) * kBiasColumns + col;
+  acc x = 0;
+  if (jd < JD) {
     for (int r = r_begin; r < R; ++r)
-      for (int64_t b = 0; b < B; ++b) sum += gs_all[(r * B + b) * JD + jd];
-    store_from(dbias + jd, sum);
+      for (int64_t b = part; b < B; b += kBiasParts) x += gs_all[(r * B + b) * JD + jd];
+  }
+  parts[part * kBiasColumns + col] = x;
+  __syncthreads();
+  if (part == 0 && jd < JD) {
+    acc total = 0;
+    for (int p = 0; p < kBiasParts; ++p) total += parts[p * kBiasColumns + col];
+    store_from(dbias + jd, total);
   }
 }
 
-template <typename acc>
-int64_t sweep_smem_elems(int64_t J, int64_t D, int64_t K, bool recompute) {
-  const int64_t JD = J * D;
-  return (recompute ? JD * K : 0) + kSweepWarps * (4 * JD + 2 * J + K);
-}
-
-int64_t grad_smem_elems(int64_t J, int64_t D, int64_t K, bool recompute) {
-  const int64_t JD = J * D;
-  return (recompute ? (1 + kGradWarps) * JD * K : 0) + kGradWarps * (2 * JD + 2 * J + K);
-}
+// ---- host side ------------------------------------------------------------------------------
 
 int64_t acc_size(DType dtype) { return dtype == DType::kFloat64 ? 8 : 4; }
 
+struct SmemBytes {
+  int64_t sweep, grad;
+};
+
+SmemBytes smem_bytes(int64_t acc_bytes, const RoutingShape& sh, const RoutingPlan& p, bool recompute) {
+  const int64_t JD = sh.J * sh.D;
+  const int64_t row = sh.D * sh.K + (p.specialised ? 16 / acc_bytes : 0);
+  const int64_t w = recompute ? p.caps_per_chunk * sh.J * row : 0;
+  const int64_t generic = p.specialised ? 0 : (kThreads / p.group) * p.generic_slots * 32 * generic_record(sh.D);
+  const bool prior = p.grad_record > (recompute ? JD * sh.K : 0);
+  const int64_t grad_extra = (recompute ? p.tile_samples * (JD + sh.K) : 0) + (prior ? p.tile_samples * sh.J : 0);
+  return {kTicketBytes + (w + generic) * acc_bytes, kTicketBytes + (w + grad_extra + generic) * acc_bytes};
+}
+
 // Kernels needing more than the default 48 KiB of dynamic shared memory must opt in.
+constexpr int64_t kDefaultSmemLimit = 48 * 1024;
 template <typename Kernel>
 Status allow_smem(Kernel kernel, int64_t bytes, const char* name) {
   if (bytes > kDefaultSmemLimit) {
@@ -400,151 +729,203 @@ Status allow_smem(Kernel kernel, int64_t bytes, const char* name) {
   return Status{};
 }
 
-int64_t grad_samples_per_block(int64_t B, bool recompute) {
-  if (recompute) return B;  // one block holds the whole batch: dW[i] without atomics
-  int64_t per_block = 8 * kGradWarps;
-  const int64_t groups = (B + per_block - 1) / per_block;
-  if (groups > 65535) per_block = (B + 65534) / 65535;
-  return per_block;
+// Calls f(Config<...>{}) for the plan's kernel instance.
+template <int kD, int kG, bool kRecompute, typename F>
+Status with_din(int64_t K, F&& f) {
+  if constexpr (!kRecompute) {
+    return f(Config<0, kD, kG>{});
+  } else {
+    switch (K) {
+      case 4: return f(Config<4, kD, kG>{});
+      case 8: return f(Config<8, kD, kG>{});
+      case 16: return f(Config<16, kD, kG>{});
+    }
+    return Status{static_cast<int>(cudaErrorInvalidValue), "routing kernel selection (Din)"};
+  }
+}
+
+template <int kG, bool kRecompute, typename F>
+Status with_dout(int64_t D, int64_t K, F&& f) {
+  switch (D) {
+    case 8: return with_din<8, kG, kRecompute>(K, f);
+    case 16: return with_din<16, kG, kRecompute>(K, f);
+    case 32: return with_din<32, kG, kRecompute>(K, f);
+  }
+  return Status{static_cast<int>(cudaErrorInvalidValue), "routing kernel selection (Dout)"};
+}
+
+template <bool kRecompute, typename F>
+Status with_config(const RoutingShape& sh, const RoutingPlan& p, F&& f) {
+  if (!p.specialised) return f(Config<0, 0, 32>{});
+  if (p.group == 16) return with_dout<16, kRecompute>(sh.D, sh.K, f);
+  return with_dout<32, kRecompute>(sh.D, sh.K, f);
+}
+
+template <typename scalar_t>
+RoutingArgs<scalar_t> common_args(const RoutingShape& sh, const RoutingPlan& p, const RoutingOptions& o,
+                                  const void* u_hat, const void* u, const void* W, const void* prior, void* ws,
+                                  unsigned* counters) {
+  RoutingArgs<scalar_t> a;
+  a.u_hat = static_cast<const scalar_t*>(u_hat);
+  a.u = static_cast<const scalar_t*>(u);
+  a.W = static_cast<const scalar_t*>(W);
+  a.prior = static_cast<const scalar_t*>(prior);
+  a.B = sh.B;
+  a.I = sh.I;
+  a.J = static_cast<int>(sh.J);
+  a.D = static_cast<int>(sh.D);
+  a.K = static_cast<int>(sh.K);
+  a.tile_samples = p.tile_samples;
+  a.slots = p.generic_slots;
+  a.caps_per_chunk = p.caps_per_chunk;
+  a.leaky = o.leaky;
+  a.inv_temperature = static_cast<acc_t<scalar_t>>(o.inv_temperature);
+  a.R = sh.iterations;
+  a.ws = static_cast<acc_t<scalar_t>*>(ws);
+  a.counters = counters;
+  return a;
 }
 
 template <typename scalar_t, bool kRecompute>
-Status forward_impl(const RoutingShape& sh, const SweepPlan& plan, const void* u_hat, const void* u, const void* W,
-                    const void* bias, bool leaky, void* v, void* c, void* s_all, void* V_all, void* workspace,
-                    cudaStream_t stream) {
+Status forward_impl(const RoutingShape& sh, const RoutingPlan& p, const RoutingOptions& o, const void* u_hat,
+                    const void* u, const void* W, const void* bias, const void* prior, void* v, void* c, void* s_all,
+                    void* V_all, void* ws, unsigned* counters, cudaStream_t stream) {
   using acc = acc_t<scalar_t>;
-  const int J = static_cast<int>(sh.J), D = static_cast<int>(sh.D), K = static_cast<int>(sh.K);
-  const int64_t B = sh.B, I = sh.I, JD = sh.J * sh.D;
+  const int64_t BJD = sh.B * sh.J * sh.D;
   const int R = sh.iterations;
   auto* s_all_p = static_cast<acc*>(s_all);
   auto* V_all_p = static_cast<acc*>(V_all);
-  auto* ws = static_cast<acc*>(workspace);
+  const SmemBytes smem = smem_bytes(sizeof(acc), sh, p, kRecompute);
+  const dim3 grid(static_cast<unsigned>(p.sample_tiles), static_cast<unsigned>(p.num_chunks));
 
-  cudaError_t err = cudaMemsetAsync(V_all_p, 0, sizeof(acc) * B * JD, stream);  // V^0 = 0
-  if (err != cudaSuccess) return Status{static_cast<int>(err), "cudaMemsetAsync(V_all[0])"};
-
-  const int64_t smem = sweep_smem_elems<acc>(sh.J, sh.D, sh.K, kRecompute) * sizeof(acc);
-  auto sweep = routing_sweep_kernel<scalar_t, kRecompute, false>;
-  CAPSNET_RETURN_IF_ERROR(allow_smem(sweep, smem, "routing_sweep_kernel (shared memory opt-in)"));
-  const dim3 grid(static_cast<unsigned>((B + kSweepWarps - 1) / kSweepWarps), static_cast<unsigned>(plan.num_chunks));
-  for (int r = 0; r < R; ++r) {
-    const bool last = r == R - 1;
-    acc* V_r = V_all_p + r * B * JD;
-    CAPSNET_LAUNCH(sweep, grid, kSweepThreads, smem, stream)(
-        static_cast<const scalar_t*>(u_hat), static_cast<const scalar_t*>(u), static_cast<const scalar_t*>(W), V_r,
-        nullptr, last ? static_cast<scalar_t*>(c) : nullptr, ws, B, I, J, D, K, plan.caps_per_chunk, leaky);
-    CAPSNET_CHECK_LAUNCH("routing_sweep_kernel");
-    CAPSNET_LAUNCH(routing_squash_kernel<scalar_t>, grid_for(B * J, kElemThreads), kElemThreads, 0, stream)(
-        ws, plan.num_chunks, static_cast<const scalar_t*>(bias), s_all_p + r * B * JD, V_r,
-        last ? nullptr : V_r + B * JD, last ? static_cast<scalar_t*>(v) : nullptr, B, J, D);
-    CAPSNET_CHECK_LAUNCH("routing_squash_kernel");
-  }
-  return Status{};
+  cudaError_t err = cudaMemsetAsync(counters, 0, sizeof(unsigned) * p.counter_elems, stream);
+  if (err != cudaSuccess) return Status{static_cast<int>(err), "cudaMemsetAsync(reduction counters)"};
+  return with_config<kRecompute>(sh, p, [&](auto cfg) -> Status {
+    using Cfg = decltype(cfg);
+    auto kernel = routing_forward_sweep_kernel<scalar_t, Cfg, kRecompute>;
+    CAPSNET_RETURN_IF_ERROR(allow_smem(kernel, smem.sweep, "routing_forward_sweep_kernel (shared memory opt-in)"));
+    for (int r = 0; r < R; ++r) {
+      const bool last = r == R - 1;
+      RoutingArgs<scalar_t> a = common_args<scalar_t>(sh, p, o, u_hat, u, W, prior, ws, counters);
+      a.bias = static_cast<const scalar_t*>(bias);
+      a.V_r = r > 0 ? V_all_p + r * BJD : nullptr;
+      a.V_zero = r == 0 ? V_all_p : nullptr;
+      a.s_out = s_all_p + r * BJD;
+      a.V_next = last ? nullptr : V_all_p + (r + 1) * BJD;
+      a.v_out = last ? static_cast<scalar_t*>(v) : nullptr;
+      a.c_out = last ? static_cast<scalar_t*>(c) : nullptr;
+      a.tree = p.sweep_tree;
+      CAPSNET_LAUNCH(kernel, grid, kThreads, smem.sweep, stream)(a);
+      CAPSNET_CHECK_LAUNCH("routing_forward_sweep_kernel");
+    }
+    return Status{};
+  });
 }
 
 template <typename scalar_t, bool kRecompute>
-Status backward_impl(const RoutingShape& sh, const SweepPlan& plan, const void* grad_v, const void* u_hat,
-                     const void* u, const void* W, const void* s_all, const void* V_all, bool leaky,
-                     bool detach_inner, void* grad_u_hat, void* du, void* dW, void* dbias, void* gs_all, void* G,
-                     void* workspace, cudaStream_t stream) {
+Status backward_impl(const RoutingShape& sh, const RoutingPlan& p, const RoutingOptions& o, const void* grad_v,
+                     const void* u_hat, const void* u, const void* W, const void* prior, const void* s_all,
+                     const void* V_all, void* grad_u_hat, void* du, void* dW, void* dbias, void* dprior,
+                     void* gs_all, void* G, void* ws, unsigned* counters, cudaStream_t stream) {
   using acc = acc_t<scalar_t>;
-  const int J = static_cast<int>(sh.J), D = static_cast<int>(sh.D), K = static_cast<int>(sh.K);
-  const int64_t B = sh.B, I = sh.I, JD = sh.J * sh.D;
+  const int64_t BJD = sh.B * sh.J * sh.D;
   const int R = sh.iterations;
-  const int r_begin = detach_inner ? R - 1 : 0;
+  const bool through_logits = !o.detach_inner && R > 1;
   const auto* s_all_p = static_cast<const acc*>(s_all);
   const auto* V_all_p = static_cast<const acc*>(V_all);
   auto* gs_all_p = static_cast<acc*>(gs_all);
   auto* G_p = static_cast<acc*>(G);
-  auto* ws = static_cast<acc*>(workspace);
+  const SmemBytes smem = smem_bytes(sizeof(acc), sh, p, kRecompute);
+  const dim3 grid(static_cast<unsigned>(p.sample_tiles), static_cast<unsigned>(p.num_chunks));
 
-  const bool through_logits = !detach_inner && R > 1;
-  if (through_logits) {
-    cudaError_t err = cudaMemsetAsync(G_p, 0, sizeof(acc) * B * JD, stream);
-    if (err != cudaSuccess) return Status{static_cast<int>(err), "cudaMemsetAsync(G)"};
-  }
-  const int64_t sweep_smem = sweep_smem_elems<acc>(sh.J, sh.D, sh.K, kRecompute) * sizeof(acc);
-  auto sweep = routing_sweep_kernel<scalar_t, kRecompute, true>;
-  if (through_logits) {
-    CAPSNET_RETURN_IF_ERROR(allow_smem(sweep, sweep_smem, "routing_sweep_kernel (shared memory opt-in)"));
-  }
-  const dim3 sweep_grid(static_cast<unsigned>((B + kSweepWarps - 1) / kSweepWarps),
-                        static_cast<unsigned>(plan.num_chunks));
-
-  // Reverse sweeps: r = R-1 .. r_begin. G holds dL/dV^(r+1) summed over later iterations.
-  for (int r = R - 1; r >= r_begin; --r) {
-    acc* gs_r = gs_all_p + r * B * JD;
-    CAPSNET_LAUNCH(squash_backward_kernel<scalar_t>, grid_for(B * J, kElemThreads), kElemThreads, 0, stream)(
-        s_all_p + r * B * JD, r == R - 1 ? static_cast<const scalar_t*>(grad_v) : nullptr,
-        r < R - 1 ? G_p : nullptr, gs_r, B, J, D);
-    CAPSNET_CHECK_LAUNCH("squash_backward_kernel");
-    if (through_logits && r > 0) {  // V^0 = 0 passes nothing on
-      CAPSNET_LAUNCH(sweep, sweep_grid, kSweepThreads, sweep_smem, stream)(
-          static_cast<const scalar_t*>(u_hat), static_cast<const scalar_t*>(u), static_cast<const scalar_t*>(W),
-          V_all_p + r * B * JD, gs_r, nullptr, ws, B, I, J, D, K, plan.caps_per_chunk, leaky);
-      CAPSNET_CHECK_LAUNCH("routing_sweep_kernel (reverse)");
-      CAPSNET_LAUNCH(add_partials_kernel<acc>, grid_for(B * JD, kElemThreads), kElemThreads, 0, stream)(ws, plan.num_chunks,
-                                                                                         G_p, B * JD);
-      CAPSNET_CHECK_LAUNCH("add_partials_kernel");
+  cudaError_t err = cudaMemsetAsync(counters, 0, sizeof(unsigned) * p.counter_elems, stream);
+  if (err != cudaSuccess) return Status{static_cast<int>(err), "cudaMemsetAsync(reduction counters)"};
+  CAPSNET_RETURN_IF_ERROR(with_config<kRecompute>(sh, p, [&](auto cfg) -> Status {
+    using Cfg = decltype(cfg);
+    if (through_logits) {
+      auto reverse = routing_reverse_sweep_kernel<scalar_t, Cfg, kRecompute>;
+      CAPSNET_RETURN_IF_ERROR(allow_smem(reverse, smem.sweep, "routing_reverse_sweep_kernel (shared memory opt-in)"));
+      // Reverse sweeps r = R-1 .. 1 (V^0 = 0 passes nothing on); G collects dL/dV^r.
+      for (int r = R - 1; r >= 1; --r) {
+        RoutingArgs<scalar_t> a = common_args<scalar_t>(sh, p, o, u_hat, u, W, prior, ws, counters);
+        a.V_r = V_all_p + r * BJD;
+        a.s_r = s_all_p + r * BJD;
+        a.grad_v = r == R - 1 ? static_cast<const scalar_t*>(grad_v) : nullptr;
+        a.gs_r = gs_all_p + r * BJD;
+        a.G = G_p;
+        a.G_first = r == R - 1;
+        a.s_prev = s_all_p + (r - 1) * BJD;
+        a.gs_prev = gs_all_p + (r - 1) * BJD;
+        a.tree = p.sweep_tree;
+        CAPSNET_LAUNCH(reverse, grid, kThreads, smem.sweep, stream)(a);
+        CAPSNET_CHECK_LAUNCH("routing_reverse_sweep_kernel");
+      }
     }
-  }
-
-  // Final gradient sweep.
-  const int64_t grad_smem = grad_smem_elems(sh.J, sh.D, sh.K, kRecompute) * sizeof(acc);
-  auto grad = routing_grad_kernel<scalar_t, kRecompute>;
-  CAPSNET_RETURN_IF_ERROR(allow_smem(grad, grad_smem, "routing_grad_kernel (shared memory opt-in)"));
-  const int64_t per_block = grad_samples_per_block(B, kRecompute);
-  const dim3 grad_grid(static_cast<unsigned>(I), static_cast<unsigned>((B + per_block - 1) / per_block));
-  CAPSNET_LAUNCH(grad, grad_grid, kGradThreads, grad_smem, stream)(
-      static_cast<const scalar_t*>(u_hat), static_cast<const scalar_t*>(u), static_cast<const scalar_t*>(W), V_all_p,
-      gs_all_p, static_cast<scalar_t*>(grad_u_hat), static_cast<scalar_t*>(du), static_cast<scalar_t*>(dW), B, I, J, D,
-      K, R, r_begin, per_block, leaky);
-  CAPSNET_CHECK_LAUNCH("routing_grad_kernel");
+    auto grad = routing_grad_kernel<scalar_t, Cfg, kRecompute>;
+    CAPSNET_RETURN_IF_ERROR(allow_smem(grad, smem.grad, "routing_grad_kernel (shared memory opt-in)"));
+    RoutingArgs<scalar_t> a = common_args<scalar_t>(sh, p, o, u_hat, u, W, prior, ws, counters);
+    a.V_all = V_all_p;
+    a.gs_all = gs_all_p;
+    a.s_last = s_all_p + (R - 1) * BJD;
+    a.grad_v = through_logits ? nullptr : static_cast<const scalar_t*>(grad_v);
+    a.r_begin = o.detach_inner ? R - 1 : 0;
+    a.through_logits = through_logits;
+    a.grad_u_hat = static_cast<scalar_t*>(grad_u_hat);
+    a.du = static_cast<scalar_t*>(du);
+    a.dW = static_cast<scalar_t*>(dW);
+    a.dprior = static_cast<scalar_t*>(dprior);
+    a.grad_record = p.grad_record;
+    a.tree = p.grad_tree;
+    CAPSNET_LAUNCH(grad, grid, kThreads, smem.grad, stream)(a);
+    CAPSNET_CHECK_LAUNCH("routing_grad_kernel");
+    return Status{};
+  }));
 
   if (dbias != nullptr) {
-    CAPSNET_LAUNCH(bias_grad_kernel<scalar_t>, grid_for(JD, kElemThreads), kElemThreads, 0, stream)(
-        gs_all_p, static_cast<scalar_t*>(dbias), B, JD, R, r_begin);
-    CAPSNET_CHECK_LAUNCH("bias_grad_kernel");
+    const int64_t JD = sh.J * sh.D;
+    const unsigned blocks = static_cast<unsigned>((JD + kBiasColumns - 1) / kBiasColumns);
+    CAPSNET_LAUNCH(routing_bias_grad_kernel<scalar_t>, blocks, kThreads, kThreads * sizeof(acc), stream)(
+        gs_all_p, static_cast<scalar_t*>(dbias), sh.B, JD, R, o.detach_inner ? R - 1 : 0);
+    CAPSNET_CHECK_LAUNCH("routing_bias_grad_kernel");
   }
   return Status{};
 }
 
 }  // namespace
 
-int64_t sweep_smem_bytes(DType dtype, int64_t J, int64_t D, int64_t K, bool recompute) {
-  return sweep_smem_elems<float>(J, D, K, recompute) * acc_size(dtype);
+int64_t routing_smem_bytes(DType dtype, const RoutingShape& shape, const RoutingPlan& plan, bool recompute) {
+  const SmemBytes s = smem_bytes(acc_size(dtype), shape, plan, recompute);
+  return s.sweep > s.grad ? s.sweep : s.grad;
 }
 
-int64_t grad_smem_bytes(DType dtype, int64_t J, int64_t D, int64_t K, bool recompute) {
-  return grad_smem_elems(J, D, K, recompute) * acc_size(dtype);
-}
-
-Status routing_forward(DType dtype, const RoutingShape& shape, const SweepPlan& plan, const void* u_hat,
-                       const void* u, const void* W, const void* bias, bool leaky, void* v, void* c, void* s_all,
-                       void* V_all, void* workspace, void* stream) {
+Status routing_forward(DType dtype, const RoutingShape& shape, const RoutingPlan& plan, const RoutingOptions& options,
+                       const void* u_hat, const void* u, const void* W, const void* bias, const void* prior, void* v,
+                       void* c, void* s_all, void* V_all, void* workspace, unsigned* counters, void* stream) {
+  CAPSNET_CHECK_PENDING("routing_forward");
   return dispatch_dtype(dtype, [&](auto* tag) -> Status {
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    const auto st = static_cast<cudaStream_t>(stream);
     if (u_hat == nullptr)
-      return forward_impl<scalar_t, true>(shape, plan, u_hat, u, W, bias, leaky, v, c, s_all, V_all, workspace,
-                                          static_cast<cudaStream_t>(stream));
-    return forward_impl<scalar_t, false>(shape, plan, u_hat, u, W, bias, leaky, v, c, s_all, V_all, workspace,
-                                         static_cast<cudaStream_t>(stream));
+      return forward_impl<scalar_t, true>(shape, plan, options, u_hat, u, W, bias, prior, v, c, s_all, V_all,
+                                          workspace, counters, st);
+    return forward_impl<scalar_t, false>(shape, plan, options, u_hat, u, W, bias, prior, v, c, s_all, V_all,
+                                         workspace, counters, st);
   });
 }
 
-Status routing_backward(DType dtype, const RoutingShape& shape, const SweepPlan& plan, const void* grad_v,
-                        const void* u_hat, const void* u, const void* W, const void* s_all, const void* V_all,
-                        bool leaky, bool detach_inner, void* grad_u_hat, void* du, void* dW, void* dbias,
-                        void* gs_all, void* G, void* workspace, void* stream) {
+Status routing_backward(DType dtype, const RoutingShape& shape, const RoutingPlan& plan, const RoutingOptions& options,
+                        const void* grad_v, const void* u_hat, const void* u, const void* W, const void* prior,
+                        const void* s_all, const void* V_all, void* grad_u_hat, void* du, void* dW, void* dbias,
+                        void* dprior, void* gs_all, void* G, void* workspace, unsigned* counters, void* stream) {
+  CAPSNET_CHECK_PENDING("routing_backward");
   return dispatch_dtype(dtype, [&](auto* tag) -> Status {
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    const auto st = static_cast<cudaStream_t>(stream);
     if (u_hat == nullptr)
-      return backward_impl<scalar_t, true>(shape, plan, grad_v, u_hat, u, W, s_all, V_all, leaky, detach_inner,
-                                           grad_u_hat, du, dW, dbias, gs_all, G, workspace,
-                                           static_cast<cudaStream_t>(stream));
-    return backward_impl<scalar_t, false>(shape, plan, grad_v, u_hat, u, W, s_all, V_all, leaky, detach_inner,
-                                          grad_u_hat, du, dW, dbias, gs_all, G, workspace,
-                                          static_cast<cudaStream_t>(stream));
+      return backward_impl<scalar_t, true>(shape, plan, options, grad_v, u_hat, u, W, prior, s_all, V_all,
+                                           grad_u_hat, du, dW, dbias, dprior, gs_all, G, workspace, counters, st);
+    return backward_impl<scalar_t, false>(shape, plan, options, grad_v, u_hat, u, W, prior, s_all, V_all,
+                                          grad_u_hat, du, dW, dbias, dprior, gs_all, G, workspace, counters, st);
   });
 }
 

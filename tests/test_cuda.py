@@ -20,6 +20,7 @@ repeated here).
 """
 from __future__ import annotations
 
+import glob
 import itertools
 import os
 import re
@@ -38,10 +39,13 @@ from capsnet_ext.cuda_ops.routing import capsule_routing_with, dynamic_routing_w
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTION_GRID = [dict(bias=b, leaky=l, detach_inner=d) for b, l, d in itertools.product((False, True), repeat=3)]
+# The Mitterreiter et al. routing options: a learned prior logit [I, J] and a softmax temperature.
+EXTRAS = [dict(prior=False, temperature=1.0), dict(prior=True, temperature=0.7)]
 
 
 def _option_id(o):
-    return "-".join(k for k, v in o.items() if v) or "plain"
+    shown = [k if v is True else f"{k}{v}" for k, v in o.items() if v and not (k == "temperature" and v == 1.0)]
+    return "-".join(shown) or "plain"
 
 
 def _max_err(x, y):
@@ -79,13 +83,20 @@ def _squash_backward(s, gv):
     return norm / denom * gv + coef * (s * gv).sum(-1, keepdim=True) * s
 
 
-def _emul_forward(uh, bias, iterations, leaky, return_coupling, dtype):
+def _coupling_at(uh, V, prior, leaky, temperature):
+    logits = torch.einsum("bijd,bjd->bij", uh, V)
+    if prior is not None:
+        logits = logits + prior.to(uh.dtype)
+    return reference.coupling(logits, leaky, temperature)
+
+
+def _emul_forward(uh, bias, prior, iterations, leaky, temperature, return_coupling, dtype):
     B, I, J, D = uh.shape
     V = uh.new_zeros(B, J, D)
     s_all, V_all = [], []
     for _ in range(iterations):
         V_all.append(V)
-        c = reference.coupling(torch.einsum("bijd,bjd->bij", uh, V), leaky)
+        c = _coupling_at(uh, V, prior, leaky, temperature)
         s = torch.einsum("bij,bijd->bjd", c, uh)
         if bias is not None:
             s = s + bias.to(uh.dtype)
@@ -96,28 +107,35 @@ def _emul_forward(uh, bias, iterations, leaky, return_coupling, dtype):
     return v.to(dtype), coupling, torch.stack(s_all), torch.stack(V_all)
 
 
-def _emul_backward(grad_v, uh, s_all, V_all, iterations, leaky, detach_inner):
+def _emul_backward(grad_v, uh, prior, s_all, V_all, iterations, leaky, detach_inner, temperature):
+    """(grad u_hat, grad bias, grad prior) by the kernels' reverse sweeps and gradient sweep."""
     R = iterations
     r_begin = R - 1 if detach_inner else 0
+    through_logits = not detach_inner and R > 1
     g = grad_v.to(uh.dtype)
     G = torch.zeros_like(g)
     gs_all = torch.zeros_like(s_all)
+
+    def logit_grad(c, gs):
+        gc = torch.einsum("bijd,bjd->bij", uh, gs)
+        return c * (gc - (c * gc).sum(-1, keepdim=True)) / temperature
+
     for r in range(R - 1, r_begin - 1, -1):  # reverse sweeps
         gs_all[r] = _squash_backward(s_all[r], G + (g if r == R - 1 else 0))
-        if not detach_inner and r > 0:
-            c = reference.coupling(torch.einsum("bijd,bjd->bij", uh, V_all[r]), leaky)
-            gc = torch.einsum("bijd,bjd->bij", uh, gs_all[r])
-            gl = c * (gc - (c * gc).sum(-1, keepdim=True))
+        if through_logits and r > 0:
+            gl = logit_grad(_coupling_at(uh, V_all[r], prior, leaky, temperature), gs_all[r])
             G = G + torch.einsum("bij,bijd->bjd", gl, uh)
     gu = torch.zeros_like(uh)
+    gprior = uh.new_zeros(uh.shape[1:3])
     for r in range(r_begin, R):  # the final gradient sweep
-        c = reference.coupling(torch.einsum("bijd,bjd->bij", uh, V_all[r]), leaky)
+        c = _coupling_at(uh, V_all[r], prior, leaky, temperature)
         gu = gu + c[..., None] * gs_all[r][:, None]
-        if not detach_inner and r > 0:
-            gc = torch.einsum("bijd,bjd->bij", uh, gs_all[r])
-            gl = c * (gc - (c * gc).sum(-1, keepdim=True))
-            gu = gu + gl[..., None] * V_all[r][:, None]
-    return gu, gs_all[r_begin:].sum((0, 1))
+        if (through_logits and r > 0) or prior is not None:
+            gl = logit_grad(c, gs_all[r])
+            if through_logits and r > 0:
+                gu = gu + gl[..., None] * V_all[r][:, None]
+            gprior = gprior + gl.sum(0)
+    return gu, gs_all[r_begin:].sum((0, 1)), gprior
 
 
 def _emulated_impls():
@@ -127,27 +145,33 @@ def _emulated_impls():
     def predict_backward(g, u, W):
         return torch.einsum("ijdk,bijd->bik", W, g), torch.einsum("bijd,bik->ijdk", g, u)
 
-    def routing_forward(u_hat, bias, iterations, leaky, detach_inner, return_coupling):
+    def routing_forward(u_hat, bias, prior, iterations, leaky, detach_inner, return_coupling, temperature):
         uh = u_hat.to(_schema.acc_dtype(u_hat.dtype))
-        return _emul_forward(uh, bias, iterations, leaky, return_coupling, u_hat.dtype)
+        return _emul_forward(uh, bias, prior, iterations, leaky, temperature, return_coupling, u_hat.dtype)
 
-    def routing_backward(grad_v, u_hat, s_all, V_all, iterations, leaky, detach_inner):
+    def _optional(ref, has_bias, gb, prior, gp):
+        return (gb.to(ref.dtype) if has_bias else ref.new_empty((0,)),
+                gp.to(ref.dtype) if prior is not None else ref.new_empty((0,)))
+
+    def routing_backward(grad_v, u_hat, prior, s_all, V_all, iterations, leaky, detach_inner, has_bias,
+                         temperature):
         uh = u_hat.to(s_all.dtype)
-        gu, gb = _emul_backward(grad_v, uh, s_all, V_all, iterations, leaky, detach_inner)
-        return gu.to(u_hat.dtype), gb.to(u_hat.dtype)
+        gu, gb, gp = _emul_backward(grad_v, uh, prior, s_all, V_all, iterations, leaky, detach_inner, temperature)
+        return (gu.to(u_hat.dtype), *_optional(u_hat, has_bias, gb, prior, gp))
 
-    def capsule_routing_forward(u, W, bias, iterations, leaky, detach_inner, return_coupling):
+    def capsule_routing_forward(u, W, bias, prior, iterations, leaky, detach_inner, return_coupling, temperature):
         acc = _schema.acc_dtype(u.dtype)
         uh = torch.einsum("ijdk,bik->bijd", W.to(acc), u.to(acc))
-        return _emul_forward(uh, bias, iterations, leaky, return_coupling, u.dtype)
+        return _emul_forward(uh, bias, prior, iterations, leaky, temperature, return_coupling, u.dtype)
 
-    def capsule_routing_backward(grad_v, u, W, s_all, V_all, iterations, leaky, detach_inner):
+    def capsule_routing_backward(grad_v, u, W, prior, s_all, V_all, iterations, leaky, detach_inner, has_bias,
+                                 temperature):
         acc = s_all.dtype
         uh = torch.einsum("ijdk,bik->bijd", W.to(acc), u.to(acc))
-        gu, gb = _emul_backward(grad_v, uh, s_all, V_all, iterations, leaky, detach_inner)
+        gu, gb, gp = _emul_backward(grad_v, uh, prior, s_all, V_all, iterations, leaky, detach_inner, temperature)
         du = torch.einsum("ijdk,bijd->bik", W.to(acc), gu)
         dW = torch.einsum("bijd,bik->ijdk", gu, u.to(acc))
-        return du.to(u.dtype), dW.to(u.dtype), gb.to(u.dtype)
+        return (du.to(u.dtype), dW.to(u.dtype), *_optional(u, has_bias, gb, prior, gp))
 
     return locals()
 
@@ -174,7 +198,8 @@ def emulated():
         for name, schema in _schema.SCHEMAS.items():
             lib.define(schema)
         for name, fn in _emulated_impls().items():
-            lib.impl(name, _contiguous_outputs(fn), "CPU")
+            if name in _schema.SCHEMAS:
+                lib.impl(name, _contiguous_outputs(fn), "CPU")
         _schema.register(EMULATED_NS)
         _emulated_lib = lib
     return getattr(torch.ops, EMULATED_NS)
@@ -187,6 +212,12 @@ def _inputs(B, I, J, D, K, dtype=torch.float64, device="cpu", seed=0):
     bias = (0.1 * torch.randn(J, D, generator=gen, dtype=torch.float64)).to(device, dtype)
     grad_v = torch.randn(B, J, D, generator=gen, dtype=torch.float64).to(device, dtype)
     return u, W, bias, grad_v
+
+
+def _prior(I, J, dtype=torch.float64, device="cpu", seed=1):
+    """Learned prior logits [I, J] of a plausible size (fresh random, never zeros)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return (0.5 * torch.randn(I, J, generator=gen, dtype=torch.float64)).to(device, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,16 +311,19 @@ def test_kernels_include_no_torch_headers():
 SHAPES_CPU = [(3, 7, 5, 4, 3), (2, 1, 1, 1, 1), (4, 11, 2, 3, 5)]
 
 
+@pytest.mark.parametrize("extras", EXTRAS, ids=_option_id)
 @pytest.mark.parametrize("opts", OPTION_GRID, ids=_option_id)
 @pytest.mark.parametrize("iterations", [1, 3])
-def test_emulated_capsule_routing_matches_reference(emulated, opts, iterations):
+def test_emulated_capsule_routing_matches_reference(emulated, opts, extras, iterations):
     for shape in SHAPES_CPU:
         u, W, bias, grad_v = _inputs(*shape)
         b = bias if opts["bias"] else None
-        leaves = [u, W] + ([b] if b is not None else [])
+        p = _prior(shape[1], shape[2]) if extras["prior"] else None
+        leaves = [u, W] + [x for x in (b, p) if x is not None]
         for x in leaves:
             x.requires_grad_(True)
-        kw = dict(bias=b, leaky=opts["leaky"], detach_inner=opts["detach_inner"], return_coupling=True)
+        kw = dict(bias=b, leaky=opts["leaky"], detach_inner=opts["detach_inner"], return_coupling=True, prior=p,
+                  temperature=extras["temperature"])
         v, c = capsule_routing_with(emulated, u, W, iterations, **kw)
         v_ref, c_ref = reference.capsule_routing(u, W, iterations, **kw)
         _assert_close(v, v_ref, 1e-12, 1e-10, f"v {shape}")
@@ -297,20 +331,23 @@ def test_emulated_capsule_routing_matches_reference(emulated, opts, iterations):
         assert not c.requires_grad
         grads = torch.autograd.grad(v, leaves, grad_v)
         grads_ref = torch.autograd.grad(v_ref, leaves, grad_v)
-        for name, g, g_ref in zip(("u", "W", "bias"), grads, grads_ref):
+        for name, g, g_ref in zip(("u", "W", "bias/prior", "prior"), grads, grads_ref):
             _assert_close(g, g_ref, 1e-11, 1e-9, f"grad {name} {shape}")
 
 
+@pytest.mark.parametrize("extras", EXTRAS, ids=_option_id)
 @pytest.mark.parametrize("opts", OPTION_GRID, ids=_option_id)
-def test_emulated_dynamic_routing_matches_reference(emulated, opts):
+def test_emulated_dynamic_routing_matches_reference(emulated, opts, extras):
     u, W, bias, grad_v = _inputs(3, 9, 4, 5, 2)
     u_hat = reference.predict(u, W).detach().requires_grad_(True)
     b = bias.requires_grad_(True) if opts["bias"] else None
-    kw = dict(bias=b, leaky=opts["leaky"], detach_inner=opts["detach_inner"])
+    p = _prior(9, 4).requires_grad_(True) if extras["prior"] else None
+    kw = dict(bias=b, leaky=opts["leaky"], detach_inner=opts["detach_inner"], prior=p,
+              temperature=extras["temperature"])
     v = dynamic_routing_with(emulated, u_hat, 4, **kw)
     v_ref = reference.dynamic_routing(u_hat, 4, **kw)
     _assert_close(v, v_ref, 1e-12, 1e-10, "v")
-    leaves = [u_hat] + ([b] if b is not None else [])
+    leaves = [u_hat] + [x for x in (b, p) if x is not None]
     for g, g_ref in zip(torch.autograd.grad(v, leaves, grad_v), torch.autograd.grad(v_ref, leaves, grad_v)):
         _assert_close(g, g_ref, 1e-11, 1e-9, "grad")
 
@@ -323,6 +360,13 @@ def test_emulated_gradcheck(emulated):
     for leaky in (False, True):
         assert torch.autograd.gradcheck(
             lambda u, W, b: capsule_routing_with(emulated, u, W, 3, bias=b, leaky=leaky), args)
+    prior = _prior(5, 3).requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda u, W, b, p: capsule_routing_with(emulated, u, W, 3, bias=b, prior=p, temperature=0.6, leaky=True),
+        args + [prior])
+    assert torch.autograd.gradcheck(
+        lambda uh, p: dynamic_routing_with(emulated, uh, 2, prior=p, temperature=1.7),
+        [reference.predict(u, W).detach().requires_grad_(True), prior])
     assert torch.autograd.gradcheck(lambda u, W: emulated.predict(u, W), args[:2])
 
 
@@ -330,16 +374,20 @@ def test_emulated_opcheck(emulated):
     u, W, bias, grad_v = _inputs(2, 5, 3, 4, 3)
     u.requires_grad_(True), W.requires_grad_(True), bias.requires_grad_(True)
     u_hat = reference.predict(u, W).detach().requires_grad_(True)
-    fwd = emulated.capsule_routing_forward(u.detach(), W.detach(), bias.detach(), 2, False, False, False)
+    prior = _prior(5, 3).requires_grad_(True)
+    fwd = emulated.capsule_routing_forward(u.detach(), W.detach(), bias.detach(), None, 2, False, False, False, 1.0)
     cases = [
         (emulated.predict, (u, W)),
         (emulated.predict_backward, (reference.predict(u, W).detach(), u.detach(), W.detach())),
-        (emulated.routing_forward, (u_hat, bias, 3, True, False, True)),
-        (emulated.routing_forward, (u_hat, None, 2, False, True, False)),
-        (emulated.capsule_routing_forward, (u, W, bias, 3, False, False, True)),
-        (emulated.capsule_routing_forward, (u, W, None, 1, True, True, False)),
-        (emulated.capsule_routing_backward, (grad_v, u.detach(), W.detach(), fwd[2], fwd[3], 2, False, False)),
-        (emulated.routing_backward, (grad_v, u_hat.detach(), fwd[2], fwd[3], 2, False, False)),
+        (emulated.routing_forward, (u_hat, bias, None, 3, True, False, True, 1.0)),
+        (emulated.routing_forward, (u_hat, None, prior, 2, False, True, False, 0.5)),
+        (emulated.capsule_routing_forward, (u, W, bias, prior, 3, False, False, True, 2.0)),
+        (emulated.capsule_routing_forward, (u, W, None, None, 1, True, True, False, 1.0)),
+        (emulated.capsule_routing_backward,
+         (grad_v, u.detach(), W.detach(), None, fwd[2], fwd[3], 2, False, False, True, 1.0)),
+        (emulated.capsule_routing_backward,
+         (grad_v, u.detach(), W.detach(), prior.detach(), fwd[2], fwd[3], 2, False, False, False, 1.0)),
+        (emulated.routing_backward, (grad_v, u_hat.detach(), None, fwd[2], fwd[3], 2, False, False, True, 1.0)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -349,16 +397,19 @@ def test_emulated_compiles_without_graph_breaks(emulated):
     u, W, bias, grad_v = _inputs(3, 6, 4, 5, 2, torch.float32)
     W.requires_grad_(True)
 
-    def step(u, W, bias):
-        return capsule_routing_with(emulated, u, W, 3, bias=bias, leaky=True)
+    prior = _prior(6, 4, torch.float32).requires_grad_(True)
+
+    def step(u, W, bias, prior):
+        return capsule_routing_with(emulated, u, W, 3, bias=bias, leaky=True, prior=prior, temperature=0.8)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    v = compiled(u, W, bias)
-    (gW,) = torch.autograd.grad(v, [W], grad_v)
-    v_ref = step(u, W, bias)
-    (gW_ref,) = torch.autograd.grad(v_ref, [W], grad_v)
+    v = compiled(u, W, bias, prior)
+    gW, gp = torch.autograd.grad(v, [W, prior], grad_v)
+    v_ref = step(u, W, bias, prior)
+    gW_ref, gp_ref = torch.autograd.grad(v_ref, [W, prior], grad_v)
     torch.testing.assert_close(v, v_ref)
     torch.testing.assert_close(gW, gW_ref)
+    torch.testing.assert_close(gp, gp_ref)
 
 
 def test_emulated_saves_no_u_hat_sized_tensor(emulated):
@@ -406,75 +457,269 @@ def _sanitizer_flags(cxx):
     return ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
 
 
+def _emulation_cache_dir():
+    root = os.environ.get("CAPSNET_EXT_EMULATION_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "capsnet_ext",
+        "emulation")
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
 @pytest.fixture(scope="module")
-def emulated_kernels(tmp_path_factory):
-    """Path of the driver executable built from the kernel sources (skips without g++)."""
+def emulated_kernels():
+    """Paths of the driver executables built from the kernel sources, by dtype: one build per
+    accumulation type, compiled in parallel (skips without g++). -O0 keeps the build of the
+    many kernel instances short; the sanitizers check the same at any optimisation level.
+    Builds are cached by the hash of the sources and the command (CAPSNET_EXT_EMULATION_CACHE,
+    default ~/.cache/capsnet_ext/emulation), so a rerun on unchanged sources builds nothing."""
+    import hashlib
+    import tempfile
+
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         pytest.skip(f"no host C++ compiler ({cxx}) to build the kernels' host emulation")
-    exe = str(tmp_path_factory.mktemp("emulation") / "capsnet_emulated")
     csrc = os.path.join(ROOT, "csrc")
-    cmd = [cxx, "-std=c++20", "-O1", "-g", "-pthread", "-DCAPSNET_HOST_EMULATION", f"-I{csrc}",
-           *_sanitizer_flags(cxx), "-x", "c++", os.path.join(csrc, "routing.cu"), os.path.join(csrc, "predict.cu"),
-           "-x", "none", os.path.join(csrc, "emulation", "driver.cpp"), "-o", exe]
-    build = subprocess.run(cmd, capture_output=True, text=True)
-    assert build.returncode == 0, f"building the kernels' host emulation failed:\n{build.stderr[-4000:]}"
-    return exe
+    sources = sorted(glob.glob(os.path.join(csrc, "*.cu")) + glob.glob(os.path.join(csrc, "*.cuh"))
+                     + glob.glob(os.path.join(csrc, "*.h")) + glob.glob(os.path.join(csrc, "emulation", "*")))
+    cache = _emulation_cache_dir()
+    builds, exes = {}, {}
+    for dtype, bits in ((torch.float32, 32), (torch.float64, 64)):
+        cmd = [cxx, "-std=c++20", "-O0", "-g", "-pthread", "-DCAPSNET_HOST_EMULATION",
+               f"-DCAPSNET_EMULATION_DTYPE={bits}", f"-I{csrc}", *_sanitizer_flags(cxx), "-x", "c++",
+               os.path.join(csrc, "routing.cu"), os.path.join(csrc, "predict.cu"), "-x", "none",
+               os.path.join(csrc, "emulation", "driver.cpp")]
+        digest = hashlib.sha256(" ".join(cmd).encode())
+        for path in sources:
+            with open(path, "rb") as f:
+                digest.update(path.encode() + f.read())
+        exe = os.path.join(cache, f"capsnet_emulated_{bits}_{digest.hexdigest()[:16]}")
+        exes[dtype] = exe
+        if not os.path.exists(exe):
+            fd, partial = tempfile.mkstemp(dir=cache, prefix=".building-")
+            os.close(fd)
+            proc = subprocess.Popen(cmd + ["-o", partial], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            builds[dtype] = (exe, partial, proc)
+    for dtype, (exe, partial, proc) in builds.items():
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            os.unlink(partial)
+        assert proc.returncode == 0, f"building the kernels' host emulation failed:\n{err[-4000:]}"
+        os.replace(partial, exe)  # complete executables only
+    return exes
 
 
-def _run_emulated(exe, workdir, arrays, meta, dtype):
-    """Write the inputs, run the kernels, return the outputs by name (as float64 tensors)."""
+def _emulation_env(block_order="forward"):
+    return dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0", UBSAN_OPTIONS="halt_on_error=1",
+                TSAN_OPTIONS="halt_on_error=1", CAPSNET_EMULATION_BLOCK_ORDER=block_order)
+
+
+def _write_problem(workdir, arrays, meta, dtype):
     np_dtype = {torch.float32: np.float32, torch.float64: np.float64}[dtype]
+    workdir.mkdir(parents=True, exist_ok=True)
     for name, t in arrays.items():
         t.detach().to(dtype).numpy().astype(np_dtype).tofile(workdir / f"{name}.bin")
     meta = dict(meta, dtype=str(dtype).split(".")[-1])
     (workdir / "meta.txt").write_text("\n".join(f"{k} {int(v) if isinstance(v, bool) else v}" for k, v in meta.items()))
-    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0", UBSAN_OPTIONS="halt_on_error=1",
-               TSAN_OPTIONS="halt_on_error=1")
-    result = subprocess.run([exe, str(workdir)], capture_output=True, text=True, env=env, timeout=900)
+
+
+def _read_outputs(workdir, inputs, dtype):
+    np_dtype = {torch.float32: np.float32, torch.float64: np.float64}[dtype]
+    return {p.stem: torch.from_numpy(np.fromfile(p, dtype=np_dtype)).double()
+            for p in workdir.glob("*.bin") if p.stem not in inputs}
+
+
+def _run_driver(exe, workdirs, block_order="forward"):
+    """Runs the kernels on every problem directory in one process."""
+    result = subprocess.run([exe, *map(str, workdirs)], capture_output=True, text=True, env=_emulation_env(block_order),
+                            timeout=900)
     assert result.returncode == 0, f"emulated kernels failed ({result.returncode}):\n{result.stderr[-4000:]}"
     assert "runtime error" not in result.stderr and "ThreadSanitizer" not in result.stderr, result.stderr[-4000:]
-    return {p.stem: torch.from_numpy(np.fromfile(p, dtype=np_dtype)).double()
-            for p in workdir.glob("*.bin") if p.stem not in arrays}
 
 
-EMULATION_CASES = [
-    # (B, I, J, D, K), iterations, fused, options, dtype
-    ((9, 6, 33, 3, 2), 3, True, dict(bias=True, leaky=True, detach_inner=False), torch.float64),
-    ((4, 5, 10, 16, 8), 3, True, dict(bias=False, leaky=False, detach_inner=True), torch.float64),
-    ((11, 3, 2, 5, 9), 2, True, dict(bias=True, leaky=False, detach_inner=False), torch.float32),
-    ((3, 7, 5, 4, 3), 3, False, dict(bias=True, leaky=True, detach_inner=False), torch.float64),
-    ((2, 1, 1, 1, 1), 1, False, dict(bias=False, leaky=True, detach_inner=True), torch.float64),
-]
+def _run_emulated(exes, workdir, arrays, meta, dtype):
+    """Write the inputs, run the kernels, return the outputs by name (as float64 tensors)."""
+    _write_problem(workdir, arrays, meta, dtype)
+    _run_driver(exes[dtype], [workdir])
+    return _read_outputs(workdir, arrays, dtype)
 
 
-@pytest.mark.parametrize("shape,iterations,fused,opts,dtype", EMULATION_CASES,
-                         ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else None)
-def test_kernel_sources_in_host_emulation(emulated_kernels, tmp_path, shape, iterations, fused, opts, dtype):
-    B, I, J, D, K = shape
-    u, W, bias, grad_v = _inputs(*shape, seed=B + I)
+def _case(shape, R, fused, dtype=torch.float64, bias=False, leaky=False, detach_inner=False, prior=False,
+          temperature=1.0):
+    return dict(shape=shape, R=R, fused=fused, dtype=dtype, bias=bias, leaky=leaky, detach_inner=detach_inner,
+                prior=prior, temperature=temperature)
+
+
+def _template_cases():
+    """One case per compile-time instance (Din x Dout x lanes per sample, fused; Dout x lanes,
+    given u_hat), with the options cycled through them, float32 for every Din (the 128-bit
+    shared-memory path), plus the generic kernel (J > 32, odd Din / Dout) and a reduction tree
+    of two levels (an intermediate node summed by one block, the root by another) over 12
+    chunks and two sample tiles."""
+    option_cycle = [dict(bias=True), dict(leaky=True, prior=True, temperature=0.7), dict(detach_inner=True, bias=True),
+                    dict(prior=True, detach_inner=True), dict(leaky=True, bias=True, temperature=1.6), dict()]
+    cases = []
+    n = 0
+    for K in (4, 8, 16):
+        for D in (8, 16, 32):
+            for J in (10, 23) if (K + D) % 3 else (16, 32):  # group of 16 lanes (J <= 16) or of 32
+                opts = option_cycle[n % len(option_cycle)]
+                dtype = torch.float32 if D == 8 else torch.float64
+                cases.append(_case((3, 2, J, D, K), 2 + n % 2, True, dtype, **opts))
+                n += 1
+    for D in (8, 16, 32):
+        for J in (7, 32):
+            cases.append(_case((3, 3, J, D, 1), 3, False, **option_cycle[n % len(option_cycle)]))
+            n += 1
+    cases += [
+        _case((9, 6, 33, 3, 2), 3, True, bias=True, leaky=True, prior=True, temperature=0.8),  # J > 32: two slots
+        _case((11, 3, 2, 5, 9), 2, True, torch.float32, bias=True),
+        _case((4, 5, 10, 16, 7), 3, True, detach_inner=True),  # Din outside the instances
+        _case((3, 7, 5, 4, 3), 3, False, bias=True, leaky=True, prior=True),
+        _case((2, 1, 1, 1, 1), 1, False, leaky=True, detach_inner=True),
+        _case((40, 12, 3, 2, 2), 2, True, bias=True, prior=True),  # 12 chunks, 2 tiles: 2-level tree
+    ]
+    return cases
+
+
+EMULATION_CASES = _template_cases()
+
+
+def _case_id(case):
+    B, I, J, D, K = case["shape"]
+    flags = [k for k in ("bias", "leaky", "detach_inner", "prior") if case[k]]
+    if case["temperature"] != 1.0:
+        flags.append(f"T{case['temperature']}")
+    kind = f"K{K}" if case["fused"] else "given"
+    return f"{kind}-B{B}I{I}J{J}D{D}-R{case['R']}-{str(case['dtype'])[6:]}-{'-'.join(flags) or 'plain'}"
+
+
+def _case_inputs(case, index):
+    B, I, J, D, K = case["shape"]
+    u, W, bias, grad_v = _inputs(B, I, J, D, K, seed=100 + index)
+    prior = _prior(I, J, seed=200 + index)
     u_hat = reference.predict(u, W)
-    arrays = dict(grad_v=grad_v, **(dict(u=u, W=W) if fused else dict(u_hat=u_hat)))
-    if opts["bias"]:
+    arrays = dict(grad_v=grad_v, **(dict(u=u, W=W) if case["fused"] else dict(u_hat=u_hat)))
+    if case["bias"]:
         arrays["bias"] = bias
-    meta = dict(op="routing", B=B, I=I, J=J, D=D, K=K, R=iterations, fused=fused, leaky=opts["leaky"],
-                detach_inner=opts["detach_inner"], bias=opts["bias"], return_coupling=True, sm_count=3)
-    out = _run_emulated(emulated_kernels, tmp_path, arrays, meta, dtype)
+    if case["prior"]:
+        arrays["prior"] = prior
+    meta = dict(op="routing", B=B, I=I, J=J, D=D, K=K, R=case["R"], fused=case["fused"], leaky=case["leaky"],
+                detach_inner=case["detach_inner"], bias=case["bias"], prior=case["prior"],
+                temperature=case["temperature"], return_coupling=True)
+    return arrays, meta
 
-    leaves = [u.requires_grad_(True), W.requires_grad_(True)] if fused else [u_hat.detach().requires_grad_(True)]
-    b = bias.requires_grad_(True) if opts["bias"] else None
-    uh = reference.predict(*leaves) if fused else leaves[0]
-    v_ref, c_ref = reference.dynamic_routing(uh, iterations, bias=b, leaky=opts["leaky"],
-                                             detach_inner=opts["detach_inner"], return_coupling=True)
-    grads = torch.autograd.grad(v_ref, leaves + ([b] if b is not None else []), grad_v)
-    tol = (1e-13, 1e-11) if dtype == torch.float64 else (2e-6, 1e-5)
+
+@pytest.fixture(scope="module")
+def emulation_runs(emulated_kernels, tmp_path_factory):
+    """Every case of EMULATION_CASES run once (one driver process per dtype), in the default
+    block order and, for the determinism test, in reversed and shuffled block orders."""
+    root = tmp_path_factory.mktemp("emulation_cases")
+    runs = {}
+    for order in ("forward", "reverse", "shuffle:7"):
+        dirs = {torch.float32: [], torch.float64: []}
+        for index, case in enumerate(EMULATION_CASES):
+            if order != "forward" and index % 3:  # every third case is rerun in the other orders
+                continue
+            workdir = root / order.replace(":", "_") / str(index)
+            arrays, meta = _case_inputs(case, index)
+            _write_problem(workdir, arrays, meta, case["dtype"])
+            dirs[case["dtype"]].append((index, workdir, set(arrays)))
+        for dtype, entries in dirs.items():
+            if entries:
+                _run_driver(emulated_kernels[dtype], [w for _, w, _ in entries], order)
+            for index, workdir, inputs in entries:
+                launches = dict(line.split() for line in (workdir / "launches.txt").read_text().splitlines())
+                runs[order, index] = (_read_outputs(workdir, inputs, dtype), {k: int(v) for k, v in launches.items()})
+    return runs
+
+
+@pytest.mark.parametrize("index", range(len(EMULATION_CASES)), ids=[_case_id(c) for c in EMULATION_CASES])
+def test_kernel_sources_in_host_emulation(emulation_runs, index):
+    case = EMULATION_CASES[index]
+    B, I, J, D, K = case["shape"]
+    out, plan = emulation_runs["forward", index]
+    expect_specialised = J <= 32 and D in (8, 16, 32) and (not case["fused"] or K in (4, 8, 16))
+    assert plan["specialised"] == int(expect_specialised)
+    if expect_specialised:
+        assert plan["group"] == (16 if J <= 16 else 32)
+    u, W, bias, grad_v = _inputs(B, I, J, D, K, seed=100 + index)
+    prior = _prior(I, J, seed=200 + index)
+    leaves = [u.requires_grad_(True), W.requires_grad_(True)] if case["fused"] else \
+        [reference.predict(u, W).detach().requires_grad_(True)]
+    b = bias.requires_grad_(True) if case["bias"] else None
+    p = prior.requires_grad_(True) if case["prior"] else None
+    uh = reference.predict(*leaves) if case["fused"] else leaves[0]
+    v_ref, c_ref = reference.dynamic_routing(uh, case["R"], bias=b, leaky=case["leaky"],
+                                             detach_inner=case["detach_inner"], return_coupling=True, prior=p,
+                                             temperature=case["temperature"])
+    extra = [x for x in (b, p) if x is not None]
+    grads = torch.autograd.grad(v_ref, leaves + extra, grad_v)
+    tol = (1e-13, 1e-11) if case["dtype"] == torch.float64 else (2e-6, 1e-5)
     _assert_close(out["v"].view(B, J, D), v_ref, *tol, "v")
     _assert_close(out["c"].view(B, I, J), c_ref, *tol, "c")
-    names = ["du", "dW"] if fused else ["grad_u_hat"]
-    if opts["bias"]:
-        names.append("dbias")
+    names = (["du", "dW"] if case["fused"] else ["grad_u_hat"]) + (["dbias"] if b is not None else []) + \
+        (["dprior"] if p is not None else [])
+    assert set(names) <= set(out) and ("dbias" in out) == case["bias"] and ("dprior" in out) == case["prior"]
     for name, g in zip(names, grads):
-        _assert_close(out[name].view(g.shape), g, tol[0] * 10, tol[1] * 10, name)
+        scale = max(g.abs().max().item(), 1.0)
+        _assert_close(out[name].view(g.shape) / scale, g / scale, tol[0] * 10, tol[1] * 10, name)
+
+
+def test_launch_plan_in_host_emulation(emulation_runs):
+    """Launches (kernels and memsets) per op call: forward 1 + R; backward 1 + (R - 1) reverse
+    sweeps (none with detach_inner) + the gradient sweep + the bias gradient (only with a
+    bias). At 3 iterations: forward 4, backward at most 5."""
+    checked = 0
+    for index, case in enumerate(EMULATION_CASES):
+        _, plan = emulation_runs["forward", index]
+        R = case["R"]
+        reverse = 0 if case["detach_inner"] else R - 1
+        assert plan["forward"] == 1 + R, (index, plan)
+        assert plan["backward"] == 1 + reverse + 1 + int(case["bias"]), (index, plan)
+        if R == 3:
+            assert plan["forward"] <= 4 and plan["backward"] <= 6
+            checked += 1
+    assert checked >= 3
+    tree_case = next(i for i, c in enumerate(EMULATION_CASES) if c["shape"][:2] == (40, 12))
+    _, plan = emulation_runs["forward", tree_case]
+    assert plan["chunks"] == 12 and plan["tiles"] == 2 and plan["tree_levels"] == 2, plan
+
+
+def test_results_are_bitwise_independent_of_block_order(emulation_runs):
+    """The reductions across blocks are summed in a fixed order whichever block arrives last,
+    and the split depends on the shape only: the outputs of reversed and shuffled block orders
+    equal the default order's bit for bit (forward and every gradient)."""
+    compared = 0
+    for (order, index), (out, _) in emulation_runs.items():
+        if order == "forward":
+            continue
+        reference_out, _ = emulation_runs["forward", index]
+        assert out.keys() == reference_out.keys()
+        for name, x in out.items():
+            assert torch.equal(x, reference_out[name]), f"{order} case {index} {name} differs"
+        compared += 1
+    assert compared >= 2 * (len(EMULATION_CASES) // 3)
+
+
+@pytest.mark.parametrize("inject,expected", [("pending", "earlier work (error pending before routing_forward)"),
+                                             ("grid", "routing_forward_sweep_kernel")])
+def test_launch_errors_name_the_kernel_and_stay_pending(emulated_kernels, tmp_path, inject, expected):
+    """An error pending before the launcher is reported as earlier work's, a failed launch by
+    the kernel's name; neither is cleared (cudaPeekAtLastError), so torch still sees it."""
+    case = _case((3, 2, 10, 16, 8), 3, True)
+    arrays, meta = _case_inputs(case, 0)
+    _write_problem(tmp_path, arrays, dict(meta, inject=inject), torch.float64)
+    _run_driver(emulated_kernels[torch.float64], [tmp_path])
+    code, kernel, still_pending = (tmp_path / "error.txt").read_text().splitlines()
+    assert int(code) != 0 and kernel == expected and still_pending == "1"
+
+
+def test_prior_and_temperature_are_supported():
+    from capsnet_ext import cuda_ops
+
+    for op in ("dynamic_routing", "capsule_routing"):
+        assert cuda_ops.unsupported_reason(op, dtype=torch.float32, iterations=3, bias=True, leaky=True,
+                                           prior=True, temperature=0.5) is None
 
 
 def test_predict_kernels_in_host_emulation(emulated_kernels, tmp_path):
@@ -518,23 +763,26 @@ def cuda_ops_loaded():
 gpu = pytest.mark.gpu
 SHAPES_GPU = [
     (2, 1, 1, 1, 1),
-    (3, 59, 5, 7, 3),
-    (5, 97, 10, 16, 8),
-    (4, 123, 33, 5, 9),      # J > 32: lanes loop over the outputs
-    (9, 1025, 3, 17, 2),     # B not a multiple of the 8 samples per block
-    (16, 1152, 10, 16, 8),   # the MNIST layer, small batch
+    (3, 59, 5, 7, 3),        # generic kernel (Dout 7)
+    (5, 97, 10, 16, 8),      # specialised, 16 lanes per sample
+    (4, 123, 33, 5, 9),      # generic, J > 32: two output capsules per lane
+    (9, 1025, 3, 17, 2),     # generic, B not a multiple of the groups per block
+    (37, 300, 24, 32, 16),   # specialised, 32 lanes per sample, two sample tiles
+    (70, 1152, 10, 16, 8),   # the MNIST layer: three sample tiles, a two-level reduction tree
 ]
 
 
-def _run(fn_ops, form, u, W, bias, iterations, opts, grad_v):
+def _run(fn_ops, form, u, W, bias, iterations, opts, grad_v, prior=None, temperature=1.0):
     """Forward and gradients of one routing form; returns (v, c, grads)."""
-    kw = dict(bias=bias, leaky=opts["leaky"], detach_inner=opts["detach_inner"], return_coupling=True)
+    kw = dict(bias=bias, leaky=opts["leaky"], detach_inner=opts["detach_inner"], return_coupling=True, prior=prior,
+              temperature=temperature)
+    extra = [x for x in (bias, prior) if x is not None]
     if form == "capsule":
-        leaves = [u, W] + ([bias] if bias is not None else [])
+        leaves = [u, W] + extra
         v, c = fn_ops(u, W, iterations, **kw)
     else:
         u_hat = reference.predict(u, W).detach().requires_grad_(True)
-        leaves = [u_hat] + ([bias] if bias is not None else [])
+        leaves = [u_hat] + extra
         v, c = fn_ops(u_hat, iterations, **kw)
     grads = torch.autograd.grad(v, leaves, grad_v)
     return v, c, grads
@@ -549,19 +797,22 @@ def _forms(cuda):
 
 @gpu
 @pytest.mark.parametrize("form", ["capsule", "given_u_hat"])
+@pytest.mark.parametrize("extras", EXTRAS, ids=_option_id)
 @pytest.mark.parametrize("opts", OPTION_GRID, ids=_option_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-def test_gpu_routing_matches_reference(cuda_ops_loaded, form, opts, dtype):
+def test_gpu_routing_matches_reference(cuda_ops_loaded, form, opts, extras, dtype):
     fn, ref_fn = _forms(cuda_ops_loaded)[form]
     tol = {torch.float32: (2e-5, 1e-4), torch.float64: (1e-12, 1e-10)}[dtype]
     for shape in SHAPES_GPU:
         for iterations in (1, 3):
             u, W, bias, grad_v = _inputs(*shape, dtype=torch.float64, device="cuda", seed=sum(shape))
             b = bias.requires_grad_(True) if opts["bias"] else None
+            p = _prior(shape[1], shape[2], device="cuda").requires_grad_(True) if extras["prior"] else None
+            T = extras["temperature"]
             u.requires_grad_(True), W.requires_grad_(True)
-            v_ref, c_ref, g_ref = _run(ref_fn, form, u, W, b, iterations, opts, grad_v)
+            v_ref, c_ref, g_ref = _run(ref_fn, form, u, W, b, iterations, opts, grad_v, p, T)
             cast = lambda x: None if x is None else x.detach().to(dtype).requires_grad_(True)  # noqa: E731
-            v, c, grads = _run(fn, form, cast(u), cast(W), cast(b), iterations, opts, grad_v.to(dtype))
+            v, c, grads = _run(fn, form, cast(u), cast(W), cast(b), iterations, opts, grad_v.to(dtype), cast(p), T)
             assert v.dtype == dtype and c.dtype == dtype and not c.requires_grad
             what = f"{form} {shape} R={iterations} {dtype}"
             _assert_close(v, v_ref, *tol, f"v {what}")
@@ -569,6 +820,25 @@ def test_gpu_routing_matches_reference(cuda_ops_loaded, form, opts, dtype):
             for g, gr in zip(grads, g_ref):
                 scale = max(gr.abs().max().item(), 1e-30)
                 _assert_close(g / scale, gr / scale, tol[0] * 10, tol[1] * 10, f"grad {what}")
+
+
+@gpu
+@pytest.mark.parametrize("form", ["capsule", "given_u_hat"])
+def test_gpu_results_are_bitwise_reproducible(cuda_ops_loaded, form):
+    """The split plan depends on the shape only and the cross-block sums run in a fixed order:
+    repeated runs give the same bits (and so would any other GPU)."""
+    fn, _ = _forms(cuda_ops_loaded)[form]
+    for shape in SHAPES_GPU[2:]:
+        u, W, bias, grad_v = _inputs(*shape, dtype=torch.float32, device="cuda", seed=3)
+        p = _prior(shape[1], shape[2], torch.float32, "cuda")
+        runs = []
+        for _ in range(3):
+            leaves = [x.detach().requires_grad_(True) for x in (u, W, bias, p)]
+            v, _, grads = _run(fn, form, leaves[0], leaves[1], leaves[2], 3, OPTION_GRID[0], grad_v, leaves[3])
+            runs.append([v, *grads])
+        for later in runs[1:]:
+            for x, y in zip(runs[0], later):
+                assert torch.equal(x, y), shape
 
 
 @gpu
@@ -631,6 +901,17 @@ def test_gpu_gradcheck_float64(cuda_ops_loaded):
         assert torch.autograd.gradcheck(f, args), opts
         assert torch.autograd.gradcheck(g, args), opts
     assert torch.autograd.gradcheck(lambda u, W: cuda_ops_loaded.predict(u, W), args[:2])
+    # prior and temperature, on a generic (Dout = 5) and a specialised (Din 4, Dout 8) size
+    for shape in ((3, 13, 4, 5, 3), (2, 5, 10, 8, 4)):
+        u, W, bias, _ = _inputs(*shape, device="cuda")
+        prior = _prior(shape[1], shape[2], device="cuda")
+        args = [x.requires_grad_(True) for x in (u, W, bias, prior)]
+        assert torch.autograd.gradcheck(
+            lambda u, W, b, p: capsule_routing_with(cuda_ops_loaded, u, W, 3, bias=b, prior=p, temperature=0.6,
+                                                    leaky=True), args), shape
+        assert torch.autograd.gradcheck(
+            lambda u, W, p: dynamic_routing_with(cuda_ops_loaded, torch.einsum("ijdk,bik->bijd", W, u), 2,
+                                                 prior=p, temperature=1.7), [args[0], args[1], args[3]]), shape
 
 
 @gpu
@@ -640,16 +921,20 @@ def test_gpu_opcheck(cuda_ops_loaded):
         u, W, bias, grad_v = _inputs(3, 17, 5, 6, 4, dtype=dtype, device="cuda")
         u.requires_grad_(True), W.requires_grad_(True), bias.requires_grad_(True)
         u_hat = reference.predict(u, W).detach().requires_grad_(True)
-        fwd = cuda.capsule_routing_forward(u.detach(), W.detach(), bias.detach(), 3, False, False, False)
+        prior = _prior(17, 5, dtype, "cuda").requires_grad_(True)
+        fwd = cuda.capsule_routing_forward(u.detach(), W.detach(), bias.detach(), None, 3, False, False, False, 1.0)
         cases = [
             (cuda.predict, (u, W)),
             (cuda.predict_backward, (u_hat.detach(), u.detach(), W.detach())),
-            (cuda.routing_forward, (u_hat, bias, 3, True, False, True)),
-            (cuda.routing_forward, (u_hat, None, 1, False, True, False)),
-            (cuda.capsule_routing_forward, (u, W, bias, 3, False, False, True)),
-            (cuda.capsule_routing_forward, (u, W, None, 2, True, True, False)),
-            (cuda.capsule_routing_backward, (grad_v, u.detach(), W.detach(), fwd[2], fwd[3], 3, False, False)),
-            (cuda.routing_backward, (grad_v, u_hat.detach(), fwd[2], fwd[3], 3, False, False)),
+            (cuda.routing_forward, (u_hat, bias, None, 3, True, False, True, 1.0)),
+            (cuda.routing_forward, (u_hat, None, prior, 1, False, True, False, 0.5)),
+            (cuda.capsule_routing_forward, (u, W, bias, prior, 3, False, False, True, 2.0)),
+            (cuda.capsule_routing_forward, (u, W, None, None, 2, True, True, False, 1.0)),
+            (cuda.capsule_routing_backward,
+             (grad_v, u.detach(), W.detach(), None, fwd[2], fwd[3], 3, False, False, True, 1.0)),
+            (cuda.capsule_routing_backward,
+             (grad_v, u.detach(), W.detach(), prior.detach(), fwd[2], fwd[3], 3, True, False, False, 0.7)),
+            (cuda.routing_backward, (grad_v, u_hat.detach(), None, fwd[2], fwd[3], 3, False, False, True, 1.0)),
         ]
         for op, args in cases:
             torch.library.opcheck(op, args)
@@ -680,17 +965,22 @@ def test_gpu_compiled_model_fullgraph(cuda_ops_loaded, monkeypatch):
 @gpu
 def test_gpu_errors_name_the_argument(cuda_ops_loaded):
     u, W, bias, grad_v = _inputs(2, 5, 3, 4, 3, dtype=torch.float32, device="cuda")
+    ops_ = cuda_ops_loaded
     with pytest.raises(RuntimeError, match="bias must have shape"):
-        cuda_ops_loaded.capsule_routing_forward(u, W, bias[:, :2], 3, False, False, False)
+        ops_.capsule_routing_forward(u, W, bias[:, :2], None, 3, False, False, False, 1.0)
+    with pytest.raises(RuntimeError, match="prior must have shape"):
+        ops_.capsule_routing_forward(u, W, None, bias, 3, False, False, False, 1.0)
+    with pytest.raises(RuntimeError, match="temperature must be a positive"):
+        ops_.capsule_routing_forward(u, W, None, None, 3, False, False, False, 0.0)
     with pytest.raises(RuntimeError, match="expected W of shape"):
-        cuda_ops_loaded.capsule_routing_forward(u, W[:, :, :, :2], None, 3, False, False, False)
+        ops_.capsule_routing_forward(u, W[:, :, :, :2], None, None, 3, False, False, False, 1.0)
     with pytest.raises(RuntimeError, match="iterations must be >= 1"):
-        cuda_ops_loaded.capsule_routing_forward(u, W, None, 0, False, False, False)
+        ops_.capsule_routing_forward(u, W, None, None, 0, False, False, False, 1.0)
     with pytest.raises(RuntimeError, match="same dtype"):
-        cuda_ops_loaded.capsule_routing_forward(u, W.double(), None, 3, False, False, False)
-    fwd = cuda_ops_loaded.capsule_routing_forward(u, W, None, 3, False, False, False)
+        ops_.capsule_routing_forward(u, W.double(), None, None, 3, False, False, False, 1.0)
+    fwd = ops_.capsule_routing_forward(u, W, None, None, 3, False, False, False, 1.0)
     with pytest.raises(RuntimeError, match="s_all must have shape"):
-        cuda_ops_loaded.capsule_routing_backward(grad_v, u, W, fwd[2][:2], fwd[3], 3, False, False)
+        ops_.capsule_routing_backward(grad_v, u, W, None, fwd[2][:2], fwd[3], 3, False, False, False, 1.0)
 
 
 @gpu

@@ -9,7 +9,8 @@
 
 The kernels are C++/CUDA (``csrc/``) registered as ``torch.ops.capsnet_ext.*`` through
 ``TORCH_LIBRARY``, so ``torch.compile`` traces them without graph breaks. Every option of the
-API is supported for float16, bfloat16, float32 (float32 accumulation) and float64.
+API (the learned ``prior`` and the softmax ``temperature`` included) is supported for float16,
+bfloat16, float32 (float32 accumulation) and float64.
 
 Availability needs, in this order: a CUDA tensor and GPU; a record in ``verified.json`` that
 the GPU test suite passed on this GPU model (or ``CAPSNET_EXT_CUDA_UNVERIFIED=1``, set by
@@ -123,14 +124,13 @@ def unsupported_reason(op: str, *, dtype: torch.dtype, iterations: int = 1, bias
                        return_coupling: bool = False, prior: bool = False,
                        temperature: float = 1.0,
                        sizes: Optional[dict] = None) -> Optional[str]:
-    """``None`` when ``op`` with these options is implemented (all options are; sizes beyond the
-    device's shared memory are refused with the numbers by the op itself)."""
+    """``None`` when ``op`` with these options is implemented: every option is, the learned
+    ``prior`` and the ``temperature`` included (sizes beyond the device's shared memory are
+    refused with the numbers by the op itself)."""
     if op not in _SUPPORTED_OPS:
         return f"unknown op {op!r}; the CUDA backend implements {_SUPPORTED_OPS}"
     if dtype not in _SUPPORTED_DTYPES:
         return f"dtype {dtype} is not supported; expected one of {_SUPPORTED_DTYPES}"
-    if prior or temperature != 1.0:
-        return "the routing options prior and temperature are not implemented in this backend yet"
     return None
 
 

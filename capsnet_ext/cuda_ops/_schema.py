@@ -23,20 +23,22 @@ SCHEMAS: Dict[str, str] = {
     "predict": "predict(Tensor u, Tensor W) -> Tensor",
     "predict_backward": "predict_backward(Tensor grad_u_hat, Tensor u, Tensor W) -> (Tensor, Tensor)",
     "routing_forward": (
-        "routing_forward(Tensor u_hat, Tensor? bias, int iterations, bool leaky, bool detach_inner, "
-        "bool return_coupling) -> (Tensor, Tensor, Tensor, Tensor)"
+        "routing_forward(Tensor u_hat, Tensor? bias, Tensor? prior, int iterations, bool leaky, "
+        "bool detach_inner, bool return_coupling, float temperature) -> (Tensor, Tensor, Tensor, Tensor)"
     ),
     "routing_backward": (
-        "routing_backward(Tensor grad_v, Tensor u_hat, Tensor s_all, Tensor V_all, int iterations, "
-        "bool leaky, bool detach_inner) -> (Tensor, Tensor)"
+        "routing_backward(Tensor grad_v, Tensor u_hat, Tensor? prior, Tensor s_all, Tensor V_all, "
+        "int iterations, bool leaky, bool detach_inner, bool has_bias, float temperature) "
+        "-> (Tensor, Tensor, Tensor)"
     ),
     "capsule_routing_forward": (
-        "capsule_routing_forward(Tensor u, Tensor W, Tensor? bias, int iterations, bool leaky, "
-        "bool detach_inner, bool return_coupling) -> (Tensor, Tensor, Tensor, Tensor)"
+        "capsule_routing_forward(Tensor u, Tensor W, Tensor? bias, Tensor? prior, int iterations, bool leaky, "
+        "bool detach_inner, bool return_coupling, float temperature) -> (Tensor, Tensor, Tensor, Tensor)"
     ),
     "capsule_routing_backward": (
-        "capsule_routing_backward(Tensor grad_v, Tensor u, Tensor W, Tensor s_all, Tensor V_all, "
-        "int iterations, bool leaky, bool detach_inner) -> (Tensor, Tensor, Tensor)"
+        "capsule_routing_backward(Tensor grad_v, Tensor u, Tensor W, Tensor? prior, Tensor s_all, "
+        "Tensor V_all, int iterations, bool leaky, bool detach_inner, bool has_bias, float temperature) "
+        "-> (Tensor, Tensor, Tensor, Tensor)"
     ),
 }
 
@@ -69,21 +71,32 @@ def register(namespace: str) -> None:
         return u.new_empty(u.shape), W.new_empty(W.shape)
 
     @torch.library.register_fake(qual("routing_forward"))
-    def _routing_forward_fake(u_hat, bias, iterations, leaky, detach_inner, return_coupling):
+    def _routing_forward_fake(u_hat, bias, prior, iterations, leaky, detach_inner, return_coupling, temperature):
         B, I, J, D = u_hat.shape
         return _routing_outputs(u_hat, B, I, J, D, iterations, return_coupling)
 
+    # Gradients of absent bias / prior are [0]-shaped placeholders.
+    def _optional_grads(ref, has_bias, prior, J, D):
+        grad_bias = ref.new_empty((J, D)) if has_bias else ref.new_empty((0,))
+        grad_prior = ref.new_empty(tuple(prior.shape)) if prior is not None else ref.new_empty((0,))
+        return grad_bias, grad_prior
+
     @torch.library.register_fake(qual("routing_backward"))
-    def _routing_backward_fake(grad_v, u_hat, s_all, V_all, iterations, leaky, detach_inner):
-        return u_hat.new_empty(u_hat.shape), u_hat.new_empty((u_hat.shape[2], u_hat.shape[3]))
+    def _routing_backward_fake(grad_v, u_hat, prior, s_all, V_all, iterations, leaky, detach_inner, has_bias,
+                               temperature):
+        return (u_hat.new_empty(u_hat.shape),
+                *_optional_grads(u_hat, has_bias, prior, u_hat.shape[2], u_hat.shape[3]))
 
     @torch.library.register_fake(qual("capsule_routing_forward"))
-    def _capsule_routing_forward_fake(u, W, bias, iterations, leaky, detach_inner, return_coupling):
+    def _capsule_routing_forward_fake(u, W, bias, prior, iterations, leaky, detach_inner, return_coupling,
+                                      temperature):
         return _routing_outputs(u, u.shape[0], u.shape[1], W.shape[1], W.shape[2], iterations, return_coupling)
 
     @torch.library.register_fake(qual("capsule_routing_backward"))
-    def _capsule_routing_backward_fake(grad_v, u, W, s_all, V_all, iterations, leaky, detach_inner):
-        return u.new_empty(u.shape), W.new_empty(W.shape), u.new_empty((W.shape[1], W.shape[2]))
+    def _capsule_routing_backward_fake(grad_v, u, W, prior, s_all, V_all, iterations, leaky, detach_inner,
+                                       has_bias, temperature):
+        return (u.new_empty(u.shape), W.new_empty(W.shape),
+                *_optional_grads(u, has_bias, prior, W.shape[1], W.shape[2]))
 
     # ---- autograd -------------------------------------------------------------------------
     # predict: du = sum_jd W^T g, dW = sum_b g u^T.
@@ -100,32 +113,35 @@ def register(namespace: str) -> None:
     # Routing: the couplings and the saved state are outputs without gradient; the backward
     # runs the reverse sweeps and the final gradient sweep (see docs/cuda-backend.md).
     def _routing_setup(ctx, inputs, output):
-        u_hat, bias, iterations, leaky, detach_inner, _ = inputs
+        u_hat, bias, prior, iterations, leaky, detach_inner, _, temperature = inputs
         _, c, s_all, V_all = output
         ctx.mark_non_differentiable(c, s_all, V_all)
-        ctx.save_for_backward(u_hat, s_all, V_all)
-        ctx.options = (iterations, leaky, detach_inner)
-        ctx.has_bias = bias is not None
+        ctx.save_for_backward(u_hat, prior, s_all, V_all)
+        ctx.options = (iterations, leaky, detach_inner, bias is not None, temperature)
 
     def _routing_backward(ctx, grad_v, *unused):
-        u_hat, s_all, V_all = ctx.saved_tensors
-        grad_u_hat, grad_bias = ops.routing_backward(grad_v, u_hat, s_all, V_all, *ctx.options)
-        return grad_u_hat, (grad_bias if ctx.has_bias else None), None, None, None, None
+        u_hat, prior, s_all, V_all = ctx.saved_tensors
+        has_bias = ctx.options[3]
+        grad_u_hat, grad_bias, grad_prior = ops.routing_backward(grad_v, u_hat, prior, s_all, V_all, *ctx.options)
+        return (grad_u_hat, grad_bias if has_bias else None, grad_prior if prior is not None else None,
+                None, None, None, None, None)
 
     torch.library.register_autograd(qual("routing_forward"), _routing_backward, setup_context=_routing_setup)
 
     def _capsule_routing_setup(ctx, inputs, output):
-        u, W, bias, iterations, leaky, detach_inner, _ = inputs
+        u, W, bias, prior, iterations, leaky, detach_inner, _, temperature = inputs
         _, c, s_all, V_all = output
         ctx.mark_non_differentiable(c, s_all, V_all)
-        ctx.save_for_backward(u, W, s_all, V_all)
-        ctx.options = (iterations, leaky, detach_inner)
-        ctx.has_bias = bias is not None
+        ctx.save_for_backward(u, W, prior, s_all, V_all)
+        ctx.options = (iterations, leaky, detach_inner, bias is not None, temperature)
 
     def _capsule_routing_backward(ctx, grad_v, *unused):
-        u, W, s_all, V_all = ctx.saved_tensors
-        du, dW, grad_bias = ops.capsule_routing_backward(grad_v, u, W, s_all, V_all, *ctx.options)
-        return du, dW, (grad_bias if ctx.has_bias else None), None, None, None, None
+        u, W, prior, s_all, V_all = ctx.saved_tensors
+        has_bias = ctx.options[3]
+        du, dW, grad_bias, grad_prior = ops.capsule_routing_backward(grad_v, u, W, prior, s_all, V_all,
+                                                                     *ctx.options)
+        return (du, dW, grad_bias if has_bias else None, grad_prior if prior is not None else None,
+                None, None, None, None, None)
 
     torch.library.register_autograd(
         qual("capsule_routing_forward"), _capsule_routing_backward, setup_context=_capsule_routing_setup

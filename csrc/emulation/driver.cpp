@@ -2,8 +2,11 @@
 // from a directory (meta.txt with "key value" lines, inputs as raw arrays), runs the real
 // launchers, writes every output as a raw array. Used by tests/test_cuda.py.
 //   predict:  u.bin W.bin grad_u_hat.bin -> u_hat.bin du.bin dW.bin
-//   routing:  (u.bin W.bin | u_hat.bin) [bias.bin] grad_v.bin
-//             -> v.bin [c.bin] s_all.bin V_all.bin (du.bin dW.bin | grad_u_hat.bin) dbias.bin
+//   routing:  (u.bin W.bin | u_hat.bin) [bias.bin] [prior.bin] grad_v.bin
+//             -> v.bin [c.bin] s_all.bin V_all.bin (du.bin dW.bin | grad_u_hat.bin) [dbias.bin]
+//                [dprior.bin], and launches.txt: "forward N\nbackward M\n" (kernel launches
+//                and memsets of each launcher)
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -12,6 +15,7 @@
 #include <vector>
 
 #include "capsnet_kernels.h"
+#include "emulation/cuda_emulation.h"
 
 using capsnet::DType;
 
@@ -66,58 +70,100 @@ void run() {
     return;
   }
   const int R = static_cast<int>(num("R"));
-  const bool fused = num("fused") != 0, leaky = num("leaky") != 0, detach = num("detach_inner") != 0;
-  const bool has_bias = num("bias") != 0, want_c = num("return_coupling") != 0;
+  const bool fused = num("fused") != 0;
+  const bool has_bias = num("bias") != 0, has_prior = num("prior") != 0, want_c = num("return_coupling") != 0;
+  capsnet::RoutingOptions options;
+  options.leaky = num("leaky") != 0;
+  options.detach_inner = num("detach_inner") != 0;
+  options.inv_temperature = 1.0 / std::stod(meta.at("temperature"));
   const capsnet::RoutingShape shape{B, I, J, D, fused ? K : 1, R};
-  const capsnet::SweepPlan plan = capsnet::plan_sweep(B, I, J, D, static_cast<int>(num("sm_count")));
-  std::vector<T> u, W, u_hat, bias;
+  capsnet::RoutingPlan plan = capsnet::plan_routing(shape, fused, has_prior, sizeof(Acc));
+  std::vector<T> u, W, u_hat, bias, prior;
   if (fused) {
     u = read<T>("u.bin", B * I * K), W = read<T>("W.bin", I * J * D * K);
   } else {
     u_hat = read<T>("u_hat.bin", B * I * J * D);
   }
   if (has_bias) bias = read<T>("bias.bin", J * D);
+  if (has_prior) prior = read<T>("prior.bin", I * J);
   auto grad_v = read<T>("grad_v.bin", B * J * D);
   auto v = poisoned<T>(B * J * D), c = poisoned<T>(want_c ? B * I * J : 0);
   auto s_all = poisoned<Acc>(R * B * J * D), V_all = poisoned<Acc>(R * B * J * D);
   auto ws = poisoned<Acc>(plan.workspace_elems);
-  check(capsnet::routing_forward(dtype, shape, plan, fused ? nullptr : u_hat.data(), fused ? u.data() : nullptr,
-                                 fused ? W.data() : nullptr, has_bias ? bias.data() : nullptr, leaky, v.data(),
-                                 want_c ? c.data() : nullptr, s_all.data(), V_all.data(), ws.data(), nullptr));
+  std::vector<unsigned> counters(plan.counter_elems, 0xdeadbeefu);  // the launchers zero them
+  if (meta.count("inject")) {
+    // Error reporting: "pending" leaves an error from earlier work pending before the call,
+    // "grid" breaks the plan so that the first sweep's launch fails. Writes the Status's
+    // kernel name and whether an error is still pending afterwards (it must not be cleared).
+    if (meta.at("inject") == "pending") capsnet_emu::last_error() = cudaErrorInvalidValue;
+    else plan.num_chunks = 0;
+    const capsnet::Status st = capsnet::routing_forward(
+        dtype, shape, plan, options, fused ? nullptr : u_hat.data(), fused ? u.data() : nullptr,
+        fused ? W.data() : nullptr, nullptr, nullptr, v.data(), nullptr, s_all.data(), V_all.data(), ws.data(),
+        counters.data(), nullptr);
+    std::ofstream(dir + "/error.txt") << st.cuda_error << "\n" << st.kernel << "\n"
+                                      << (cudaPeekAtLastError() != cudaSuccess) << "\n";
+    capsnet_emu::last_error() = cudaSuccess;
+    return;
+  }
+  long launches = capsnet_emu::launch_count();
+  check(capsnet::routing_forward(dtype, shape, plan, options, fused ? nullptr : u_hat.data(),
+                                 fused ? u.data() : nullptr, fused ? W.data() : nullptr,
+                                 has_bias ? bias.data() : nullptr, has_prior ? prior.data() : nullptr, v.data(),
+                                 want_c ? c.data() : nullptr, s_all.data(), V_all.data(), ws.data(), counters.data(),
+                                 nullptr));
+  const long forward_launches = capsnet_emu::launch_count() - launches;
   write("v.bin", v), write("s_all.bin", s_all), write("V_all.bin", V_all);
   if (want_c) write("c.bin", c);
   auto gs_all = poisoned<Acc>(R * B * J * D), G = poisoned<Acc>(B * J * D);
-  auto dbias = poisoned<T>(J * D);
+  auto dbias = poisoned<T>(J * D), dprior = poisoned<T>(I * J);
   ws = poisoned<Acc>(plan.workspace_elems);
+  std::fill(counters.begin(), counters.end(), 0xdeadbeefu);
+  launches = capsnet_emu::launch_count();
+  std::vector<T> du, dW, gu;
   if (fused) {
-    auto du = poisoned<T>(B * I * K), dW = poisoned<T>(I * J * D * K);
-    check(capsnet::routing_backward(dtype, shape, plan, grad_v.data(), nullptr, u.data(), W.data(), s_all.data(),
-                                    V_all.data(), leaky, detach, nullptr, du.data(), dW.data(), dbias.data(),
-                                    gs_all.data(), G.data(), ws.data(), nullptr));
+    du = poisoned<T>(B * I * K), dW = poisoned<T>(I * J * D * K);
+  } else {
+    gu = poisoned<T>(B * I * J * D);
+  }
+  check(capsnet::routing_backward(dtype, shape, plan, options, grad_v.data(), fused ? nullptr : u_hat.data(),
+                                  fused ? u.data() : nullptr, fused ? W.data() : nullptr,
+                                  has_prior ? prior.data() : nullptr, s_all.data(), V_all.data(),
+                                  fused ? nullptr : gu.data(), fused ? du.data() : nullptr,
+                                  fused ? dW.data() : nullptr, has_bias ? dbias.data() : nullptr,
+                                  has_prior ? dprior.data() : nullptr, gs_all.data(), G.data(), ws.data(),
+                                  counters.data(), nullptr));
+  const long backward_launches = capsnet_emu::launch_count() - launches;
+  if (fused) {
     write("du.bin", du), write("dW.bin", dW);
   } else {
-    auto gu = poisoned<T>(B * I * J * D);
-    check(capsnet::routing_backward(dtype, shape, plan, grad_v.data(), u_hat.data(), nullptr, nullptr,
-                                    s_all.data(), V_all.data(), leaky, detach, gu.data(), nullptr, nullptr,
-                                    dbias.data(), gs_all.data(), G.data(), ws.data(), nullptr));
     write("grad_u_hat.bin", gu);
   }
-  write("dbias.bin", dbias);
+  if (has_bias) write("dbias.bin", dbias);
+  if (has_prior) write("dprior.bin", dprior);
+  std::ofstream(dir + "/launches.txt") << "forward " << forward_launches << "\nbackward " << backward_launches
+                                       << "\nspecialised " << plan.specialised << "\ngroup " << plan.group
+                                       << "\nchunks " << plan.num_chunks << "\ntiles " << plan.sample_tiles
+                                       << "\ntree_levels " << plan.sweep_tree.levels << "\n";
 }
 
 }  // namespace
 
 const char* capsnet::cuda_error_string(int) { return "emulation"; }
 
+// Runs every problem directory given, in one process (the tests batch their cases).
 int main(int argc, char** argv) {
-  if (argc != 2) {
-    std::fprintf(stderr, "usage: %s <problem directory>\n", argv[0]);
+  if (argc < 2) {
+    std::fprintf(stderr, "usage: %s <problem directory>...\n", argv[0]);
     return 2;
   }
-  dir = argv[1];
-  std::ifstream f(dir + "/meta.txt");
-  for (std::string key, value; f >> key >> value;) meta[key] = value;
-  if (meta.at("dtype") == "float64") run<double, double>();
-  else run<float, float>();
+  for (int arg = 1; arg < argc; ++arg) {
+    dir = argv[arg];
+    meta.clear();
+    std::ifstream f(dir + "/meta.txt");
+    for (std::string key, value; f >> key >> value;) meta[key] = value;
+    if (meta.at("dtype") == "float64") run<double, double>();
+    else run<float, float>();
+  }
   return 0;
 }
