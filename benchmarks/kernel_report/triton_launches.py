@@ -20,6 +20,7 @@ launcher that fails under the simulation is reported as not recordable with its 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import types
 from dataclasses import dataclass, field
@@ -281,8 +282,14 @@ def simulated_gpu(gpu: GPUSpec, recording: Recording, phase_ref: list, package_p
         (torch.cuda, "get_device_properties", lambda *a, **k: props),
         (torch.cuda, "get_device_capability", lambda *a, **k: (props.major, props.minor)),
         (torch.cuda, "get_device_name", lambda *a, **k: props.name),
+        # Device guards around launches: nothing to switch on the simulated single GPU.
+        (torch.cuda, "device", lambda *a, **k: contextlib.nullcontext()),
     ]
     saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patches]
+    # Backends that time candidate configurations on the GPU take their default instead
+    # (nothing can be timed here; the default is what the report describes).
+    saved_env = os.environ.get("CAPSNET_EXT_TRITON_AUTOTUNE")
+    os.environ["CAPSNET_EXT_TRITON_AUTOTUNE"] = "0"
     _clear_caches(package_prefixes)
     try:
         for obj, attr, value in patches:
@@ -292,6 +299,10 @@ def simulated_gpu(gpu: GPUSpec, recording: Recording, phase_ref: list, package_p
     finally:
         for obj, attr, value in saved:
             setattr(obj, attr, value)
+        if saved_env is None:
+            os.environ.pop("CAPSNET_EXT_TRITON_AUTOTUNE", None)
+        else:
+            os.environ["CAPSNET_EXT_TRITON_AUTOTUNE"] = saved_env
         _clear_caches(package_prefixes)
 
 

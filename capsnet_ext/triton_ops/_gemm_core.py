@@ -178,6 +178,9 @@ def candidate_configs(B, I, J, D, Din):
 # Autotuning: a few configurations per shape, timed once on the GPU, the choice cached.
 # --------------------------------------------------------------------------------------------
 _TUNED: Dict[tuple, Config] = {}
+# ``CAPSNET_EXT_TRITON_AUTOTUNE=0`` takes the heuristic default instead of timing candidates
+# (for reproducible launch plans, e.g. the static kernel report).
+AUTOTUNE_ENV = "CAPSNET_EXT_TRITON_AUTOTUNE"
 
 
 def _time_cuda(fn, reps: int = 3) -> float:
@@ -214,7 +217,8 @@ def _shape(u, W):
 def _config_for(u, W, iterations, options, run):
     B, I, J, D, Din = _shape(u, W)
     key = (B, I, J, D, Din, iterations, u.dtype, u.device, dot_precision(u.dtype), options)
-    timer = _time_cuda if u.device.type == "cuda" else None
+    autotune = os.environ.get(AUTOTUNE_ENV, "1") not in ("0", "")
+    timer = _time_cuda if u.device.type == "cuda" and autotune else None
     return tuned_config(key, candidate_configs(B, I, J, D, Din), run, timer)
 
 
