@@ -156,17 +156,24 @@ def main(argv=None) -> int:
         plan = core._Plan(B, I, J, D, torch.device("cpu"))
         sweep_blocks = dict(BLOCK_B=plan.SWEEP_BLOCK_B, BLOCK_I=plan.SWEEP_BLOCK_I,
                             BLOCK_J=plan.BLOCK_J, BLOCK_D=plan.BLOCK_D)
-        for backward, leaky, store_c in itertools.product((False, True), repeat=3):
+        # The prior and temperature options are compiled all off and all on (with the prior
+        # gradient): the variant with every option holds the most registers.
+        for backward, leaky, store_c, logit_options in itertools.product((False, True), repeat=4):
             if backward and store_c:
                 continue
             jobs.append((label, dt, core._sweep_kernel,
-                         dict(src_ptr=low, V_ptr=wide, gs_ptr=wide, partial_ptr=wide, c_ptr=low),
-                         dict(BACKWARD=backward, LEAKY=leaky, STORE_C=store_c, ACC=acc,
+                         dict(src_ptr=low, V_ptr=wide, gs_ptr=wide, partial_ptr=wide, c_ptr=low,
+                              prior_ptr=low, inv_t_ptr=wide),
+                         dict(BACKWARD=backward, LEAKY=leaky, STORE_C=store_c,
+                              HAS_PRIOR=logit_options, HAS_TEMPERATURE=logit_options, ACC=acc,
                               **sweep_blocks), plan.sweep_warps, 3, False))
-        for leaky, detach in itertools.product((False, True), repeat=2):
+        for leaky, detach, logit_options in itertools.product((False, True), repeat=3):
             jobs.append((label, dt, core._input_grad_kernel,
-                         dict(src_ptr=low, V_all_ptr=wide, gs_all_ptr=wide, g_src_ptr=low),
-                         dict(LEAKY=leaky, DETACH=detach, ACC=acc, BLOCK_I=plan.GRAD_BLOCK_I,
+                         dict(src_ptr=low, V_all_ptr=wide, gs_all_ptr=wide, g_src_ptr=low,
+                              prior_ptr=low, inv_t_ptr=wide, g_prior_ptr=wide),
+                         dict(LEAKY=leaky, DETACH=detach, HAS_PRIOR=logit_options,
+                              HAS_TEMPERATURE=logit_options, NEED_DPRIOR=logit_options,
+                              NEED_DSRC=True, ACC=acc, BLOCK_I=plan.GRAD_BLOCK_I,
                               BLOCK_J=plan.BLOCK_J, BLOCK_D=plan.BLOCK_D), plan.grad_warps, 3,
                          False))
         small = dict(ACC=acc, TINY=tiny, BLOCK_J=plan.BLOCK_J, BLOCK_D=plan.BLOCK_D)

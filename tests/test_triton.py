@@ -1,5 +1,6 @@
 """The Triton backend against the reference: forward and gradients of predict, dynamic_routing
-and capsule_routing for every option, odd sizes, B = 1, 1 to 5 iterations, non-contiguous
+and capsule_routing for every option (for dynamic_routing the learned prior and the
+temperature included here; capsule_routing's are in tests/test_triton_gemm.py), odd sizes, B = 1, 1 to 5 iterations, non-contiguous
 inputs, float64 gradcheck, float32/float16/bfloat16 within error-ratio tolerances, and the
 same errors as the reference for bad inputs.
 
@@ -47,6 +48,14 @@ def make_inputs(op, shape, dtype, device, seed, bias=False):
     return [cast(u), cast(W)], cast(b)
 
 
+def make_prior(shape, dtype, device, seed):
+    """A random learned prior ``[I, J]`` (a leaf wanting gradient)."""
+    _, I, J, _, _ = shape
+    g = torch.Generator().manual_seed(seed + 1000)
+    prior = torch.randn(I, J, generator=g, dtype=torch.float64) * 0.8
+    return prior.to(device=device, dtype=dtype).requires_grad_()
+
+
 def run(op, backend, args, bias=None, iterations=3, **options):
     fn = getattr(ce, op)
     if op == "predict":
@@ -55,12 +64,13 @@ def run(op, backend, args, bias=None, iterations=3, **options):
 
 
 def outputs_and_grads(op, backend, args, bias, iterations, options, seed=0):
-    """Forward outputs and the gradients of a random projection of ``v`` wrt every input."""
+    """Forward outputs and the gradients of a random projection of ``v`` wrt every input
+    (``options["prior"]`` included)."""
     out = run(op, backend, args, bias, iterations, **options)
     v = out[0] if isinstance(out, tuple) else out
     g = torch.Generator().manual_seed(seed + 1)
     grad_out = torch.randn(v.shape, generator=g, dtype=torch.float64).to(v)
-    inputs = [t for t in args + [bias] if t is not None]
+    inputs = [t for t in args + [bias, options.get("prior")] if t is not None and t.requires_grad]
     grads = torch.autograd.grad(v, inputs, grad_out)
     outs = list(out) if isinstance(out, tuple) else [out]
     return [o.detach() for o in outs], list(grads)
@@ -96,9 +106,11 @@ def test_availability_follows_the_interpreter_switch(monkeypatch):
 def test_every_option_is_supported_and_auto_never_picks_the_interpreter():
     for op in ("predict",) + ROUTING_OPS:
         for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            for flags in itertools.product([False, True], repeat=4):
-                options = dict(zip(("bias", "leaky", "detach_inner", "return_coupling"), flags))
-                assert triton_ops.unsupported_reason(op, dtype=dtype, iterations=5, **options) is None
+            for flags in itertools.product([False, True], repeat=5):
+                options = dict(zip(("bias", "leaky", "detach_inner", "return_coupling", "prior"), flags))
+                for temperature in (1.0, 0.37):
+                    assert triton_ops.unsupported_reason(op, dtype=dtype, iterations=5,
+                                                         temperature=temperature, **options) is None
     assert "unknown op" in triton_ops.unsupported_reason("conv", dtype=torch.float32)
     assert dispatch.select("capsule_routing", "auto", torch.device("cpu"), torch.float32).NAME == "reference"
 
@@ -190,6 +202,63 @@ def test_routing_matches_reference(device, op, iterations, bias, leaky, detach_i
         assert out[1].shape == (shape[0], shape[1], shape[2]) and not out[1].requires_grad
 
 
+# dynamic_routing with the learned prior and the temperature: every iteration count in (1, 2, 4)
+# with every (leaky, detach_inner) pair; the temperature cycles through (1, 0.37, 2.5) and bias
+# alternates so each meets every iteration count; the prior is left out of two cases
+# (temperature alone).
+PRIOR_TEMPERATURE_CASES = [
+    (iterations, (1.0, 0.37, 2.5)[k % 3], bias, leaky, detach, k not in (5, 10),
+     SHAPES[k % 3])
+    for k, (iterations, (leaky, detach), bias) in enumerate(
+        (it, ld, (n + it) % 2 == 1)
+        for it in (1, 2, 4)
+        for n, ld in enumerate(itertools.product((False, True), repeat=2)))
+]
+
+
+@pytest.mark.parametrize("iterations,temperature,bias,leaky,detach_inner,with_prior,shape",
+                         PRIOR_TEMPERATURE_CASES)
+def test_dynamic_routing_prior_and_temperature_match_reference(
+        device, iterations, temperature, bias, leaky, detach_inner, with_prior, shape):
+    """Forward, couplings and the gradients wrt u_hat, bias and the prior."""
+    require_triton(device)
+    seed = iterations * 7 + sum(shape)
+    args, b = make_inputs("dynamic_routing", shape, torch.float64, device, seed=seed, bias=bias)
+    options = dict(leaky=leaky, detach_inner=detach_inner, return_coupling=True,
+                   temperature=temperature)
+    if with_prior:
+        options["prior"] = make_prior(shape, torch.float64, device, seed)
+    expected = outputs_and_grads("dynamic_routing", "reference", args, b, iterations, options)
+    actual = outputs_and_grads("dynamic_routing", "triton", args, b, iterations, options)
+    assert_all_close(actual[0], expected[0], rtol=1e-10, atol=1e-12)
+    assert_all_close(actual[1], expected[1], rtol=1e-10, atol=1e-12)
+    if with_prior:
+        assert expected[1][-1].abs().max() > 1e-3  # the prior gradient is tested, not zero
+
+
+def test_prior_cases_cover_every_option():
+    cases = PRIOR_TEMPERATURE_CASES
+    for iterations in (1, 2, 4):
+        mine = [c for c in cases if c[0] == iterations]
+        assert {c[1] for c in mine} == {1.0, 0.37, 2.5}
+        assert {(c[3], c[4]) for c in mine} == set(itertools.product((False, True), repeat=2))
+        assert {c[2] for c in mine} == {False, True}
+    assert {c[5] for c in cases if c[1] != 1.0} == {False, True}
+
+
+def test_dynamic_routing_prior_gradient_alone(device):
+    """Gradient wanted for the prior only (u_hat a constant): no u_hat gradient is written."""
+    require_triton(device)
+    shape = (2, 7, 3, 5, 3)
+    (u_hat,), _ = make_inputs("dynamic_routing", shape, torch.float64, device, seed=4)
+    prior = make_prior(shape, torch.float64, device, seed=4)
+    for detach_inner in (False, True):
+        grads = [torch.autograd.grad(fn(u_hat.detach(), 3, prior=prior, temperature=1.7,
+                                        detach_inner=detach_inner).sum(), [prior])[0]
+                 for fn in (reference.dynamic_routing, triton_ops.dynamic_routing)]
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("op", ROUTING_OPS)
 def test_routing_with_non_contiguous_inputs(device, op):
     require_triton(device)
@@ -210,11 +279,15 @@ def test_routing_with_non_contiguous_inputs(device, op):
     assert_all_close(actual[0] + actual[1], expected[0] + expected[1], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("op", ROUTING_OPS)
-@pytest.mark.parametrize("splits", [(2, 2), (3, 3)])
-def test_routing_reductions_across_programs(device, op, splits, monkeypatch):
+@pytest.mark.parametrize("op,splits,with_prior", [
+    ("dynamic_routing", (2, 2), False), ("dynamic_routing", (3, 3), True),
+    ("capsule_routing", (2, 2), False), ("capsule_routing", (3, 3), False),
+])
+def test_routing_reductions_across_programs(device, op, splits, with_prior, monkeypatch):
     """Small tiles and forced splits: the sums over input capsules (forward and backward) and
-    over samples (dW) cross several programs, as they do at real sizes on a GPU."""
+    over samples (dW, and the prior gradient of dynamic_routing) cross several programs, as
+    they do at real sizes on a GPU. With a prior the whole result is the same bit for bit on a
+    second run (no atomics)."""
     require_triton(device)
     shape = (3, 13, 3, 3, 5)
     if op == "dynamic_routing":
@@ -229,9 +302,14 @@ def test_routing_reductions_across_programs(device, op, splits, monkeypatch):
         assert plan.n_isplit > 1 and plan.n_bsplit == 1  # B = 3: one sample tile
     args, b = make_inputs(op, shape, torch.float64, device, seed=5, bias=True)
     options = dict(leaky=False, detach_inner=False, return_coupling=True)
+    if with_prior:
+        options.update(prior=make_prior(shape, torch.float64, device, seed=5), temperature=0.37)
     expected = outputs_and_grads(op, "reference", args, b, 3, options)
     actual = outputs_and_grads(op, "triton", args, b, 3, options)
     assert_all_close(actual[0] + actual[1], expected[0] + expected[1], rtol=1e-10, atol=1e-12)
+    if with_prior:
+        again = outputs_and_grads(op, "triton", args, b, 3, options)
+        assert all(torch.equal(x, y) for x, y in zip(again[0] + again[1], actual[0] + actual[1]))
 
 
 def test_capsule_routing_gradient_subsets(device):
@@ -262,6 +340,7 @@ def test_capsule_routing_at_zero_input_is_finite(device):
     ("dynamic_routing", 3, dict(leaky=True)),
     ("capsule_routing", 3, {}),
     ("capsule_routing", 5, dict(leaky=True)),
+    ("dynamic_routing", 3, dict(prior=True, temperature=0.37)),
 ])
 def test_gradcheck(device, op, iterations, options):
     """detach_inner is left out: it is a deliberate surrogate gradient (only the last weighted
@@ -274,6 +353,11 @@ def test_gradcheck(device, op, iterations, options):
     if op == "predict":
         fn = lambda *t: ce.predict(*t, backend="triton")
         inputs = tuple(args)
+    elif options.get("prior"):  # the prior is the last input
+        rest = {k: v for k, v in options.items() if k != "prior"}
+        fn = lambda *t: getattr(ce, op)(*t[:-2], iterations, bias=t[-2], prior=t[-1],
+                                        backend="triton", **rest)
+        inputs = tuple(args) + (b, make_prior(shape, torch.float64, device, seed=13))
     else:
         fn = lambda *t: getattr(ce, op)(*t[:-1], iterations, bias=t[-1], backend="triton", **options)
         inputs = tuple(args) + (b,)
@@ -343,6 +427,25 @@ def test_fused_routing_saves_no_prediction_vectors(device):
     assert torch.isfinite(W.grad).all()
 
 
+def test_dynamic_routing_saves_u_hat_prior_and_per_iteration_state(device):
+    """dynamic_routing keeps u_hat and the prior (the caller's tensors, not copies) and
+    s^r, V^r per iteration: nothing of size ``I*J`` per iteration."""
+    require_triton(device)
+    B, I, J, Din, Dout = 3, 13, 5, 2, 7
+    R = 4
+    (u_hat,), b = make_inputs("dynamic_routing", (B, I, J, Din, Dout), torch.float64, device,
+                              seed=2, bias=True)
+    prior = make_prior((B, I, J, Din, Dout), torch.float64, device, seed=2)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        v = ce.dynamic_routing(u_hat, R, bias=b, prior=prior, temperature=0.5, backend="triton")
+    assert sorted(tuple(t.shape) for t in saved) == sorted(
+        [(B, I, J, Dout), (I, J), (R, B, J, Dout), (R, B, J, Dout)])
+    assert any(t is prior for t in saved) and any(t is u_hat for t in saved)
+    v.sum().backward()  # the saved tensors suffice for backward
+    assert torch.isfinite(prior.grad).all() and torch.isfinite(u_hat.grad).all()
+
+
 # ---------------------------------------------------------------- torch.compile
 def test_registered_operators_pass_opcheck(device):
     """Schema, fake tensors, autograd registration and AOT dispatch of the operators that
@@ -358,6 +461,7 @@ def test_registered_operators_pass_opcheck(device):
         (gemm.routing_forward_op, (u, W, b, prior, 3, True, False, True, 0.7)),
         (gemm.routing_forward_op, (u.detach(), W, None, None, 2, False, True, False, 1.0)),
         (core.routing_forward_op, (u_hat, b, 3, False, False, True)),
+        (core.routing_forward_op, (u_hat, b, 3, True, False, True, prior, 0.37)),
         (predict_module.predict_op, (u, W)),
     ]
     for op, args in cases:
@@ -376,6 +480,26 @@ def test_torch_compile_fullgraph_matches_reference(device):
     v_ref, c_ref = ce.capsule_routing(u, W, 3, bias=b, backend="reference", **options)
     grads = torch.autograd.grad((v * v_ref.detach()).sum(), [u, W, b])
     grads_ref = torch.autograd.grad((v_ref * v_ref.detach()).sum(), [u, W, b])
+    assert not c.requires_grad
+    assert_all_close([v.detach(), c] + list(grads), [v_ref.detach(), c_ref] + list(grads_ref),
+                     rtol=1e-10, atol=1e-12)
+
+
+def test_torch_compile_fullgraph_dynamic_routing_with_prior(device):
+    require_triton(device)
+    torch._dynamo.reset()
+    shape = (2, 5, 3, 3, 4)
+    (u_hat,), b = make_inputs("dynamic_routing", shape, torch.float64, device, seed=23, bias=True)
+    prior = make_prior(shape, torch.float64, device, seed=23)
+    options = dict(leaky=True, return_coupling=True, temperature=0.37)
+    ce.dynamic_routing(u_hat, 3, bias=b, prior=prior, backend="triton", **options)  # loaded eagerly
+    compiled = torch.compile(
+        lambda x, b, p: ce.dynamic_routing(x, 3, bias=b, prior=p, backend="triton", **options),
+        fullgraph=True)
+    v, c = compiled(u_hat, b, prior)
+    v_ref, c_ref = ce.dynamic_routing(u_hat, 3, bias=b, prior=prior, backend="reference", **options)
+    grads = torch.autograd.grad((v * v_ref.detach()).sum(), [u_hat, b, prior])
+    grads_ref = torch.autograd.grad((v_ref * v_ref.detach()).sum(), [u_hat, b, prior])
     assert not c.requires_grad
     assert_all_close([v.detach(), c] + list(grads), [v_ref.detach(), c_ref] + list(grads_ref),
                      rtol=1e-10, atol=1e-12)

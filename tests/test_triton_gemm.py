@@ -135,13 +135,6 @@ def test_prior_across_programs(device, monkeypatch):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
 
 
-def test_dynamic_routing_refuses_prior_with_a_reason():
-    reason = triton_ops.unsupported_reason("dynamic_routing", dtype=torch.float32, prior=True)
-    assert reason and "capsule_routing only" in reason
-    assert triton_ops.unsupported_reason("capsule_routing", dtype=torch.float32, prior=True,
-                                         temperature=0.5) is None
-
-
 # ---------------------------------------------------------------- launch counts
 # Operators that allocate or make views: no kernel runs.
 NO_KERNEL_OPS = {"empty", "empty_strided", "select", "slice", "view", "alias", "as_strided",

@@ -10,7 +10,7 @@
 Runs on CUDA tensors, and on CPU tensors only under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before triton is imported), a testing tool. Every option of the API
 is supported for float16, bfloat16, float32 and float64 (the learned ``prior`` and the softmax
-``temperature`` in ``capsule_routing`` only). Precision: ``capsule_routing`` feeds float16 and
+``temperature`` included). Precision: ``capsule_routing`` feeds float16 and
 bfloat16 operands to tensor cores with float32 accumulation; its float32 dots are exact-input
 (``"ieee"``) unless PyTorch allows TF32 for float32 matmuls, then TF32. ``dynamic_routing`` and
 ``predict`` use no ``tl.dot``. float32 math elsewhere is the GPU's, not IEEE-exact: ``exp`` and
@@ -83,16 +83,13 @@ def unsupported_reason(op: str, *, dtype: torch.dtype, iterations: int = 1, bias
                        temperature: float = 1.0,
                        sizes: Optional[dict] = None) -> Optional[str]:
     """``None`` when ``op`` with these options is implemented: every option of
-    ``capsule_routing`` (prior and temperature included) and of ``dynamic_routing`` except
-    prior and temperature, for capsules whose padded ``[J, Dout(, Din)]`` slice fits the
-    kernels' registers (``sizes`` gives J, Dout and, for ``capsule_routing``, Din)."""
+    ``dynamic_routing`` and ``capsule_routing`` (prior and temperature included), for capsules
+    whose padded ``[J, Dout(, Din)]`` slice fits the kernels' registers (``sizes`` gives J,
+    Dout and, for ``capsule_routing``, Din)."""
     if op not in _SUPPORTED_OPS:
         return f"unknown op {op!r}; the Triton backend implements {_SUPPORTED_OPS}"
     if dtype not in _SUPPORTED_DTYPES:
         return f"dtype {dtype} is not supported; expected one of {_SUPPORTED_DTYPES}"
-    if op == "dynamic_routing" and (prior or temperature != 1.0):
-        return ("the routing options prior and temperature are implemented for capsule_routing "
-                "only in this backend (dynamic_routing over a given u_hat does not have them yet)")
     if sizes is not None and op != "predict" and _IMPORT_ERROR is None:
         if op == "capsule_routing":
             from ._gemm_core import capsule_size_limit_reason
