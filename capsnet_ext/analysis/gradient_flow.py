@@ -155,6 +155,17 @@ class GradientFlowRecorder:
         self.steps.append(int(step))
         self.records.append(record)
 
+    def state_dict(self) -> Dict[str, object]:
+        """The record so far (what a checkpoint stores so a resumed run continues it)."""
+        return {"every": self.every, "steps": list(self.steps),
+                "records": [{k: np.asarray(v).copy() for k, v in r.items()} for r in self.records]}
+
+    def load_state_dict(self, state: Dict[str, object], before_step: Optional[int] = None) -> None:
+        """Continue the record of :meth:`state_dict`, keeping only steps ``< before_step``."""
+        keep = [k for k, s in enumerate(state["steps"]) if before_step is None or s < before_step]
+        self.steps = [int(state["steps"][k]) for k in keep]
+        self.records = [dict(state["records"][k]) for k in keep]
+
     def on_train_end(self, out_dir=None) -> None:
         self.detach()
         target = pathlib.Path(out_dir) if out_dir is not None else self.out_dir

@@ -106,10 +106,12 @@ def _fill_model_config(model_config: Dict[str, Any], bundle, crop_size: Optional
     return model_config
 
 
-def _lr_lambda(cfg: TrainConfig):
+def _lr_lambda(cfg: TrainConfig, steps_per_epoch: Optional[int] = None):
     floor = cfg.lr_min / cfg.lr
 
     def factor(step: int) -> float:
+        if cfg.lr_decay_per_epoch:
+            return max(cfg.lr_decay ** (step // steps_per_epoch), floor)
         exponent = step / cfg.lr_decay_steps
         if cfg.lr_staircase:
             exponent = math.floor(exponent)
@@ -268,7 +270,13 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo) -> Dict[
                 model_config[key] = value
     model = build_model(model_config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(cfg, max(len(bundle.train) // info.world_size // local_batch, 1)))
+    if cfg.record_gradient_flow and not any(hasattr(cb, "records") and hasattr(cb, "on_after_backward")
+                                            for cb in callbacks):
+        from ..analysis.gradient_flow import GradientFlowRecorder
+
+        callbacks = list(callbacks) + [GradientFlowRecorder(every=max(cfg.grad_flow_every, 1))]
 
     start_step, best_error, last_metrics = 0, float("inf"), {}
     if ckpt is not None:
@@ -280,6 +288,12 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo) -> Dict[
         last_metrics = ckpt.get("metrics") or {}
         per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]]
         set_rng_state(per_rank[info.rank] if len(per_rank) == info.world_size else ckpt["rng"])
+        # Callbacks that keep a record (gradient flow) continue it from the checkpoint.
+        saved_states = ckpt.get("callback_state") or {}
+        for k, callback in enumerate(callbacks):
+            key = f"{k}:{type(callback).__name__}"
+            if key in saved_states and callable(getattr(callback, "load_state_dict", None)):
+                callback.load_state_dict(saved_states[key], before_step=start_step)
 
     train_model = model
     if info.enabled:
@@ -289,7 +303,8 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo) -> Dict[
     batches = _StepBatches(bundle.train, local_batch, info, cfg.seed, cfg.num_workers)
     steps_per_epoch = batches.steps_per_epoch
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
-    augment = BatchAugmenter(cfg.seed, cfg.max_shift, cfg.crop_size, info.rank, info.world_size)
+    augment = BatchAugmenter(cfg.seed, cfg.max_shift, cfg.crop_size, info.rank, info.world_size,
+                             random_affine=cfg.random_affine)
     backend_name = routing_backend_name(model, device)
     env = environment_info(device)
 
@@ -319,6 +334,8 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo) -> Dict[
                 "step": step, "epoch": step // steps_per_epoch, "config": cfg.to_dict(),
                 "metrics": metrics, "best_error": best_error, "environment": env,
                 "world_size": info.world_size,
+                "callback_state": {f"{k}:{type(cb).__name__}": cb.state_dict()
+                                   for k, cb in enumerate(callbacks) if callable(getattr(cb, "state_dict", None))},
             }
             path = atomic_torch_save(payload, ckpt_dir / name)
         barrier(info)
