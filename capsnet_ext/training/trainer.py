@@ -205,7 +205,8 @@ def train(cfg: TrainConfig, callbacks: Optional[List[Any]] = None, *, resume: Op
 
     Args:
         cfg: the run's :class:`TrainConfig`.
-        callbacks: objects with any of ``on_after_backward(step, model)`` (after backward,
+        callbacks: objects with any of ``on_train_start(model)`` (before the first step),
+            ``on_after_backward(step, model)`` (after backward,
             before the optimizer step; every ``cfg.grad_flow_every`` steps), ``on_eval(step,
             metrics)``, ``on_train_end(out_dir)``.
         resume: a checkpoint file or run folder (``<out>/checkpoints/last.pt``) to continue
@@ -295,6 +296,7 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo) -> Dict[
             if key in saved_states and callable(getattr(callback, "load_state_dict", None)):
                 callback.load_state_dict(saved_states[key], before_step=start_step)
 
+    _call(callbacks, "on_train_start", model)
     train_model = model
     if info.enabled:
         train_model = nn.parallel.DistributedDataParallel(

@@ -6,8 +6,13 @@ Plan (one job per run folder ``<root>/h<H>-r<R>/seed<S>-e<E>-n<N>``):
 
 1. ``seed-paper`` (1 hidden layer of 16 capsules, 4 routing iterations) for every seed;
 2. the depth study (``seed-paper-depth-h<H>-r<R>``: 1..5 hidden layers, 1 or 4 iterations),
-   seed by seed, so that a cut-short plan still holds whole sweeps for the first seeds. The
-   1-hidden-layer, 4-iteration configuration is the ``seed-paper`` run itself.
+   seed by seed, depths in the order 1, 5, 3, 2, 4, so that a cut-short plan still spans the
+   range for the first seed. With the same budget as the main runs (``--depth-epochs``,
+   ``--depth-train-limit``) the 1-hidden-layer, 4-iteration configuration is the ``seed-paper``
+   run itself; with a smaller one it is trained again at that budget.
+
+A run folder holding a ``plan.pid`` of a live process is being trained by another driver: this
+one waits for it (counting it among the ``--parallel`` jobs), then collects or resumes it.
 
 A job whose ``metrics.json`` says it finished is only collected; one with a checkpoint is
 resumed (``capsnet-ext train --resume``); others start fresh. After training, the job runs
@@ -37,18 +42,27 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
+def depth_order(depths):
+    """Extremes first, then the middle, then the rest: a cut-short sweep still spans the range."""
+    depths = sorted(depths)
+    order = [depths[0], depths[-1], depths[len(depths) // 2]]
+    return list(dict.fromkeys(order + depths))
+
+
 def jobs(args):
-    plan = [(1, 4, seed) for seed in args.seeds]
+    main_budget = (args.epochs, args.train_limit)
+    depth_budget = (args.depth_epochs or args.epochs, args.depth_train_limit or args.train_limit)
+    plan = [(1, 4, seed, main_budget) for seed in args.seeds]
     if not args.main_only:
-        for seed in args.seeds:
-            for hidden in args.depths:
-                for iterations in args.iterations:
-                    if (hidden, iterations) != (1, 4):
-                        plan.append((hidden, iterations, seed))
-    limit = f"n{args.train_limit}" if args.train_limit else "nall"
-    for hidden, iterations, seed in plan:
-        run = args.root / f"h{hidden}-r{iterations}" / f"seed{seed}-e{args.epochs}-{limit}"
-        yield dict(hidden=hidden, iterations=iterations, seed=seed, run=run)
+        for seed in args.depth_seeds or args.seeds:
+            for hidden in depth_order(args.depths):
+                for iterations in sorted(args.iterations, reverse=True):
+                    if (hidden, iterations) != (1, 4) or depth_budget != main_budget:
+                        plan.append((hidden, iterations, seed, depth_budget))
+    for hidden, iterations, seed, (epochs, limit) in plan:
+        name = f"seed{seed}-e{epochs}-" + (f"n{limit}" if limit else "nall")
+        yield dict(hidden=hidden, iterations=iterations, seed=seed, epochs=epochs, train_limit=limit,
+                   run=args.root / f"h{hidden}-r{iterations}" / name)
 
 
 def finished(run: pathlib.Path) -> bool:
@@ -65,11 +79,11 @@ def train_command(args, job) -> list:
     if (run / "checkpoints" / "last.pt").is_file():
         return base + ["--resume", str(run), "--no-progress", "--no-tensorboard", "--device", "cpu"]
     command = base + ["--preset", f"seed-paper-depth-h{job['hidden']}-r{job['iterations']}",
-                      "--seed", str(job["seed"]), "--out", str(run), "--epochs", str(args.epochs),
+                      "--seed", str(job["seed"]), "--out", str(run), "--epochs", str(job["epochs"]),
                       "--device", "cpu", "--no-progress", "--no-tensorboard",
                       "--set", f"eval_limit={args.eval_limit}"]
-    if args.train_limit:
-        command += ["--train-limit", str(args.train_limit)]
+    if job["train_limit"]:
+        command += ["--train-limit", str(job["train_limit"])]
     return command
 
 
@@ -88,6 +102,17 @@ def deadline_of(text: str) -> datetime.datetime:
     return datetime.datetime.fromisoformat(text).astimezone(datetime.timezone.utc)
 
 
+def lock_holder(run: pathlib.Path):
+    """The pid of a live process training ``run`` (from its ``plan.pid``), else None."""
+    path = run / "plan.pid"
+    try:
+        pid = int(path.read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
 def log(message: str) -> None:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S")
     print(f"[{stamp}] {message}", flush=True)
@@ -101,6 +126,9 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, nargs="+", default=[1, 4])
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--train-limit", type=int, default=None, help="first N training images (default: all)")
+    p.add_argument("--depth-epochs", type=int, default=None, help="epochs of the depth study (default --epochs)")
+    p.add_argument("--depth-train-limit", type=int, default=None, help="default --train-limit")
+    p.add_argument("--depth-seeds", type=int, nargs="+", default=None, help="default --seeds")
     p.add_argument("--eval-limit", type=int, default=1000, help="test images evaluated after each epoch")
     p.add_argument("--collect-limit", type=int, default=None, help="test images per set when collecting")
     p.add_argument("--parallel", type=int, default=2)
@@ -131,9 +159,11 @@ def main(argv=None) -> int:
         log(f"start {stage} {job['run']}: {' '.join(command)}")
         process = subprocess.Popen(command, cwd=str(args.code), env=env, stdout=logfile, stderr=subprocess.STDOUT,
                                    start_new_session=True)
+        (job["run"] / "plan.pid").write_text(f"{process.pid}\n")
         running[job["run"]] = (process, job, stage, logfile)
 
-    while queue or running:
+    elsewhere = []   # jobs whose run folder another live process is training (plan.pid)
+    while queue or running or elsewhere:
         now = datetime.datetime.now(datetime.timezone.utc)
         if deadline is not None and now >= deadline and not stopping:
             stopping = True
@@ -141,18 +171,28 @@ def main(argv=None) -> int:
             for process, job, stage, _ in running.values():
                 if process.poll() is None:
                     os.killpg(process.pid, signal.SIGTERM)
-            queue = []
+            queue, elsewhere = [], []
         for run, (process, job, stage, logfile) in list(running.items()):
             code = process.poll()
             if code is None:
                 continue
             logfile.close()
             del running[run]
+            (run / "plan.pid").unlink(missing_ok=True)
             log(f"{stage} {run} exited {code}")
             if stage == "train" and code == 0 and finished(run) and not stopping:
                 launch(job, "collect")
-        while queue and len(running) < args.parallel and not stopping:
+        for job in list(elsewhere):
+            if lock_holder(job["run"]) is None:
+                elsewhere.remove(job)
+                if not stopping:
+                    queue.insert(0, job)
+        while queue and len(running) + len(elsewhere) < args.parallel and not stopping:
             job = queue.pop(0)
+            if lock_holder(job["run"]) is not None:
+                log(f"{job['run']} is being trained by pid {lock_holder(job['run'])}: waiting for it")
+                elsewhere.append(job)
+                continue
             if finished(job["run"]):
                 if not (job["run"] / "collected" / "seed_paper.json").is_file():
                     launch(job, "collect")
