@@ -263,8 +263,72 @@ def _describe(group: dict) -> str:
     limit = group["train_limit"]
     data = f"first {limit} training images" if limit else "60,000 training images"
     length = f"{group['max_steps']} steps" if group["max_steps"] else f"{group['epochs']} epochs"
+    seconds = group["train_seconds"]
+    per_epoch = ""
+    if math.isfinite(seconds["mean"]) and not group["max_steps"]:
+        per_epoch = f"; {seconds['mean'] / group['epochs']:.0f} s of training per epoch (mean over seeds)"
     return (f"{group['hidden_layers']} hidden layer(s), {group['iterations']} routing iteration(s), {length} "
-            f"on the {data}; seeds {group['seeds']}; checkpoint steps {group['steps']}")
+            f"on the {data}; seeds {group['seeds']}; checkpoint steps {group['steps']}{per_epoch}")
+
+
+def _layer_mean(group: dict, name: str) -> float:
+    values = [layer[name]["mean"] for layer in group["layers"]]
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def claims_table(groups: Sequence[dict]) -> str:
+    """The paper's claims against the runs, each with the measure used and a verdict by the
+    fixed rule stated in the table (markdown)."""
+    rows = []
+
+    def verdict(ok):
+        return "n/a" if ok is None else ("agrees" if ok else "does not agree")
+
+    main = next((g for g in groups if g["hidden_layers"] == 1 and g["iterations"] == 4), None)
+    if main is not None:
+        dead = [layer["dead_rate"]["mean"] for layer in main["layers"]] + [main["layers"][-1]["upper_dead_rate"]["mean"]]
+        rows.append(("capsules starve: some capsules are dead in the trained model",
+                     "dead rate per capsule layer (primary, hidden, class) > 0 somewhere",
+                     " / ".join(f"{d:.2f}" for d in dead), verdict(max(dead) > 0 if all(map(math.isfinite, dead)) else None)))
+        dyn = [layer["dynamics"]["mean"] for layer in main["layers"]]
+        ok = None if not all(map(math.isfinite, dyn)) else max(dyn) < 0.5
+        rows.append(("routing hardly depends on the input (no dynamic parse tree)",
+                     "dynamics per routing layer < 0.5 (1 = input-dependent one-hot routing, 0 = static)",
+                     " / ".join(f"{d:.2f}" for d in dyn), verdict(ok)))
+        corr = [layer["act_coupling_corr"]["mean"] for layer in main["layers"]]
+        ok = None if not all(map(math.isfinite, corr)) else max(abs(c) for c in corr) < 0.3
+        rows.append(("couplings do not follow the lower capsules' activations",
+                     "|activation-coupling correlation| per routing layer < 0.3",
+                     " / ".join(f"{c:.2f}" for c in corr), verdict(ok)))
+    for iterations in sorted({g["iterations"] for g in groups}):
+        sweep = sorted((g for g in groups if g["iterations"] == iterations), key=lambda g: g["hidden_layers"])
+        if len(sweep) < 2 or len({g["hidden_layers"] for g in sweep}) < 2:
+            continue
+        shallow, deep = sweep[0], sweep[-1]
+        a, b = _layer_mean(shallow, "dead_rate"), _layer_mean(deep, "dead_rate")
+        rows.append((f"starvation grows with depth ({iterations} iteration(s))",
+                     f"dead rate averaged over layers, {shallow['hidden_layers']} vs {deep['hidden_layers']} hidden layers "
+                     "(deeper higher)", f"{a:.2f} → {b:.2f}",
+                     verdict(b > a if math.isfinite(a) and math.isfinite(b) else None)))
+        a, b = shallow["affine_accuracy"]["mean"], deep["affine_accuracy"]["mean"]
+        rows.append((f"accuracy falls with depth ({iterations} iteration(s))",
+                     f"affine accuracy, {shallow['hidden_layers']} vs {deep['hidden_layers']} hidden layers (deeper lower)",
+                     f"{a:.4f} → {b:.4f}", verdict(b < a if math.isfinite(a) and math.isfinite(b) else None)))
+    by_key = {(g["hidden_layers"], g["iterations"], g["epochs"], g["train_limit"]): g for g in groups}
+    for (hidden, iterations, epochs, limit), g in sorted(by_key.items(), key=lambda kv: str(kv[0])):
+        if iterations != 4 or (hidden, 1, epochs, limit) not in by_key:
+            continue
+        one = by_key[(hidden, 1, epochs, limit)]
+        a, b = one["affine_accuracy"], g["affine_accuracy"]
+        spread = max(a["std"] if math.isfinite(a["std"]) else 0.0, b["std"] if math.isfinite(b["std"]) else 0.0)
+        ok = None if not (math.isfinite(a["mean"]) and math.isfinite(b["mean"])) else b["mean"] <= a["mean"] + spread
+        rows.append((f"more routing iterations do not help ({hidden} hidden, {epochs} epoch(s))",
+                     "affine accuracy with 4 iterations not above 1 iteration by more than one std over seeds",
+                     f"{a['mean']:.4f} (1) vs {b['mean']:.4f} (4)", verdict(ok)))
+    lines = ["| claim | measure and rule | runs | verdict |", "|---|---|---|---|"]
+    lines += [f"| {c} | {m} | {v} | {w} |" for c, m, v, w in rows]
+    return "\n".join(lines)
 
 
 def accuracy_line(group: dict) -> str:
@@ -435,6 +499,8 @@ def write_report(runs: Sequence[pathlib.Path], out, *, command: Optional[str] = 
                         f"{accuracy_line(g)}.\n\nPer routing layer on the affine test set (mean ± std over "
                         f"seeds):\n\n{layer_table(g)}")
     table = "\n\n".join(sections) if sections else "(no run of the seed-paper configuration collected yet)"
+    claims = "Claims against the runs (rules fixed in capsnet_ext/analysis/seed_paper.py):\n\n" + claims_table(groups)
+    paths["claims"] = atomic_write_text(out / "claims.md", claims + "\n")
     depth = ("Depth study (means over seeds; per-layer values are layer 1 / layer 2 / ...):\n\n"
              + depth_table(groups) + "\n\nConfigurations:\n\n" + "\n".join(f"- {_describe(g)}" for g in groups))
     paths["table"] = atomic_write_text(out / "table.md", table + "\n") or out / "table.md"
@@ -467,7 +533,7 @@ def write_report(runs: Sequence[pathlib.Path], out, *, command: Optional[str] = 
     atomic_write_text(out / "results.json", json.dumps(_json_safe(results), indent=1) + "\n")
     paths["results"] = out / "results.json"
     if doc is not None:
-        replace_generated(pathlib.Path(doc), table + "\n\n" + depth + "\n\nFigures: `results/seed-paper/figures/`; "
+        replace_generated(pathlib.Path(doc), table + "\n\n" + claims + "\n\n" + depth + "\n\nFigures: `results/seed-paper/figures/`; "
                           "numbers: `results/seed-paper/results.json`.")
     return paths
 

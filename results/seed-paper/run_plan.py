@@ -77,10 +77,10 @@ def train_command(args, job) -> list:
     base = [sys.executable, "-m", "capsnet_ext.cli", "train"]
     run = job["run"]
     if (run / "checkpoints" / "last.pt").is_file():
-        return base + ["--resume", str(run), "--no-progress", "--no-tensorboard", "--device", "cpu"]
+        return base + ["--resume", str(run), "--no-progress", "--no-tensorboard", "--device", args.device]
     command = base + ["--preset", f"seed-paper-depth-h{job['hidden']}-r{job['iterations']}",
                       "--seed", str(job["seed"]), "--out", str(run), "--epochs", str(job["epochs"]),
-                      "--device", "cpu", "--no-progress", "--no-tensorboard",
+                      "--device", args.device, "--no-progress", "--no-tensorboard",
                       "--set", f"eval_limit={args.eval_limit}"]
     if job["train_limit"]:
         command += ["--train-limit", str(job["train_limit"])]
@@ -88,7 +88,8 @@ def train_command(args, job) -> list:
 
 
 def collect_command(args, job) -> list:
-    command = [sys.executable, "-m", "capsnet_ext.cli", "analyze", "seed-paper", "collect", str(job["run"])]
+    command = [sys.executable, "-m", "capsnet_ext.cli", "analyze", "seed-paper", "collect", str(job["run"]),
+               "--device", args.device]
     if args.collect_limit:
         command += ["--limit", str(args.collect_limit)]
     return command
@@ -132,6 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-limit", type=int, default=1000, help="test images evaluated after each epoch")
     p.add_argument("--collect-limit", type=int, default=None, help="test images per set when collecting")
     p.add_argument("--parallel", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="device of training and collection (cpu, cuda, ...)")
     p.add_argument("--threads", type=int, default=1, help="threads per training process")
     p.add_argument("--deadline", default=None, help="UTC HH:MM or ISO time: stop (resumably) at this time")
     p.add_argument("--main-only", action="store_true", help="only the seed-paper runs, no depth study")
