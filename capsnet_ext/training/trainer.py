@@ -80,7 +80,9 @@ def routing_backend_name(model: nn.Module, device: torch.device, dtype=torch.flo
     if backend is None:
         return None
     layer = next((m for m in unwrap(model).modules() if hasattr(m, "leaky") and hasattr(m, "weight")), None)
-    options = dict(leaky=getattr(layer, "leaky", False), detach_inner=getattr(layer, "detach_inner", False))
+    options = dict(leaky=getattr(layer, "leaky", False), detach_inner=getattr(layer, "detach_inner", False),
+                   prior=getattr(layer, "prior", None) is not None,
+                   temperature=float(getattr(layer, "temperature", 1.0)))
     try:
         module = dispatch.select("capsule_routing", backend, device, dtype, **options)
     except Exception as exc:
