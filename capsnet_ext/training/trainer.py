@@ -275,11 +275,11 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo) -> Dict[
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(cfg, max(len(bundle.train) // info.world_size // local_batch, 1)))
-    if cfg.record_gradient_flow and not any(hasattr(cb, "records") and hasattr(cb, "on_after_backward")
-                                            for cb in callbacks):
+    if cfg.record_gradient_flow:
         from ..analysis.gradient_flow import GradientFlowRecorder
 
-        callbacks = list(callbacks) + [GradientFlowRecorder(every=max(cfg.grad_flow_every, 1))]
+        if not any(isinstance(cb, GradientFlowRecorder) for cb in callbacks):
+            callbacks = list(callbacks) + [GradientFlowRecorder(every=max(cfg.grad_flow_every, 1))]
 
     start_step, best_error, last_metrics = 0, float("inf"), {}
     if ckpt is not None:
