@@ -294,13 +294,13 @@ def test_collect_and_report_from_run_folders(whole_run, tmp_path):
     table = (tmp_path / "out" / "table.md").read_text()
     assert "1 (primary → hidden 1)" in table and "seeds [0, 1]" in table and " ± " in table
     depth = (tmp_path / "out" / "depth_table.md").read_text()
-    assert depth.count("\n| 1 | 4 | 2 |") == 1 and depth.count("\n| 2 | 4 | 2 |") == 1
+    assert depth.count(" | 1 | 4 | 2 |") == 1 and depth.count(" | 2 | 4 | 2 |") == 1
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["seeds"] == [0, 1] and results["provenance"]["command"] == "test"
     assert len(results["groups"]) == 2 and results["groups"][0]["layers"][0]["dead_rate"]["n"] == 2
     for key in ("depth_figure", "activity_h1-r4-seed0", "couplings_h1-r4-seed0", "gradients_h1-r4-seed0"):
         assert paths[key].is_file() and paths[key].stat().st_size > 1000
     claims = (tmp_path / "out" / "claims.md").read_text()
-    assert "starvation grows with depth (4 iteration(s))" in claims and "| claim |" in claims
+    assert "starvation grows with depth (4 iteration(s), 2 ep.)" in claims and "| claim |" in claims
     text = doc.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text and table.strip() in text

@@ -271,6 +271,25 @@ def _describe(group: dict) -> str:
             f"on the {data}; seeds {group['seeds']}; checkpoint steps {group['steps']}{per_epoch}")
 
 
+def _budget(group: dict) -> tuple:
+    return (group["epochs"], group["max_steps"], group["train_limit"])
+
+
+def _budget_label(group: dict) -> str:
+    length = f"{group['max_steps']} steps" if group["max_steps"] else f"{group['epochs']} ep."
+    return length + (f", {group['train_limit']} img" if group["train_limit"] else "")
+
+
+def main_group(groups: Sequence[dict]) -> Optional[dict]:
+    """The ``seed-paper`` configuration (1 hidden layer, 4 iterations) with the most seeds,
+    then the longest training."""
+    candidates = [g for g in groups if g["hidden_layers"] == 1 and g["iterations"] == 4]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda g: (len(g["seeds"]), g["epochs"] or 0, g["max_steps"] or 0,
+                                          g["train_limit"] or 10 ** 9))
+
+
 def _layer_mean(group: dict, name: str) -> float:
     values = [layer[name]["mean"] for layer in group["layers"]]
     finite = [v for v in values if math.isfinite(v)]
@@ -285,7 +304,7 @@ def claims_table(groups: Sequence[dict]) -> str:
     def verdict(ok):
         return "n/a" if ok is None else ("agrees" if ok else "does not agree")
 
-    main = next((g for g in groups if g["hidden_layers"] == 1 and g["iterations"] == 4), None)
+    main = main_group(groups)
     if main is not None:
         dead = [layer["dead_rate"]["mean"] for layer in main["layers"]] + [main["layers"][-1]["upper_dead_rate"]["mean"]]
         rows.append(("capsules starve: some capsules are dead in the trained model",
@@ -301,18 +320,20 @@ def claims_table(groups: Sequence[dict]) -> str:
         rows.append(("couplings do not follow the lower capsules' activations",
                      "|activation-coupling correlation| per routing layer < 0.3",
                      " / ".join(f"{c:.2f}" for c in corr), verdict(ok)))
-    for iterations in sorted({g["iterations"] for g in groups}):
-        sweep = sorted((g for g in groups if g["iterations"] == iterations), key=lambda g: g["hidden_layers"])
-        if len(sweep) < 2 or len({g["hidden_layers"] for g in sweep}) < 2:
+    for iterations, budget in sorted({(g["iterations"], _budget(g)) for g in groups}, key=str):
+        sweep = sorted((g for g in groups if g["iterations"] == iterations and _budget(g) == budget),
+                       key=lambda g: g["hidden_layers"])
+        if len(sweep) < 2:
             continue
         shallow, deep = sweep[0], sweep[-1]
+        label = f"{iterations} iteration(s), {_budget_label(shallow)}"
         a, b = _layer_mean(shallow, "dead_rate"), _layer_mean(deep, "dead_rate")
-        rows.append((f"starvation grows with depth ({iterations} iteration(s))",
+        rows.append((f"starvation grows with depth ({label})",
                      f"dead rate averaged over layers, {shallow['hidden_layers']} vs {deep['hidden_layers']} hidden layers "
                      "(deeper higher)", f"{a:.2f} → {b:.2f}",
                      verdict(b > a if math.isfinite(a) and math.isfinite(b) else None)))
         a, b = shallow["affine_accuracy"]["mean"], deep["affine_accuracy"]["mean"]
-        rows.append((f"accuracy falls with depth ({iterations} iteration(s))",
+        rows.append((f"accuracy falls with depth ({label})",
                      f"affine accuracy, {shallow['hidden_layers']} vs {deep['hidden_layers']} hidden layers (deeper lower)",
                      f"{a:.4f} → {b:.4f}", verdict(b < a if math.isfinite(a) and math.isfinite(b) else None)))
     by_key = {(g["hidden_layers"], g["iterations"], g["epochs"], g["train_limit"]): g for g in groups}
@@ -323,7 +344,7 @@ def claims_table(groups: Sequence[dict]) -> str:
         a, b = one["affine_accuracy"], g["affine_accuracy"]
         spread = max(a["std"] if math.isfinite(a["std"]) else 0.0, b["std"] if math.isfinite(b["std"]) else 0.0)
         ok = None if not (math.isfinite(a["mean"]) and math.isfinite(b["mean"])) else b["mean"] <= a["mean"] + spread
-        rows.append((f"more routing iterations do not help ({hidden} hidden, {epochs} epoch(s))",
+        rows.append((f"more routing iterations do not help ({hidden} hidden, {_budget_label(g)})",
                      "affine accuracy with 4 iterations not above 1 iteration by more than one std over seeds",
                      f"{a['mean']:.4f} (1) vs {b['mean']:.4f} (4)", verdict(ok)))
     lines = ["| claim | measure and rule | runs | verdict |", "|---|---|---|---|"]
@@ -343,10 +364,10 @@ def depth_table(groups: Sequence[dict]) -> str:
         return " / ".join("n/a" if not math.isfinite(layer[name]["mean"]) else f"{layer[name]['mean']:.2f}"
                           for layer in group["layers"])
 
-    lines = ["| hidden layers | iterations | seeds | MNIST acc | affine acc | dead rate (L1 / L2 / ...) | "
-             "inactive rate | bonding | dynamics | act.-coupling corr. |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for g in sorted(groups, key=lambda g: (g["iterations"], g["hidden_layers"])):
-        lines.append(f"| {g['hidden_layers']} | {g['iterations']} | {len(g['seeds'])} | "
+    lines = ["| training | hidden layers | iterations | seeds | MNIST acc | affine acc | dead rate (L1 / L2 / ...) | "
+             "inactive rate | bonding | dynamics | act.-coupling corr. |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for g in sorted(groups, key=lambda g: (str(_budget(g)), g["iterations"], g["hidden_layers"])):
+        lines.append(f"| {_budget_label(g)} | {g['hidden_layers']} | {g['iterations']} | {len(g['seeds'])} | "
                      f"{_fmt(g['mnist40_accuracy']['mean'], g['mnist40_accuracy']['std'], 4)} | "
                      f"{_fmt(g['affine_accuracy']['mean'], g['affine_accuracy']['std'], 4)} | "
                      f"{per_layer(g, 'dead_rate')} | {per_layer(g, 'inactive_rate')} | {per_layer(g, 'bonding')} | "
@@ -442,8 +463,9 @@ def plot_depth(groups: Sequence[dict], path: pathlib.Path) -> pathlib.Path:
               ("act_coupling_corr", "act.-coupling corr.", "layer"), ("upper_dead_rate", "class-layer dead rate", "last")]
     fig, axes = plt.subplots(2, 4, figsize=(14, 6))
     for ax, (name, label, kind) in zip(axes.flat, panels):
-        for iterations in sorted({g["iterations"] for g in groups}):
-            rows = sorted((g for g in groups if g["iterations"] == iterations), key=lambda g: g["hidden_layers"])
+        for iterations, budget in sorted({(g["iterations"], _budget(g)) for g in groups}, key=str):
+            rows = sorted((g for g in groups if g["iterations"] == iterations and _budget(g) == budget),
+                          key=lambda g: g["hidden_layers"])
             xs, ys, es = [], [], []
             for g in rows:
                 if kind is None:
@@ -456,7 +478,8 @@ def plot_depth(groups: Sequence[dict], path: pathlib.Path) -> pathlib.Path:
                 xs.append(g["hidden_layers"])
                 ys.append(mean)
                 es.append(std if math.isfinite(std) else 0.0)
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"{iterations} iteration(s)")
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3,
+                        label=f"{iterations} iteration(s), {_budget_label(rows[0])}")
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("hidden capsule layers")
     axes.flat[0].legend(fontsize=8)
@@ -491,7 +514,8 @@ def write_report(runs: Sequence[pathlib.Path], out, *, command: Optional[str] = 
         raise FileNotFoundError(f"no collected run ({COLLECTED}) among {len(runs)} run folder(s); "
                                 "run 'capsnet-ext analyze seed-paper collect RUN' (or report --collect) first")
     groups = aggregate(collected)
-    main = [g for g in groups if g["hidden_layers"] == 1 and g["iterations"] == 4]
+    chosen = main_group(groups)
+    main = [chosen] if chosen is not None else []
     paths: Dict[str, pathlib.Path] = {}
     sections = []
     for g in main:
