@@ -527,8 +527,8 @@ def write_report(runs: Sequence[pathlib.Path], out, *, command: Optional[str] = 
     paths["claims"] = atomic_write_text(out / "claims.md", claims + "\n")
     depth = ("Depth study (means over seeds; per-layer values are layer 1 / layer 2 / ...):\n\n"
              + depth_table(groups) + "\n\nConfigurations:\n\n" + "\n".join(f"- {_describe(g)}" for g in groups))
-    paths["table"] = atomic_write_text(out / "table.md", table + "\n") or out / "table.md"
-    paths["depth_table"] = atomic_write_text(out / "depth_table.md", depth + "\n") or out / "depth_table.md"
+    paths["table"] = atomic_write_text(out / "table.md", table + "\n")
+    paths["depth_table"] = atomic_write_text(out / "depth_table.md", depth + "\n")
     figures = out / "figures"
     for result in collected:
         rc = result["run_config"]
