@@ -297,6 +297,7 @@ def test_collect_and_report_from_run_folders(whole_run, tmp_path):
     assert depth.count(" | 1 | 4 | 2 |") == 1 and depth.count(" | 2 | 4 | 2 |") == 1
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["seeds"] == [0, 1] and results["provenance"]["command"] == "test"
+    assert results["runs"][0]["train_environment"]["torch"] == torch.__version__
     assert len(results["groups"]) == 2 and results["groups"][0]["layers"][0]["dead_rate"]["n"] == 2
     for key in ("depth_figure", "activity_h1-r4-seed0", "couplings_h1-r4-seed0", "gradients_h1-r4-seed0"):
         assert paths[key].is_file() and paths[key].stat().st_size > 1000

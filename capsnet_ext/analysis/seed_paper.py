@@ -507,7 +507,12 @@ def write_report(runs: Sequence[pathlib.Path], out, *, command: Optional[str] = 
     for run in runs:
         path = pathlib.Path(run) / COLLECTED
         if path.is_file():
-            collected.append(json.loads(path.read_text()))
+            result = json.loads(path.read_text())
+            metrics = pathlib.Path(run) / "metrics.json"
+            # The training command, versions and date, as the trainer recorded them.
+            result["train_environment"] = (json.loads(metrics.read_text()).get("environment")
+                                           if metrics.is_file() else None)
+            collected.append(result)
         else:
             missing.append(str(run))
     if not collected:
