@@ -288,15 +288,22 @@ def test_collect_and_report_from_run_folders(whole_run, tmp_path):
     for run in runs[1:]:
         assert len(seed_paper.collect_run(run, limit=20)["layers"]) == (2 if "h1" in str(run) else 3)
     assert seed_paper.find_runs([root]) == sorted(runs)
+    assert all(seed_paper.run_finished(run) for run in runs)
     doc = tmp_path / "doc.md"
     doc.write_text(f"intro\n{seed_paper.DOC_BEGIN}\nold\n{seed_paper.DOC_END}\noutro\n")
-    paths = seed_paper.write_report(runs, tmp_path / "out", command="test", doc=doc)
+    # A run stopped before its end is left out of the report (listed as unfinished).
+    stopped = _copy_run(whole_run, root / "h1-r4" / "seed2", 2)
+    seed_paper.collect_run(stopped, limit=20)
+    metrics = json.loads((stopped / "metrics.json").read_text())
+    (stopped / "metrics.json").write_text(json.dumps(dict(metrics, interrupted="SIGTERM")))
+    paths = seed_paper.write_report(runs + [stopped], tmp_path / "out", command="test", doc=doc)
     table = (tmp_path / "out" / "table.md").read_text()
     assert "1 (primary → hidden 1)" in table and "seeds [0, 1]" in table and " ± " in table
     depth = (tmp_path / "out" / "depth_table.md").read_text()
     assert depth.count(" | 1 | 4 | 2 |") == 1 and depth.count(" | 2 | 4 | 2 |") == 1
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["seeds"] == [0, 1] and results["provenance"]["command"] == "test"
+    assert results["runs_unfinished"] == [str(stopped)]
     assert results["runs"][0]["train_environment"]["torch"] == torch.__version__
     assert len(results["groups"]) == 2 and results["groups"][0]["layers"][0]["dead_rate"]["n"] == 2
     for key in ("depth_figure", "activity_h1-r4-seed0", "couplings_h1-r4-seed0", "gradients_h1-r4-seed0"):

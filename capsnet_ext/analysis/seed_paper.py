@@ -171,6 +171,15 @@ def collect_run(run_dir, *, data_dir=None, device="cpu", limit: Optional[int] = 
     return result
 
 
+def run_finished(run_dir: pathlib.Path) -> bool:
+    """Whether the run trained to its end: its ``metrics.json`` exists and says it was not
+    interrupted (a run stopped by a signal keeps a resumable checkpoint but is not finished)."""
+    path = pathlib.Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        return False
+    return json.loads(path.read_text()).get("interrupted") is None
+
+
 def _train_seconds(run_dir: pathlib.Path) -> Optional[float]:
     path = run_dir / "metrics.json"
     if not path.is_file():
@@ -503,10 +512,12 @@ def write_report(runs: Sequence[pathlib.Path], out, *, command: Optional[str] = 
 
     out = pathlib.Path(out)
     collected = []
-    missing = []
+    missing, unfinished = [], []
     for run in runs:
         path = pathlib.Path(run) / COLLECTED
-        if path.is_file():
+        if not run_finished(run):
+            unfinished.append(str(run))   # partial training never mixes with finished runs
+        elif path.is_file():
             result = json.loads(path.read_text())
             metrics = pathlib.Path(run) / "metrics.json"
             # The training command, versions and date, as the trainer recorded them.
@@ -555,7 +566,7 @@ def write_report(runs: Sequence[pathlib.Path], out, *, command: Optional[str] = 
     results = dict(provenance=provenance(device, command=command or _command()),
                    seeds=sorted({r["run_config"]["seed"] for r in collected}),
                    generated_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   runs_not_collected=missing, groups=groups,
+                   runs_not_collected=missing, runs_unfinished=unfinished, groups=groups,
                    runs=[{k: v for k, v in r.items() if k != "layers"} | {
                        "layers": [{k: v for k, v in layer.items() if k not in ("per_capsule", "thresholded_couplings")}
                                   for layer in r["layers"]]} for r in collected])
@@ -590,13 +601,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _collect_all(runs, args) -> None:
     for run in runs:
+        if not run_finished(run):
+            print(f"skip {run}: training not finished (no metrics.json, or interrupted)", file=sys.stderr)
+            continue
         if (run / COLLECTED).is_file() and not args.force:
             stamp = (run / COLLECTED).stat().st_mtime
             if stamp >= (run / "checkpoints" / "last.pt").stat().st_mtime:
                 continue
-        if not (run / "checkpoints" / "last.pt").is_file():
-            print(f"skip {run}: no checkpoint yet", file=sys.stderr)
-            continue
         result = collect_run(run, data_dir=args.data_dir, device=args.device, limit=args.limit,
                              affine_seed=args.affine_seed)
         print(f"collected {run}: step {result['step']}, MNIST {result['mnist40_accuracy']:.4f}, "
