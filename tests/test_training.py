@@ -53,7 +53,8 @@ def test_every_preset_builds_a_valid_config():
     assert expected <= set(PRESETS)
     for name in PRESETS:
         cfg = load_config(preset=name)
-        assert isinstance(cfg, TrainConfig) and cfg.model["arch"] in ("capsnet", "baseline-cnn")
+        assert isinstance(cfg, TrainConfig) and cfg.model["arch"] in ("capsnet", "baseline-cnn",
+                                                                       "mitterreiter-capsnet")
     assert load_config(preset="mnist").lr_decay == 0.96 and load_config(preset="mnist").lr_decay_steps == 2000
     assert load_config(preset="mnist-ablation-r1-norecon").recon_weight == 0.0
     assert load_config(preset="mnist-ablation-r1-norecon").model["iterations"] == 1

@@ -6,7 +6,9 @@ of the per-capsule gradient norms over training) into ``--out`` (default:
 ``<run folder>/analysis``).
 
 ``capsnet-ext analyze depth-study [...]`` runs the depth study instead
-(:mod:`capsnet_ext.analysis.depth_study`; ``--help`` there).
+(:mod:`capsnet_ext.analysis.depth_study`; ``--help`` there), and ``capsnet-ext analyze
+seed-paper collect|report [...]`` collects and reports the runs of the ``seed-paper`` presets
+(:mod:`capsnet_ext.analysis.seed_paper`).
 """
 from __future__ import annotations
 
@@ -146,6 +148,10 @@ def _main(argv: List[str]) -> int:
         from .depth_study import main as depth_main
 
         return depth_main(argv[1:])
+    if argv and argv[0] == "seed-paper":
+        from .seed_paper import main as seed_paper_main
+
+        return seed_paper_main(argv[1:])
     args = build_parser().parse_args(argv)
     command = "capsnet-ext analyze " + " ".join(shlex.quote(a) for a in argv)
     done = analyze_checkpoint(args.checkpoint, out=args.out, data_dir=args.data_dir, device=args.device,

@@ -15,8 +15,9 @@ every routing layer), the mean capsule length on the step's batch and the mean s
 quantities that say whether lengths shrink layer by layer and whether the squash still passes
 gradient where they sit.
 
-Lengths come from forward hooks installed the first time the callback sees the model, so the
-very first step has no lengths (NaN). The record is written atomically as
+Lengths come from forward hooks installed by ``on_train_start`` (the trainer calls it before the
+first step) or else the first time the callback sees the model, in which case that step has no
+lengths (NaN). The record is written atomically as
 ``gradient_flow.npz`` (arrays) and ``gradient_flow.json`` (per-layer summaries) into the
 training output folder at the end of training, or wherever :meth:`GradientFlowRecorder.save`
 is pointed.
@@ -130,6 +131,11 @@ class GradientFlowRecorder:
         return torch.stack([lengths.mean(), squash_slope_at_length(lengths).mean()])
 
     # -- callback API --------------------------------------------------------------------
+    def on_train_start(self, model: nn.Module) -> None:
+        """Install the length hooks before the first step (so it, and the first step after a
+        resume, has lengths too)."""
+        self.attach(model)
+
     def on_after_backward(self, step: int, model: nn.Module) -> None:
         if self._layers is None:
             self.attach(model)
@@ -154,6 +160,17 @@ class GradientFlowRecorder:
         record["squash_slope"] = stats[:, 1]
         self.steps.append(int(step))
         self.records.append(record)
+
+    def state_dict(self) -> Dict[str, object]:
+        """The record so far (what a checkpoint stores so a resumed run continues it)."""
+        return {"every": self.every, "steps": list(self.steps),
+                "records": [{k: np.asarray(v).copy() for k, v in r.items()} for r in self.records]}
+
+    def load_state_dict(self, state: Dict[str, object], before_step: Optional[int] = None) -> None:
+        """Continue the record of :meth:`state_dict`, keeping only steps ``< before_step``."""
+        keep = [k for k, s in enumerate(state["steps"]) if before_step is None or s < before_step]
+        self.steps = [int(state["steps"][k]) for k in keep]
+        self.records = [dict(state["records"][k]) for k in keep]
 
     def on_train_end(self, out_dir=None) -> None:
         self.detach()

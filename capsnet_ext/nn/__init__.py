@@ -1,6 +1,7 @@
 """Capsule network modules."""
 from .layers import PrimaryCaps, RoutingCapsules
 from .deep import DeepCapsNet
+from .mitterreiter import MitterreiterCapsNet
 from .models import (
     BaselineCNN,
     CapsNet,
@@ -10,5 +11,5 @@ from .models import (
     register_model,
 )
 
-__all__ = ["PrimaryCaps", "RoutingCapsules", "CapsNet", "CapsNetOutput", "BaselineCNN", "DeepCapsNet",
+__all__ = ["PrimaryCaps", "RoutingCapsules", "CapsNet", "CapsNetOutput", "BaselineCNN", "DeepCapsNet", "MitterreiterCapsNet",
            "MODEL_REGISTRY", "build_model", "register_model"]

@@ -1,6 +1,8 @@
 """Capsule layers: drop-in ``nn.Module`` shells over the functional ops."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -46,6 +48,9 @@ class PrimaryCaps(nn.Module):
         return ops.squash(out)
 
 
+WEIGHT_INITS = ("trunc_normal", "uniform_fan_in")
+
+
 class RoutingCapsules(nn.Module):
     """Fully connected capsule layer with dynamic routing (Sabour et al. 2017).
 
@@ -54,18 +59,37 @@ class RoutingCapsules(nn.Module):
     ``forward(u [B, in_caps, in_dim]) -> v [B, out_caps, out_dim]``, or ``(v, c)`` with the last
     iteration's couplings ``c [B, in_caps, out_caps]`` when ``return_coupling=True``.
 
-    Initialisation: ``W`` is drawn from a normal distribution truncated at two standard
-    deviations with std ``init_std`` (default 0.1) and the bias is ``bias_init`` (default 0.1),
-    the official CapsNet code's choice, so that the paper's recipe is reproduced as written. At
-    the MNIST shape this makes ``|s|`` of order 1 at the start, where the squash is neither
-    saturated nor vanishing. For much wider or deeper stacks pass a smaller ``init_std``
-    (e.g. ``1 / sqrt(in_caps * in_dim / out_caps)``) to keep ``|s|`` in that range.
+    Routing options of Mitterreiter et al. (AAAI 2023, ``AgreementRouting`` in their code):
+
+    * ``prior=True`` adds a learned parameter ``prior [in_caps, out_caps]`` (initialised to
+      zero, shared by all samples) to the routing logits before every softmax, so the first
+      couplings are ``softmax(prior / T)`` rather than uniform and the prior is trained with
+      the rest of the model.
+    * ``temperature`` ``T > 0``: couplings are ``softmax((prior + agreement) / T)``.
+
+    Their routing runs ``n_iter = 3`` agreement updates after a first weighted sum from the
+    prior: 4 weighted sums, i.e. ``iterations=4`` here (``iterations`` counts weighted sums).
+
+    Initialisation of ``W`` (``init``):
+
+    * ``"trunc_normal"`` (default): a normal distribution truncated at two standard
+      deviations with std ``init_std`` (default 0.1), the official CapsNet code's choice, so
+      that the paper's recipe is reproduced as written. At the MNIST shape this makes ``|s|``
+      of order 1 at the start, where the squash is neither saturated nor vanishing. For much
+      wider or deeper stacks pass a smaller ``init_std`` (e.g.
+      ``1 / sqrt(in_caps * in_dim / out_caps)``) to keep ``|s|`` in that range.
+    * ``"uniform_fan_in"``: uniform in ``+-1 / sqrt(in_caps)``, Mitterreiter et al.'s
+      ``CapsLayer.reset_parameters`` (their ``n_l`` is the number of *lower* capsules, the
+      ``input_caps`` of that layer, not ``in_caps * in_dim``); ``init_std`` is then unused.
+
+    The bias (when present) starts at ``bias_init`` (default 0.1).
     """
 
     def __init__(self, in_caps: int, out_caps: int, in_dim: int, out_dim: int,
                  iterations: int = 3, bias: bool = False, leaky: bool = False,
                  detach_inner: bool = False, backend: str = "auto",
-                 init_std: float = 0.1, bias_init: float = 0.1):
+                 init_std: float = 0.1, bias_init: float = 0.1, *, prior: bool = False,
+                 temperature: float = 1.0, init: str = "trunc_normal"):
         super().__init__()
         for name, value in (("in_caps", in_caps), ("out_caps", out_caps),
                             ("in_dim", in_dim), ("out_dim", out_dim)):
@@ -73,6 +97,14 @@ class RoutingCapsules(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+        if not isinstance(prior, bool):
+            raise TypeError(f"prior must be a bool (True makes a learned [in_caps, out_caps] "
+                            f"prior logit), got {prior!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if init not in WEIGHT_INITS:
+            raise ValueError(f"init must be one of {WEIGHT_INITS}, got {init!r}")
         preload(backend)  # validates the name; imports now so torch.compile never traces an import
         self.in_caps, self.out_caps, self.in_dim, self.out_dim = in_caps, out_caps, in_dim, out_dim
         self.iterations = iterations
@@ -81,14 +113,23 @@ class RoutingCapsules(nn.Module):
         self.backend = backend
         self.init_std = init_std
         self.bias_init = bias_init
+        self.init = init
+        self.temperature = float(temperature)
         self.weight = nn.Parameter(torch.empty(in_caps, out_caps, out_dim, in_dim))
         self.bias = nn.Parameter(torch.empty(out_caps, out_dim)) if bias else None
+        self.prior = nn.Parameter(torch.empty(in_caps, out_caps)) if prior else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.trunc_normal_(self.weight, std=self.init_std, a=-2 * self.init_std, b=2 * self.init_std)
+        if self.init == "uniform_fan_in":
+            bound = 1.0 / math.sqrt(self.in_caps)
+            nn.init.uniform_(self.weight, -bound, bound)
+        else:
+            nn.init.trunc_normal_(self.weight, std=self.init_std, a=-2 * self.init_std, b=2 * self.init_std)
         if self.bias is not None:
             nn.init.constant_(self.bias, self.bias_init)
+        if self.prior is not None:
+            nn.init.zeros_(self.prior)
 
     def forward(self, u: torch.Tensor, return_coupling: bool = False):
         # Checked here so a mismatch names the module's own arguments, not the weight tensor
@@ -98,7 +139,7 @@ class RoutingCapsules(nn.Module):
             raise ValueError(f"RoutingCapsules(in_caps={self.in_caps}, in_dim={self.in_dim}) expects input "
                              f"capsules u of shape [B, in_caps={self.in_caps}, in_dim={self.in_dim}], got "
                              f"{got}; build the layer with in_caps/in_dim matching the layer below")
-        weight, bias = self.weight, self.bias
+        weight, bias, prior = self.weight, self.bias, self.prior
         if torch.is_autocast_enabled(u.device.type):
             # Under autocast routing is a matmul-like op: it runs in the autocast dtype, with
             # the float32 parameters cast to it (gradients still reach them in float32), the
@@ -106,12 +147,15 @@ class RoutingCapsules(nn.Module):
             dtype = torch.get_autocast_dtype(u.device.type)
             u, weight = u.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
+            prior = None if prior is None else prior.to(dtype)
         return ops.capsule_routing(
             u, weight, self.iterations, bias=bias, leaky=self.leaky,
-            detach_inner=self.detach_inner, return_coupling=return_coupling, backend=self.backend,
+            detach_inner=self.detach_inner, return_coupling=return_coupling,
+            prior=prior, temperature=self.temperature, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
         return (f"in_caps={self.in_caps}, out_caps={self.out_caps}, in_dim={self.in_dim}, "
                 f"out_dim={self.out_dim}, iterations={self.iterations}, bias={self.bias is not None}, "
-                f"leaky={self.leaky}, detach_inner={self.detach_inner}, backend={self.backend!r}")
+                f"leaky={self.leaky}, detach_inner={self.detach_inner}, prior={self.prior is not None}, "
+                f"temperature={self.temperature}, init={self.init!r}, backend={self.backend!r}")

@@ -67,6 +67,45 @@ def crop_images(images: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, s
     return images[batch, :, rows.unsqueeze(2), cols.unsqueeze(1)].permute(0, 3, 1, 2).contiguous()
 
 
+def random_affine_matrices(count: int, generator: torch.Generator, degrees: float, shear: float,
+                           scale) -> torch.Tensor:
+    """``[count, 2, 2]`` maps drawn as torchvision's ``RandomAffine(degrees=(-degrees, degrees),
+    shear=(-shear, shear), scale=scale)`` draws them: a rotation angle uniform in
+    ``+-degrees``, one x-shear angle uniform in ``+-shear`` degrees (no y-shear) and one
+    isotropic scale uniform in ``scale``; ``A = R(angle) @ Shear_x(tan(shear)) @ scale``. The
+    ranges are symmetric, so the sign conventions of the angles do not change the distribution.
+    """
+    from ..data.affnist import affine_matrices
+
+    uniform = lambda low, high: low + (high - low) * torch.rand(count, generator=generator,  # noqa: E731
+                                                                dtype=torch.float64)
+    angle = uniform(-degrees, degrees)
+    shear_factor = torch.tan(torch.deg2rad(uniform(-shear, shear)))
+    factor = uniform(float(scale[0]), float(scale[1]))
+    return affine_matrices(angle, shear_factor, factor, factor)
+
+
+def affine_images(images: torch.Tensor, matrices: torch.Tensor, mode: str = "nearest") -> torch.Tensor:
+    """Warp ``images [B, C, H, W]`` by ``matrices [B, 2, 2]`` about the image centre
+    (``p = A (q - c) + c``), filling with zeros; ``mode`` "nearest" is torchvision's
+    ``RandomAffine`` default interpolation."""
+    if images.dim() != 4:
+        raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
+    B, _, H, W = images.shape
+    if matrices.shape != (B, 2, 2):
+        raise ValueError(f"matrices must have shape [{B}, 2, 2], got {tuple(matrices.shape)}")
+    # grid_sample reads, for every output pixel p, the source at A^-1 p in normalised
+    # coordinates (centre 0, corners +-1 with align_corners=True); anisotropic frames rescale.
+    size = torch.tensor([(W - 1) / 2, (H - 1) / 2], dtype=torch.float64)
+    inverse = torch.linalg.inv(matrices.to(torch.float64))
+    theta = torch.zeros(B, 2, 3, dtype=torch.float64)
+    theta[:, :, :2] = inverse * (size.view(1, 1, 2) / size.view(1, 2, 1)) if H != W else inverse
+    grid = torch.nn.functional.affine_grid(theta.to(images.device, torch.float32), list(images.shape),
+                                           align_corners=True)
+    return torch.nn.functional.grid_sample(images.float(), grid, mode=mode, padding_mode="zeros",
+                                           align_corners=True).to(images.dtype)
+
+
 def center_crop_images(images: torch.Tensor, size: int) -> torch.Tensor:
     H, W = images.shape[-2:]
     if size > H or size > W:
@@ -80,16 +119,20 @@ class BatchAugmenter:
 
     ``max_shift``: random translations of up to that many pixels, zero padding (the paper's
     MNIST augmentation). ``crop_size``: random ``crop_size`` crops (the CIFAR-10 recipe).
+    ``random_affine``: ``{"degrees", "shear", "scale"}`` as torchvision's ``RandomAffine``
+    (Mitterreiter et al.: 8, 15, (0.9, 1.1)), applied after crops and shifts.
     Applied to ``"image"`` and, when present, ``"components"`` with the same offsets.
     """
 
-    def __init__(self, seed: int, max_shift: int = 0, crop_size=None, rank: int = 0, world_size: int = 1):
+    def __init__(self, seed: int, max_shift: int = 0, crop_size=None, rank: int = 0, world_size: int = 1,
+                 random_affine=None):
         self.seed, self.max_shift, self.crop_size = seed, max_shift, crop_size
         self.rank, self.world_size = rank, world_size
+        self.random_affine = dict(random_affine) if random_affine else None
 
     @property
     def active(self) -> bool:
-        return self.max_shift > 0 or self.crop_size is not None
+        return self.max_shift > 0 or self.crop_size is not None or self.random_affine is not None
 
     def __call__(self, batch: dict, step: int) -> dict:
         if not self.active:
@@ -112,6 +155,15 @@ class BatchAugmenter:
             offsets = torch.randint(-m, m + 1, (global_batch, 2), generator=generator)[rows]
             for key in keys:
                 batch[key] = shift_images(batch[key], offsets, m)
+        if self.random_affine is not None:
+            options = self.random_affine
+            matrices = random_affine_matrices(global_batch, generator, options["degrees"],
+                                              options["shear"], options["scale"])[rows]
+            for key in keys:
+                image = batch[key]
+                flat = image.flatten(0, 1) if image.dim() == 5 else image
+                per_image = matrices.repeat_interleave(image.shape[1], 0) if image.dim() == 5 else matrices
+                batch[key] = affine_images(flat, per_image).view_as(image)
         return batch
 
     def evaluation(self, batch: dict) -> dict:

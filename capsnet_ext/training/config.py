@@ -71,6 +71,14 @@ class TrainConfig:
     checkpoint_every: int = 1000
     num_workers: int = 0
     grad_flow_every: int = 0          # call on_after_backward every N steps (0: every step)
+    # Record per-capsule gradient norms of every routing layer's W (GradientFlowRecorder) every
+    # grad_flow_every steps into <out>/gradient_flow.npz; kept in checkpoints, so resumable.
+    record_gradient_flow: bool = False
+    # torchvision-style RandomAffine training augmentation: {"degrees", "shear", "scale": [lo, hi]}.
+    random_affine: Optional[Dict[str, Any]] = None
+    # Decay the learning rate by lr_decay once per epoch (ExponentialLR stepped every epoch)
+    # instead of continuously every lr_decay_steps steps.
+    lr_decay_per_epoch: bool = False
     tensorboard: bool = True
     progress: bool = True
 
@@ -109,6 +117,19 @@ class TrainConfig:
             raise ValueError(f"config field 'model' must be a dict with an 'arch' key, got {self.model!r}")
         if not (0 < self.lr_decay <= 1):
             raise ValueError(f"config field 'lr_decay' must be in (0, 1], got {self.lr_decay!r}")
+        if self.random_affine is not None:
+            keys = {"degrees", "shear", "scale"}
+            if not isinstance(self.random_affine, dict) or set(self.random_affine) != keys:
+                raise ValueError(f"config field 'random_affine' must be None or a dict with exactly the keys "
+                                 f"{sorted(keys)}, got {self.random_affine!r}")
+            scale = self.random_affine["scale"]
+            if not (isinstance(scale, (list, tuple)) and len(scale) == 2 and 0 < scale[0] <= scale[1]):
+                raise ValueError(f"config field 'random_affine.scale' must be [low, high] with "
+                                 f"0 < low <= high, got {scale!r}")
+            for key in ("degrees", "shear"):
+                value = self.random_affine[key]
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                    raise ValueError(f"config field 'random_affine.{key}' must be a number >= 0, got {value!r}")
         unknown = set(self.margin) - {"m_pos", "m_neg", "lam"}
         if unknown:
             raise ValueError(f"config field 'margin' takes m_pos, m_neg, lam; got unknown {sorted(unknown)}")
@@ -362,3 +383,43 @@ def load_config(preset: Optional[str] = None, path: Optional[os.PathLike] = None
     if unknown:
         raise ValueError(f"unknown config fields {unknown}; known fields: {sorted(known)}")
     return TrainConfig(**fields)
+
+
+# Mitterreiter et al., "Why Capsule Neural Networks Do Not Scale" (AAAI 2023), their public
+# code's recipe (EfficientCN, notebooks/affnist/paper_capsnet.ipynb): MNIST centred on 40x40,
+# RandomAffine(+-8 deg, shear +-15 deg, scale 0.9-1.1), batch 128, Adam 1e-3 with weight decay
+# 1e-5, x0.96 per epoch, 5 epochs; margin loss (0.9, 0.1, 0.5) + 0.005 x MSE. The project's
+# reconstruction loss is the per-image *sum* of squared errors (mean over the batch), so their
+# 0.005 x mean over pixels is recon_weight = 0.005 / 1600. Evaluated on the generated
+# affNIST-style test set (see capsnet_ext.data.affnist); their model normalises its input.
+SEED_PAPER_RECON_WEIGHT = 0.005 / (40 * 40)
+SEED_PAPER_SEEDS = (0, 1, 2)
+SEED_PAPER_DEPTHS = (1, 2, 3, 4, 5)      # hidden layers of 16 capsules
+SEED_PAPER_ITERATIONS = (1, 4)           # weighted sums per routing (their n_iter 0 and 3)
+
+
+def seed_paper_model(hidden_layers: int = 1, iterations: int = 4) -> Dict[str, Any]:
+    """Model dict of Mitterreiter et al.'s CapsNet with ``hidden_layers`` hidden layers of 16
+    8-D capsules between the 16 primary and the 10 class capsules (theirs: 1)."""
+    if not isinstance(hidden_layers, int) or hidden_layers < 0:
+        raise ValueError(f"hidden_layers must be an int >= 0, got {hidden_layers!r}")
+    return dict(arch="mitterreiter-capsnet", input_size=40, in_channels=1, num_classes=10,
+                primary_caps=16, primary_dim=8, caps=[16] * hidden_layers + [10],
+                dims=[8] * (hidden_layers + 1), iterations=iterations, prior=True, temperature=1.0,
+                init="uniform_fan_in", routing_bias=False)
+
+
+PRESETS["seed-paper"] = _preset(
+    dataset="affnist", dataset_options={"test_source": "generated"}, model=seed_paper_model(1, 4),
+    epochs=5, batch_size=128, lr=1e-3, weight_decay=1e-5, lr_decay=0.96, lr_decay_per_epoch=True,
+    recon_weight=SEED_PAPER_RECON_WEIGHT, margin=dict(m_pos=0.9, m_neg=0.1, lam=0.5), max_shift=0,
+    random_affine=dict(degrees=8.0, shear=15.0, scale=[0.9, 1.1]), record_gradient_flow=True,
+    grad_flow_every=1, checkpoint_every=100, out="runs/seed-paper")
+# The depth study: 1..5 hidden layers, 1 or 4 routing iterations (3 seeds each, via --seed).
+PRESETS["seed-paper-depth"] = _merge(PRESETS["seed-paper"], dict(out="runs/seed-paper-depth"))
+for _hidden in SEED_PAPER_DEPTHS:
+    for _iters in SEED_PAPER_ITERATIONS:
+        _depth = copy.deepcopy(PRESETS["seed-paper"])
+        _depth["model"] = seed_paper_model(_hidden, _iters)
+        _depth["out"] = f"runs/seed-paper-depth/h{_hidden}-r{_iters}"
+        PRESETS[f"seed-paper-depth-h{_hidden}-r{_iters}"] = _depth

@@ -90,7 +90,9 @@ def routing_backend_name(model: nn.Module, device: torch.device, dtype=torch.flo
     if backend is None:
         return None
     layer = next((m for m in unwrap(model).modules() if hasattr(m, "leaky") and hasattr(m, "weight")), None)
-    options = dict(leaky=getattr(layer, "leaky", False), detach_inner=getattr(layer, "detach_inner", False))
+    options = dict(leaky=getattr(layer, "leaky", False), detach_inner=getattr(layer, "detach_inner", False),
+                   prior=getattr(layer, "prior", None) is not None,
+                   temperature=float(getattr(layer, "temperature", 1.0)))
     try:
         module = dispatch.select("capsule_routing", backend, device, dtype, **options)
     except Exception as exc:
@@ -166,10 +168,12 @@ def auto_eval_every(steps_per_epoch: int, eval_items: int, batch_size: int) -> i
     return max(1, steps_per_epoch, -(-eval_items // batch_size))
 
 
-def _lr_lambda(cfg: TrainConfig):
+def _lr_lambda(cfg: TrainConfig, steps_per_epoch: Optional[int] = None):
     floor = cfg.lr_min / cfg.lr
 
     def factor(step: int) -> float:
+        if cfg.lr_decay_per_epoch:
+            return max(cfg.lr_decay ** (step // steps_per_epoch), floor)
         exponent = step / cfg.lr_decay_steps
         if cfg.lr_staircase:
             exponent = math.floor(exponent)
@@ -263,7 +267,8 @@ def train(cfg: TrainConfig, callbacks: Optional[List[Any]] = None, *, resume: Op
 
     Args:
         cfg: the run's :class:`TrainConfig`.
-        callbacks: objects with any of ``on_after_backward(step, model)`` (after backward,
+        callbacks: objects with any of ``on_train_start(model)`` (before the first step),
+            ``on_after_backward(step, model)`` (after backward,
             before the optimizer step; every ``cfg.grad_flow_every`` steps), ``on_eval(step,
             metrics)``, ``on_train_end(out_dir)``.
         resume: a checkpoint file or run folder (``<out>/checkpoints/last.pt``) to continue
@@ -362,7 +367,13 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo, overwrit
                 model_config[key] = value
     model = build_model(model_config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(cfg, max(len(bundle.train) // info.world_size // local_batch, 1)))
+    if cfg.record_gradient_flow:
+        from ..analysis.gradient_flow import GradientFlowRecorder
+
+        if not any(isinstance(cb, GradientFlowRecorder) for cb in callbacks):
+            callbacks = list(callbacks) + [GradientFlowRecorder(every=max(cfg.grad_flow_every, 1))]
 
     start_step, best_error, best_step, last_metrics = 0, float("inf"), None, {}
     if ckpt is not None:
@@ -375,7 +386,14 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo, overwrit
         last_metrics = ckpt.get("metrics") or {}
         per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]]
         set_rng_state(per_rank[info.rank] if len(per_rank) == info.world_size else ckpt["rng"])
+        # Callbacks that keep a record (gradient flow) continue it from the checkpoint.
+        saved_states = ckpt.get("callback_state") or {}
+        for k, callback in enumerate(callbacks):
+            key = f"{k}:{type(callback).__name__}"
+            if key in saved_states and callable(getattr(callback, "load_state_dict", None)):
+                callback.load_state_dict(saved_states[key], before_step=start_step)
 
+    _call(callbacks, "on_train_start", model)
     train_model = model
     if info.enabled:
         train_model = nn.parallel.DistributedDataParallel(
@@ -384,7 +402,8 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo, overwrit
     batches = _StepBatches(bundle.train, local_batch, info, cfg.seed, cfg.num_workers)
     steps_per_epoch = batches.steps_per_epoch
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
-    augment = BatchAugmenter(cfg.seed, cfg.max_shift, cfg.crop_size, info.rank, info.world_size)
+    augment = BatchAugmenter(cfg.seed, cfg.max_shift, cfg.crop_size, info.rank, info.world_size,
+                             random_affine=cfg.random_affine)
     backend_name = routing_backend_name(model, device)
     env = environment_info(device)
     eval_items = min(cfg.eval_limit or len(bundle.test), len(bundle.test))
@@ -431,6 +450,8 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo, overwrit
                 "step": step, "epoch": step // steps_per_epoch, "config": cfg.to_dict(),
                 "metrics": metrics, "best_error": best_error, "best_step": best_step, "environment": env,
                 "world_size": info.world_size,
+                "callback_state": {f"{k}:{type(cb).__name__}": cb.state_dict()
+                                   for k, cb in enumerate(callbacks) if callable(getattr(cb, "state_dict", None))},
             }
             path = atomic_torch_save(payload, ckpt_dir / name)
         barrier(info)

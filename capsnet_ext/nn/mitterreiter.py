@@ -1,0 +1,168 @@
+"""The deep CapsNet of Mitterreiter, Koch, Giesen & Laue, "Why Capsule Neural Networks Do Not
+Scale: Challenging the Dynamic Parse-Tree Assumption" (AAAI 2023), as in their public code
+(EfficientCN: ``notebooks/affnist/paper_capsnet.ipynb``).
+
+* Input normalisation ``(x - 0.0641) / 0.2257`` (their ``T.Normalize``; the mean and std of
+  MNIST on a 40x40 canvas). The decoder reconstructs the un-normalised image in ``[0, 1]``.
+* Backbone, all convolutions "valid": Conv 5x5 (1 -> 32), ReLU, BN; Conv 3x3 (32 -> 64), ReLU,
+  BN; Conv 3x3 (64 -> 128), ReLU, BN; Conv 3x3 stride 2 (128 -> C), ReLU, BN; depthwise Conv
+  KxK (C -> C, groups C) with K the remaining map size (15 for 40x40 inputs), so one feature
+  vector of ``C = n0 * d0`` channels remains, read as ``n0`` primary capsules of ``d0``
+  dimensions (capsule ``n`` is channels ``n*d0 .. n*d0 + d0 - 1``) and squashed.
+* Fully connected capsule layers (:class:`RoutingCapsules`) of ``caps`` capsules with
+  ``dims`` dimensions, no bias, ``W`` uniform in ``+-1/sqrt(n_l)`` (``n_l`` the number of
+  lower capsules), routing with a learned prior logit and temperature ``T``: their
+  ``AgreementRouting(n_iter=3)`` is ``iterations=4`` here (a first weighted sum from
+  ``softmax(prior / T)``, then 3 agreement updates each followed by a softmax, weighted sum
+  and squash).
+* Decoder 512 - 1024 - ``H*W`` (sigmoid) on the class capsules masked by the label in
+  training and by the longest capsule in evaluation.
+
+With ``ns = [16, 16, 10]``, ``ds = [8, 8, 8]`` (16 primary capsules, one hidden layer of 16,
+10 class capsules) the model has about 2.5 M parameters, most of them in the decoder.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .. import ops
+from .deep import DeepCapsTrace, _per_layer
+from .layers import RoutingCapsules
+from .models import CapsNetOutput, capsule_output, reconstruction_decoder, register_model
+
+MNIST40_MEAN = 0.0641
+MNIST40_STD = 0.2257
+
+
+class MitterreiterCapsNet(nn.Module):
+    """Mitterreiter et al.'s deep CapsNet (module docstring).
+
+    Args:
+        input_size, in_channels, num_classes: the images ``[B, in_channels, input_size,
+            input_size]`` and the number of class capsules.
+        primary_caps, primary_dim: ``n0`` primary capsules of ``d0`` dimensions (``C = n0 * d0``
+            backbone output channels).
+        caps, dims: capsules and dimensions of each routing layer after the primary capsules
+            (default ``[16, num_classes]`` and ``[8, 8]``: the paper's ``ns = [16, 16, 10]``,
+            ``ds = [8, 8, 8]``); ``caps[-1]`` must be ``num_classes``.
+        iterations: weighted sums per routing (one int or one per layer; 4 = their n_iter 3).
+        prior, temperature: the learned prior logit and the softmax temperature of every
+            routing layer (see :class:`RoutingCapsules`).
+        init: ``W`` initialisation of every routing layer (``"uniform_fan_in"``: theirs).
+        routing_bias: add a routing bias (their model has none).
+        backbone_channels: output channels of the first three convolutions.
+        input_mean, input_std: input normalisation (``None`` for none).
+        backend, decoder, decoder_hidden: as for :class:`~capsnet_ext.nn.DeepCapsNet`.
+    """
+
+    def __init__(self, input_size: int = 40, in_channels: int = 1, num_classes: int = 10,
+                 primary_caps: int = 16, primary_dim: int = 8,
+                 caps: Optional[Sequence[int]] = None, dims: Optional[Sequence[int]] = None,
+                 iterations: Union[int, Sequence[int]] = 4, prior: bool = True,
+                 temperature: float = 1.0, init: str = "uniform_fan_in",
+                 routing_bias: bool = False, backbone_channels: Sequence[int] = (32, 64, 128),
+                 input_mean: Optional[float] = MNIST40_MEAN, input_std: Optional[float] = MNIST40_STD,
+                 backend: str = "auto", decoder: bool = True, decoder_hidden=(512, 1024)):
+        super().__init__()
+        caps = [16, num_classes] if caps is None else [int(c) for c in caps]
+        if not caps:
+            raise ValueError("caps must list at least one routing layer")
+        if caps[-1] != num_classes:
+            raise ValueError(f"the last routing layer holds the class capsules: caps[-1] must equal "
+                             f"num_classes={num_classes}, got caps={caps}")
+        L = len(caps)
+        dims = [8] * L if dims is None else [int(d) for d in dims]
+        if len(dims) != L:
+            raise ValueError(f"dims must give one capsule dimension per routing layer ({L}), got {dims}")
+        iters = _per_layer("iterations", iterations, L, int)
+        backbone_channels = [int(c) for c in backbone_channels]
+        if len(backbone_channels) != 3:
+            raise ValueError(f"backbone_channels must list the 3 widths of the first convolutions, "
+                             f"got {backbone_channels}")
+        if (input_mean is None) != (input_std is None):
+            raise ValueError("input_mean and input_std must both be given or both be None")
+        if input_std is not None and input_std <= 0:
+            raise ValueError(f"input_std must be > 0, got {input_std!r}")
+        # Map size after 5x5, 3x3, 3x3 (valid) and 3x3 stride 2 (valid).
+        side = input_size - 4 - 2 - 2
+        side = (side - 3) // 2 + 1
+        if side < 1:
+            raise ValueError(f"input_size {input_size} is too small for the backbone (needs >= 11)")
+        self.config = dict(arch="mitterreiter-capsnet", input_size=input_size, in_channels=in_channels,
+                           num_classes=num_classes, primary_caps=primary_caps, primary_dim=primary_dim,
+                           caps=caps, dims=dims,
+                           iterations=iterations if isinstance(iterations, int) else list(iterations),
+                           prior=prior, temperature=float(temperature), init=init,
+                           routing_bias=routing_bias, backbone_channels=backbone_channels,
+                           input_mean=input_mean, input_std=input_std, backend=backend,
+                           decoder=decoder, decoder_hidden=list(decoder_hidden))
+        features = primary_caps * primary_dim
+        c1, c2, c3 = backbone_channels
+
+        def block(cin, cout, kernel, stride=1):
+            return [nn.Conv2d(cin, cout, kernel, stride), nn.ReLU(inplace=True), nn.BatchNorm2d(cout)]
+
+        self.backbone = nn.Sequential(*block(in_channels, c1, 5), *block(c1, c2, 3), *block(c2, c3, 3),
+                                      *block(c3, features, 3, stride=2))
+        self.depthwise = nn.Conv2d(features, features, side, groups=features)
+        self.num_primary, self.primary_dim = primary_caps, primary_dim
+        if input_mean is not None:
+            self.register_buffer("input_mean", torch.tensor(float(input_mean)), persistent=False)
+            self.register_buffer("input_std", torch.tensor(float(input_std)), persistent=False)
+        else:
+            self.input_mean = self.input_std = None
+        layers = []
+        in_caps, in_dim = primary_caps, primary_dim
+        for k, (out_caps, out_dim) in enumerate(zip(caps, dims)):
+            layers.append(RoutingCapsules(in_caps, out_caps, in_dim, out_dim, iterations=iters[k],
+                                          bias=routing_bias, backend=backend, prior=prior,
+                                          temperature=temperature, init=init))
+            in_caps, in_dim = out_caps, out_dim
+        self.routing = nn.ModuleList(layers)
+        self.num_classes = num_classes
+        self.image_numel = in_channels * input_size * input_size
+        self.decoder = None
+        if decoder:
+            self.decoder = reconstruction_decoder(num_classes * dims[-1], decoder_hidden, self.image_numel)
+
+    def primary_capsules(self, x: torch.Tensor) -> torch.Tensor:
+        """Squashed primary capsules ``[B, n0, d0]`` of images ``x`` (in ``[0, 1]``)."""
+        if self.input_mean is not None:
+            x = (x - self.input_mean) / self.input_std
+        features = self.depthwise(self.backbone(x))          # [B, n0 * d0, 1, 1]
+        return ops.squash(features.reshape(x.shape[0], self.num_primary, self.primary_dim))
+
+    def routing_trace(self, x: torch.Tensor) -> DeepCapsTrace:
+        """Every capsule layer (primary first) and every routing layer's last couplings."""
+        u = self.primary_capsules(x)
+        capsules, couplings = [u], []
+        for layer in self.routing:
+            u, c = layer(u, return_coupling=True)
+            capsules.append(u)
+            couplings.append(c)
+        return DeepCapsTrace(tuple(capsules), tuple(couplings))
+
+    def reconstruct(self, capsules: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Decode class capsules ``[B, num_classes, dims[-1]]`` masked by ``mask [B, num_classes]``."""
+        if self.decoder is None:
+            raise RuntimeError("this MitterreiterCapsNet was built with decoder=False")
+        return self.decoder((capsules * mask.unsqueeze(-1)).flatten(1))
+
+    def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                return_coupling: bool = False) -> CapsNetOutput:
+        """As :meth:`capsnet_ext.nn.DeepCapsNet.forward`."""
+        if return_coupling:
+            trace = self.routing_trace(x)
+            capsules, couplings = trace.capsules[-1], trace.couplings
+        else:
+            capsules = self.primary_capsules(x)
+            for layer in self.routing:
+                capsules = layer(capsules)
+            couplings = None
+        return capsule_output(self, capsules, couplings, targets)
+
+
+register_model("mitterreiter-capsnet", MitterreiterCapsNet)
