@@ -333,3 +333,48 @@ def test_runs_on_the_inputs_gpu_not_the_current_one():
     expected = forward_backward("reference", u, W, b, p, 3)
     for a, e in zip(got, expected):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+# Launch options a compiled Triton launch accepts besides the kernel's own parameters.
+_LAUNCH_OPTIONS = {"num_warps", "num_stages", "num_ctas", "enable_fp_fusion", "maxnreg",
+                   "launch_cooperative_grid", "debug"}
+
+
+@pytest.mark.parametrize("op", ["capsule_routing", "dynamic_routing", "predict"])
+def test_every_launch_passes_only_the_kernels_own_arguments(op, monkeypatch):
+    """On a GPU, ``JITFunction.run`` rejects a keyword that is neither a parameter of the
+    kernel nor a launch option ("Keyword argument X was specified but unrecognised"); the
+    interpreter does not check, so this test does, for every launch of forward and backward
+    with every option on."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    original = InterpretedFunction.run
+    seen = []
+
+    def checked_run(self, *args, grid, warmup, **kwargs):
+        unknown = set(kwargs) - set(self.arg_names) - _LAUNCH_OPTIONS
+        assert not unknown, f"{self.fn.__name__} launched with unknown keywords {sorted(unknown)}"
+        seen.append(self.fn.__name__)
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", checked_run)
+    g = torch.Generator().manual_seed(11)
+    B, I, J, Din, D = 3, 5, 3, 4, 5
+    u = torch.randn(B, I, Din, generator=g, requires_grad=True)
+    W = (0.5 * torch.randn(I, J, D, Din, generator=g)).requires_grad_()
+    bias = (0.1 * torch.randn(J, D, generator=g)).requires_grad_()
+    prior = (0.3 * torch.randn(I, J, generator=g)).requires_grad_()
+    if op == "predict":
+        out = ce.predict(u, W, backend="triton")
+        out.backward(torch.randn_like(out))
+    else:
+        for detach_inner in (False, True):
+            if op == "capsule_routing":
+                v = ce.capsule_routing(u, W, 3, bias=bias, prior=prior, temperature=0.7, leaky=True,
+                                       detach_inner=detach_inner, backend="triton")
+            else:
+                u_hat = reference.predict(u, W).detach().requires_grad_()
+                v = ce.dynamic_routing(u_hat, 3, bias=bias, prior=prior, temperature=0.7, leaky=True,
+                                       detach_inner=detach_inner, backend="triton")
+            v.backward(torch.randn_like(v))
+    assert seen  # the op ran through Triton launches

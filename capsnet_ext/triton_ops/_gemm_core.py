@@ -324,7 +324,8 @@ def _backward(u, W, prior, grad_v, s_all, V_all, leaky, detach_inner, temperatur
             grad_args = (u, W, prior_arg, V_all, gs_all, du if du is not None else gs_all,
                          *targets, stride, B, I, J, D, Din, R, plan.b_per_split)
             grad_meta = dict(DETACH=detach_inner, HAS_PRIOR=has_prior, BB=config.grad_BB,
-                             DINP=plan.DINP, num_warps=config.grad_warps, num_stages=1, **meta)
+                             DINP=plan.DINP, num_warps=config.grad_warps, num_stages=1,
+                             **{k: v for k, v in meta.items() if k != "TINY"})  # no squash here
             if need_u or need_prior or need_bias:
                 K._grad_sweep_kernel[(plan.n_grad_chunks, plan.n_bsplit)](
                     *grad_args, NEED_DU=need_u, NEED_DW=False, NEED_DPRIOR=need_prior,
