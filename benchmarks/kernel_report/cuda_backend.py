@@ -168,11 +168,12 @@ def write_problem(folder: str, op: str, shape: dict, dtype_name: str, iterations
     item = 8 if dtype_name == "float64" else 4
     fused = op != "dynamic_routing"
     meta = dict(op="predict" if op == "predict" else "routing", B=B, I=I, J=J, D=Dout, K=Din, R=iterations,
-                fused=int(fused), leaky=0, detach_inner=0, bias=int(bias), return_coupling=0,
+                fused=int(fused), leaky=0, detach_inner=0, bias=int(bias), return_coupling=0, prior=0,
+                temperature=1.0,
                 sm_count=sm_count, dtype=dtype_name)
     with open(os.path.join(folder, "meta.txt"), "w") as handle:
         handle.write("\n".join(f"{k} {v}" for k, v in meta.items()) + "\n")
-    sizes = dict(u=B * I * Din, W=I * J * Dout * Din, u_hat=B * I * J * Dout, bias=J * Dout, grad_v=B * J * Dout,
+    sizes = dict(u=B * I * Din, W=I * J * Dout * Din, u_hat=B * I * J * Dout, bias=J * Dout, prior=I * J, grad_v=B * J * Dout,
                  grad_u_hat=B * I * J * Dout)
     for name, n in sizes.items():
         with open(os.path.join(folder, f"{name}.bin"), "wb") as handle:
