@@ -61,7 +61,45 @@ def _per_layer(name: str, value, num_layers: int, kind):
     return [value] * num_layers
 
 
-class DeepCapsNet(nn.Module):
+class StackedRoutingCapsNet(nn.Module):
+    """What every stack of routing layers shares: subclasses define ``primary_capsules(x)``,
+    ``routing`` (an ``nn.ModuleList`` of :class:`RoutingCapsules`) and ``decoder`` (or
+    ``None``); the trace, the masked reconstruction and the forward pass are the same."""
+
+    def routing_trace(self, x: torch.Tensor) -> DeepCapsTrace:
+        """Every capsule layer and every routing layer's couplings for images ``x``:
+        capsules ``(primary [B, I0, D0], layer 1 [B, caps[0], dims[0]], ...)`` and couplings
+        ``(layer 1 [B, I0, caps[0]], ...)`` (couplings carry no gradient)."""
+        u = self.primary_capsules(x)
+        capsules, couplings = [u], []
+        for layer in self.routing:
+            u, c = layer(u, return_coupling=True)
+            capsules.append(u)
+            couplings.append(c)
+        return DeepCapsTrace(tuple(capsules), tuple(couplings))
+
+    def reconstruct(self, capsules: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Decode class capsules ``[B, num_classes, dims[-1]]`` masked by ``mask [B, num_classes]``."""
+        if self.decoder is None:
+            raise RuntimeError(f"this {type(self).__name__} was built with decoder=False")
+        return self.decoder((capsules * mask.unsqueeze(-1)).flatten(1))
+
+    def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                return_coupling: bool = False) -> CapsNetOutput:
+        """Args as for :meth:`capsnet_ext.nn.CapsNet.forward`; ``couplings`` is a tuple of one
+        tensor per routing layer when ``return_coupling`` is set."""
+        if return_coupling:
+            trace = self.routing_trace(x)
+            capsules, couplings = trace.capsules[-1], trace.couplings
+        else:
+            capsules = self.primary_capsules(x)
+            for layer in self.routing:
+                capsules = layer(capsules)
+            couplings = None
+        return capsule_output(self, capsules, couplings, targets)
+
+
+class DeepCapsNet(StackedRoutingCapsNet):
     """conv1 -> PrimaryCaps -> ``len(caps)`` fully connected routing layers -> masked decoder.
 
     Args:
@@ -140,38 +178,6 @@ class DeepCapsNet(nn.Module):
 
     def primary_capsules(self, x: torch.Tensor) -> torch.Tensor:
         return self.primary(torch.relu(self.conv1(x)))
-
-    def routing_trace(self, x: torch.Tensor) -> DeepCapsTrace:
-        """Every capsule layer and every routing layer's couplings for images ``x``:
-        capsules ``(primary [B, I0, D0], layer 1 [B, caps[0], dims[0]], ...)`` and couplings
-        ``(layer 1 [B, I0, caps[0]], ...)`` (couplings carry no gradient)."""
-        u = self.primary_capsules(x)
-        capsules, couplings = [u], []
-        for layer in self.routing:
-            u, c = layer(u, return_coupling=True)
-            capsules.append(u)
-            couplings.append(c)
-        return DeepCapsTrace(tuple(capsules), tuple(couplings))
-
-    def reconstruct(self, capsules: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Decode class capsules ``[B, num_classes, dims[-1]]`` masked by ``mask [B, num_classes]``."""
-        if self.decoder is None:
-            raise RuntimeError("this DeepCapsNet was built with decoder=False")
-        return self.decoder((capsules * mask.unsqueeze(-1)).flatten(1))
-
-    def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                return_coupling: bool = False) -> CapsNetOutput:
-        """Args as for :meth:`capsnet_ext.nn.CapsNet.forward`; ``couplings`` is a tuple of one
-        tensor per routing layer when ``return_coupling`` is set."""
-        if return_coupling:
-            trace = self.routing_trace(x)
-            capsules, couplings = trace.capsules[-1], trace.couplings
-        else:
-            capsules = self.primary_capsules(x)
-            for layer in self.routing:
-                capsules = layer(capsules)
-            couplings = None
-        return capsule_output(self, capsules, couplings, targets)
 
 
 register_model("deep-capsnet", DeepCapsNet)

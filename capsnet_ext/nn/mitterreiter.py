@@ -29,15 +29,15 @@ import torch
 from torch import nn
 
 from .. import ops
-from .deep import DeepCapsTrace, _per_layer
+from .deep import StackedRoutingCapsNet, _per_layer
 from .layers import RoutingCapsules
-from .models import CapsNetOutput, capsule_output, reconstruction_decoder, register_model
+from .models import reconstruction_decoder, register_model
 
 MNIST40_MEAN = 0.0641
 MNIST40_STD = 0.2257
 
 
-class MitterreiterCapsNet(nn.Module):
+class MitterreiterCapsNet(StackedRoutingCapsNet):
     """Mitterreiter et al.'s deep CapsNet (module docstring).
 
     Args:
@@ -134,35 +134,6 @@ class MitterreiterCapsNet(nn.Module):
             x = (x - self.input_mean) / self.input_std
         features = self.depthwise(self.backbone(x))          # [B, n0 * d0, 1, 1]
         return ops.squash(features.reshape(x.shape[0], self.num_primary, self.primary_dim))
-
-    def routing_trace(self, x: torch.Tensor) -> DeepCapsTrace:
-        """Every capsule layer (primary first) and every routing layer's last couplings."""
-        u = self.primary_capsules(x)
-        capsules, couplings = [u], []
-        for layer in self.routing:
-            u, c = layer(u, return_coupling=True)
-            capsules.append(u)
-            couplings.append(c)
-        return DeepCapsTrace(tuple(capsules), tuple(couplings))
-
-    def reconstruct(self, capsules: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Decode class capsules ``[B, num_classes, dims[-1]]`` masked by ``mask [B, num_classes]``."""
-        if self.decoder is None:
-            raise RuntimeError("this MitterreiterCapsNet was built with decoder=False")
-        return self.decoder((capsules * mask.unsqueeze(-1)).flatten(1))
-
-    def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                return_coupling: bool = False) -> CapsNetOutput:
-        """As :meth:`capsnet_ext.nn.DeepCapsNet.forward`."""
-        if return_coupling:
-            trace = self.routing_trace(x)
-            capsules, couplings = trace.capsules[-1], trace.couplings
-        else:
-            capsules = self.primary_capsules(x)
-            for layer in self.routing:
-                capsules = layer(capsules)
-            couplings = None
-        return capsule_output(self, capsules, couplings, targets)
 
 
 register_model("mitterreiter-capsnet", MitterreiterCapsNet)
