@@ -52,7 +52,7 @@ def depth_order(depths):
 def jobs(args):
     main_budget = (args.epochs, args.train_limit)
     depth_budget = (args.depth_epochs or args.epochs, args.depth_train_limit or args.train_limit)
-    plan = [(1, 4, seed, main_budget) for seed in args.seeds]
+    plan = [] if args.depth_only else [(1, 4, seed, main_budget) for seed in args.seeds]
     if not args.main_only:
         for seed in args.depth_seeds or args.seeds:
             for hidden in depth_order(args.depths):
@@ -137,11 +137,14 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="threads per training process")
     p.add_argument("--deadline", default=None, help="UTC HH:MM or ISO time: stop (resumably) at this time")
     p.add_argument("--main-only", action="store_true", help="only the seed-paper runs, no depth study")
+    p.add_argument("--depth-only", action="store_true", help="only the depth study, no seed-paper runs")
     p.add_argument("--code", type=pathlib.Path, default=REPO, help="folder whose capsnet_ext is run")
     p.add_argument("--report", type=pathlib.Path, default=None, help="write the report here at the end")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
     args.root = args.root.resolve()
+    if args.main_only and args.depth_only:
+        p.error("--main-only and --depth-only exclude each other")
     deadline = deadline_of(args.deadline) if args.deadline else None
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                PYTHONPATH=str(args.code.resolve()))
