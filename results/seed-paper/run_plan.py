@@ -11,7 +11,7 @@ Plan (one job per run folder ``<root>/h<H>-r<R>/seed<S>-e<E>-n<N>``):
    ``--depth-train-limit``) the 1-hidden-layer, 4-iteration configuration is the ``seed-paper``
    run itself; with a smaller one it is trained again at that budget.
 
-A run folder holding a ``plan.pid`` of a live process is being trained by another driver: this
+A run folder whose ``<run>.plan.pid`` (beside it) names a live process is being trained by another driver: this
 one waits for it (counting it among the ``--parallel`` jobs), then collects or resumes it.
 
 A job whose ``metrics.json`` says it finished is only collected; one with a checkpoint is
@@ -103,9 +103,14 @@ def deadline_of(text: str) -> datetime.datetime:
     return datetime.datetime.fromisoformat(text).astimezone(datetime.timezone.utc)
 
 
+def pid_file(run: pathlib.Path) -> pathlib.Path:
+    """Beside the run folder, not in it: the trainer refuses a non-empty folder it has not written."""
+    return run.with_name(run.name + ".plan.pid")
+
+
 def lock_holder(run: pathlib.Path):
     """The pid of a live process training ``run`` (from its ``plan.pid``), else None."""
-    path = run / "plan.pid"
+    path = pid_file(run)
     try:
         pid = int(path.read_text().strip())
         os.kill(pid, 0)
@@ -159,12 +164,12 @@ def main(argv=None) -> int:
 
     def launch(job, stage):
         command = train_command(args, job) if stage == "train" else collect_command(args, job)
-        job["run"].mkdir(parents=True, exist_ok=True)
-        logfile = open(job["run"] / f"{stage}.log", "a")
+        job["run"].parent.mkdir(parents=True, exist_ok=True)
+        logfile = open(job["run"].with_name(f"{job['run'].name}.{stage}.log"), "a")
         log(f"start {stage} {job['run']}: {' '.join(command)}")
         process = subprocess.Popen(command, cwd=str(args.code), env=env, stdout=logfile, stderr=subprocess.STDOUT,
                                    start_new_session=True)
-        (job["run"] / "plan.pid").write_text(f"{process.pid}\n")
+        pid_file(job["run"]).write_text(f"{process.pid}\n")
         running[job["run"]] = (process, job, stage, logfile)
 
     elsewhere = []   # jobs whose run folder another live process is training (plan.pid)
@@ -183,7 +188,7 @@ def main(argv=None) -> int:
                 continue
             logfile.close()
             del running[run]
-            (run / "plan.pid").unlink(missing_ok=True)
+            pid_file(run).unlink(missing_ok=True)
             log(f"{stage} {run} exited {code}")
             if stage == "train" and code == 0 and finished(run) and not stopping:
                 launch(job, "collect")
