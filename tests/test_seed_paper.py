@@ -312,3 +312,18 @@ def test_collect_and_report_from_run_folders(whole_run, tmp_path):
     assert "starvation grows with depth (4 iteration(s), 2 ep.)" in claims and "| claim |" in claims
     text = doc.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text and table.strip() in text
+    # An earlier results.json stands in for run folders that are not here; a run folder found
+    # now replaces the earlier record of the same configuration and seed.
+    previous = seed_paper.load_previous(tmp_path / "out" / "results.json")
+    assert len(previous) == 4 and all("results.json" in r["source"] for r in previous)
+    again = seed_paper.write_report([runs[1]], tmp_path / "again", command="test", previous=previous)
+    merged = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert [g["seeds"] for g in merged["groups"]] == [g["seeds"] for g in results["groups"]]
+    assert merged["groups"][0]["layers"][0]["dead_rate"] == results["groups"][0]["layers"][0]["dead_rate"]
+    sources = {(r["run_config"]["hidden_layers"], r["run_config"]["seed"]): r.get("source") for r in merged["runs"]}
+    assert sources[(1, 1)] is None and all(v is not None for k, v in sources.items() if k != (1, 1))
+    assert "activity_h1-r4-seed1" in again and "activity_h1-r4-seed0" not in again
+    with pytest.raises(ValueError, match="--previous"):
+        bad = tmp_path / "bad.json"
+        bad.write_text("{}")
+        seed_paper.load_previous(bad)

@@ -24,7 +24,9 @@ Two steps, both re-runnable from the saved checkpoints:
   the generated tables replace the marked section of that markdown file.
 
 Command line: ``capsnet-ext analyze seed-paper collect RUN [RUN ...]`` and
-``capsnet-ext analyze seed-paper report RUNS_ROOT [--out results/seed-paper] [--collect]``.
+``capsnet-ext analyze seed-paper report RUNS_ROOT [--out results/seed-paper] [--collect]
+[--previous results/seed-paper/results.json]``; ``--previous`` keeps the runs of an earlier
+report whose folders are on another machine.
 """
 from __future__ import annotations
 
@@ -505,9 +507,38 @@ def replace_generated(doc: pathlib.Path, text: str) -> None:
     atomic_write_text(doc, pattern.sub(lambda _: f"{DOC_BEGIN}\n{text}\n{DOC_END}", content))
 
 
+def _run_identity(result: dict) -> tuple:
+    """A run's configuration and seed: two records with the same identity are the same run."""
+    return _group_key(result["run_config"]) + (result["run_config"]["seed"],)
+
+
+def load_previous(path: pathlib.Path) -> List[dict]:
+    """The per-run records of an earlier ``results.json`` (each marked with where it came from).
+
+    They carry every scalar metric but not the per-capsule arrays, so they enter the tables and
+    the depth figure but get no per-run figure of their own."""
+    path = pathlib.Path(path)
+    try:
+        earlier = json.loads(path.read_text())
+        records = earlier["runs"]
+        for record in records:
+            _run_identity(record)
+    except OSError as exc:
+        raise FileNotFoundError(f"--previous {path}: cannot read it ({exc.strerror})") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--previous {path}: expected the results.json written by "
+                         f"'capsnet-ext analyze seed-paper report' ({exc!r})") from exc
+    source = f"{path} (generated {earlier.get('generated_utc', 'at an unknown date')})"
+    return [dict(record, source=record.get("source", source)) for record in records]
+
+
 def write_report(runs: Sequence[pathlib.Path], out, *, command: Optional[str] = None,
-                 doc: Optional[pathlib.Path] = None) -> Dict[str, pathlib.Path]:
-    """Aggregate the collected runs (module docstring) into ``out``."""
+                 doc: Optional[pathlib.Path] = None, previous: Sequence[dict] = ()) -> Dict[str, pathlib.Path]:
+    """Aggregate the collected runs (module docstring) into ``out``.
+
+    ``previous``: records of :func:`load_previous` for runs whose folders are not at hand (an
+    earlier machine's runs); a run collected now with the same configuration and seed
+    replaces its earlier record."""
     from .cli import provenance
 
     out = pathlib.Path(out)
@@ -526,6 +557,8 @@ def write_report(runs: Sequence[pathlib.Path], out, *, command: Optional[str] = 
             collected.append(result)
         else:
             missing.append(str(run))
+    present = {_run_identity(r) for r in collected}
+    collected += [r for r in previous if _run_identity(r) not in present]
     if not collected:
         raise FileNotFoundError(f"no collected run ({COLLECTED}) among {len(runs)} run folder(s); "
                                 "run 'capsnet-ext analyze seed-paper collect RUN' (or report --collect) first")
@@ -551,6 +584,8 @@ def write_report(runs: Sequence[pathlib.Path], out, *, command: Optional[str] = 
         if not (rc["hidden_layers"] == 1 and rc["iterations"] == 4) and rc["seed"] != min(
                 r["run_config"]["seed"] for r in collected):
             continue  # figures for every seed of the main configuration, one seed of the others
+        if "per_capsule" not in result["layers"][0]:
+            continue  # a record of an earlier results.json: its figures were made from its folder
         name = pathlib.Path(result["run"]).name
         tag = f"h{rc['hidden_layers']}-r{rc['iterations']}-{name}" if not name.startswith("h") else name
         paths[f"activity_{tag}"] = plot_activity(result, figures / f"activity_{tag}.png")
@@ -596,6 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--collect", action="store_true", help="collect the runs not collected yet first")
     r.add_argument("--out", default="results/seed-paper")
     r.add_argument("--doc", default=None, help="markdown file whose generated section gets the tables")
+    r.add_argument("--previous", default=None, metavar="RESULTS_JSON",
+                   help="also report the runs of an earlier results.json whose folders are not here "
+                        "(a run found now with the same configuration and seed replaces its record)")
     return p
 
 
@@ -624,7 +662,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.step == "collect" or args.collect:
             _collect_all(runs, args)
         if args.step == "report":
-            paths = write_report(runs, args.out, command=command, doc=args.doc)
+            previous = load_previous(pathlib.Path(args.previous)) if args.previous else ()
+            paths = write_report(runs, args.out, command=command, doc=args.doc, previous=previous)
             print("\n".join(f"{k}: {v}" for k, v in paths.items()))
     except (FileNotFoundError, ValueError) as exc:
         print(f"capsnet-ext analyze seed-paper: {exc}", file=sys.stderr)
