@@ -327,3 +327,23 @@ def test_collect_and_report_from_run_folders(whole_run, tmp_path):
         bad = tmp_path / "bad.json"
         bad.write_text("{}")
         seed_paper.load_previous(bad)
+
+
+def test_initial_state_reports_lengths_and_gradients_per_layer():
+    from capsnet_ext.analysis import seed_paper
+
+    torch.manual_seed(123)
+    batch = dict(image=torch.rand(4, 1, 40, 40), label=torch.tensor([0, 3, 7, 9]))
+    first = seed_paper.initial_state("seed-paper-depth-h2-r1", 1, batch)
+    again = seed_paper.initial_state("seed-paper-depth-h2-r1", 1, batch)
+    assert first == again                                  # the seed fixes the initial weights
+    assert first["hidden_layers"] == 2 and first["iterations"] == 1
+    assert len(first["mean_lengths"]) == 4 and len(first["routing_w"]) == 3
+    # The uniform +-1/sqrt(n_l) initialisation shortens capsules layer by layer.
+    lengths = first["mean_lengths"]
+    assert all(a > b for a, b in zip(lengths, lengths[1:]))
+    for stats in first["routing_w"] + [first["backbone"], first["decoder"]]:
+        assert 0.0 <= stats["below_eps"] <= 1.0 and stats["rms"] >= 0.0 and stats["entries"] > 0
+    assert first["decoder"]["rms"] > 0.0                   # the reconstruction term always trains the decoder
+    table = seed_paper.initial_state_table([first, seed_paper.initial_state("seed-paper-depth-h2-r1", 2, batch)])
+    assert table.count("\n") == 2 and "| 2 | 1 | 2 |" in table

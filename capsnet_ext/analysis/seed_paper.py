@@ -613,6 +613,102 @@ def write_report(runs: Sequence[pathlib.Path], out, *, command: Optional[str] = 
     return paths
 
 
+# -- the state at initialisation -----------------------------------------------------------
+ADAM_EPS = 1e-8   # torch.optim.Adam's default, which the presets use
+
+
+def initial_state(preset: str, seed: int, batch: dict, *, device="cpu") -> Dict[str, object]:
+    """Capsule lengths and gradients of a preset's model *as its training run starts*.
+
+    The model is built as ``capsnet-ext train --preset PRESET --seed SEED`` builds it
+    (``torch.manual_seed(seed)``, then the model), so the weights are that run's initial weights;
+    one training loss (margin + reconstruction, the label masking the decoder) is taken on
+    ``batch`` and differentiated. Returned: the mean capsule length of every capsule layer, and
+    for every routing layer's ``W``, the backbone (everything before the primary capsules'
+    squash) and the decoder, the root-mean-square gradient entry and the fraction of entries
+    whose gradient is below Adam's ``eps`` (1e-8): Adam's first update is ``lr * g / (|g| + eps)``,
+    so such entries start with a step shorter than ``lr / 2``.
+    """
+    from ..nn import build_model
+    from ..training.config import load_config
+    from ..training.evaluation import forward_and_loss
+    from ..training.trainer import _fill_model_config
+    from .collect import trace_capsules
+
+    cfg = load_config(preset=preset)
+    images = batch["image"]
+
+    class _Shape:  # what _fill_model_config reads from a dataset bundle
+        input_size, in_channels, num_classes = images.shape[-1], images.shape[1], 10
+
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    model = build_model(_fill_model_config(cfg.model_config(), _Shape, cfg.crop_size)).to(device).train()
+    with torch.no_grad():
+        capsules, _ = trace_capsules(model, images.to(device))
+    lengths = [float(c.float().norm(dim=-1).mean()) for c in capsules]
+    loss, _, _ = forward_and_loss(model, batch, recon_weight=cfg.recon_weight, recon_target=cfg.recon_target,
+                                  margin=cfg.margin, multi_label=False, device=device)
+    loss.backward()
+
+    def stats(params):
+        grads = torch.cat([p.grad.detach().double().flatten() for p in params if p.grad is not None])
+        return dict(rms=float(grads.pow(2).mean().sqrt()),
+                    below_eps=float((grads.abs() < ADAM_EPS).double().mean()), entries=int(grads.numel()))
+
+    routing = [stats([layer.weight]) for layer in model.routing]
+    decoder = list(model.decoder.parameters()) if model.decoder is not None else []
+    elsewhere = {id(p) for layer in model.routing for p in layer.parameters()} | {id(p) for p in decoder}
+    backbone = [p for p in model.parameters() if id(p) not in elsewhere]
+    return dict(preset=preset, seed=seed, hidden_layers=len(model.routing) - 1,
+                iterations=model.routing[0].iterations, loss=float(loss.detach()), mean_lengths=lengths,
+                routing_w=routing, backbone=stats(backbone), decoder=stats(decoder) if decoder else None)
+
+
+def initial_state_table(states: Sequence[dict]) -> str:
+    """Markdown: one row per (hidden layers, iterations), means over seeds."""
+    groups: Dict[tuple, List[dict]] = {}
+    for st in states:
+        groups.setdefault((st["hidden_layers"], st["iterations"]), []).append(st)
+
+    def sci(values):
+        return f"{float(np.mean(values)):.1e}"
+
+    rows = ["| hidden layers | iterations | seeds | mean capsule length (primary / hidden ... / class) "
+            "| W gradient RMS per routing layer | W entries below Adam eps per routing layer "
+            "| backbone gradient RMS | backbone entries below eps |",
+            "|---|---|---|---|---|---|---|---|"]
+    for (hidden, iterations), group in sorted(groups.items()):
+        layers = len(group[0]["mean_lengths"])
+        lengths = " / ".join(sci([g["mean_lengths"][k] for g in group]) for k in range(layers))
+        rms = " / ".join(sci([g["routing_w"][k]["rms"] for g in group]) for k in range(layers - 1))
+        below = " / ".join(f"{float(np.mean([g['routing_w'][k]['below_eps'] for g in group])):.2f}"
+                           for k in range(layers - 1))
+        rows.append(f"| {hidden} | {iterations} | {len(group)} | {lengths} | {rms} | {below} | "
+                    f"{sci([g['backbone']['rms'] for g in group])} | "
+                    f"{float(np.mean([g['backbone']['below_eps'] for g in group])):.2f} |")
+    return "\n".join(rows)
+
+
+def write_initial_state(out, *, depths=(1, 2, 3, 4, 5), iterations=(1, 4), seeds=(0, 1, 2), images: int = 128,
+                        data_dir=None, device="cpu", command: Optional[str] = None) -> Dict[str, pathlib.Path]:
+    """:func:`initial_state` of every ``seed-paper-depth-h<H>-r<R>`` preset and seed on the first
+    ``images`` MNIST test digits on 40x40 (one batch): ``init_state.json`` and ``init_table.md``."""
+    from .cli import provenance
+
+    out = pathlib.Path(out)
+    batch = mnist40_test(data_dir, images).batch(torch.arange(images), torch.device("cpu"))
+    states = [initial_state(f"seed-paper-depth-h{h}-r{r}", seed, batch, device=device)
+              for h in depths for r in iterations for seed in seeds]
+    table = (f"At initialisation (the first training step's weights of each run, one batch of {images} MNIST "
+             "test digits on 40x40; means over seeds):\n\n" + initial_state_table(states))
+    result = dict(provenance=provenance(torch.device(device), command=command or _command()), images=images,
+                  adam_eps=ADAM_EPS, states=states)
+    paths = dict(init_state=atomic_write_text(out / "init_state.json", json.dumps(_json_safe(result), indent=1) + "\n"),
+                 init_table=atomic_write_text(out / "init_table.md", table + "\n"))
+    return paths
+
+
 # -- command line --------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="capsnet-ext analyze seed-paper", description=__doc__,
@@ -620,6 +716,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="step", required=True)
     c = sub.add_parser("collect", help="evaluate run folders' last checkpoints (writes <run>/collected/)")
     r = sub.add_parser("report", help="tables, figures and results.json from collected run folders")
+    i = sub.add_parser("init", help="capsule lengths and gradients at initialisation of every depth-study preset")
+    i.add_argument("--out", default="results/seed-paper")
+    i.add_argument("--data-dir", default=None)
+    i.add_argument("--device", default="cpu")
+    i.add_argument("--images", type=int, default=128, help="MNIST test digits in the one batch (default 128)")
+    i.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    i.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="hidden layers")
     for q in (c, r):
         q.add_argument("runs", nargs="+", help="run folders, or folders searched for run folders")
         q.add_argument("--data-dir", default=None)
@@ -656,6 +759,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     command = "capsnet-ext analyze seed-paper " + " ".join(shlex.quote(a) for a in (argv or sys.argv[3:]))
     try:
+        if args.step == "init":
+            if args.images < 1:
+                raise ValueError(f"--images must be a positive number of images, got {args.images}")
+            paths = write_initial_state(args.out, depths=args.depths, seeds=args.seeds, images=args.images,
+                                        data_dir=args.data_dir, device=args.device, command=command)
+            print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+            return 0
         runs = find_runs([pathlib.Path(r) for r in args.runs])
         if not runs:
             raise FileNotFoundError(f"no mitterreiter-capsnet run folder under {args.runs}")
