@@ -14,7 +14,9 @@ bfloat16, float32 (float32 accumulation) and float64.
 
 Availability needs, in this order: a CUDA tensor and GPU; a record in ``verified.json`` that
 the GPU test suite passed on this GPU model (or ``CAPSNET_EXT_CUDA_UNVERIFIED=1``, set by
-whoever runs that verification); and the compiled ops (built, or compiled just in time).
+whoever runs that verification); and the compiled ops (built, or compiled just in time). Only
+``benchmarks.fold_gpu_check`` writes ``verified.json``, from a GPU check whose every
+verification step passed.
 """
 from __future__ import annotations
 
@@ -24,7 +26,6 @@ from typing import Optional
 
 import torch
 
-from .._atomic import atomic_write
 from ._build import load as _load_ops
 from .predict import predict
 from .routing import capsule_routing, dynamic_routing
@@ -132,37 +133,3 @@ def unsupported_reason(op: str, *, dtype: torch.dtype, iterations: int = 1, bias
     if dtype not in _SUPPORTED_DTYPES:
         return f"dtype {dtype} is not supported; expected one of {_SUPPORTED_DTYPES}"
     return None
-
-
-def record_verification(device_index: int = 0, path: str = VERIFIED_RECORDS, **extra) -> dict:
-    """Append a record that the GPU test suite passed on this GPU, run on that GPU. (The GPU
-    check, ``benchmarks/gpu_check.sh``, leaves an archive instead, and
-    ``benchmarks.fold_gpu_check`` writes the record from it only when every verification step
-    passed.) Written to a temporary file and moved into place, so the record file is never half
-    written."""
-    import datetime
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except Exception:
-        commit = "unknown"
-    record = {
-        "device": torch.cuda.get_device_name(device_index),
-        "capability": ".".join(map(str, torch.cuda.get_device_capability(device_index))),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "commit": commit,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **extra,
-    }
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        data = {}
-    data.setdefault("records", []).append(record)
-    atomic_write(path, json.dumps(data, indent=2) + "\n")
-    return record
