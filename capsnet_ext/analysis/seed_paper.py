@@ -608,8 +608,11 @@ def write_report(runs: Sequence[pathlib.Path], out, *, command: Optional[str] = 
     atomic_write_text(out / "results.json", json.dumps(_json_safe(results), indent=1) + "\n")
     paths["results"] = out / "results.json"
     if doc is not None:
-        replace_generated(pathlib.Path(doc), table + "\n\n" + claims + "\n\n" + depth + "\n\nFigures: `results/seed-paper/figures/`; "
-                          "numbers: `results/seed-paper/results.json`.")
+        init = out / "init_table.md"   # written by 'analyze seed-paper init' (initial_state)
+        init_text = init.read_text().strip() + "\n\n" if init.is_file() else ""
+        replace_generated(pathlib.Path(doc), table + "\n\n" + claims + "\n\n" + depth + "\n\n" + init_text
+                          + "Figures: `results/seed-paper/figures/`; numbers: `results/seed-paper/results.json`"
+                          + (", `results/seed-paper/init_state.json`." if init_text else "."))
     return paths
 
 
