@@ -5,6 +5,7 @@ against a transcription of their AgreementRouting; the RandomAffine augmentation
 """
 import json
 import math
+import pathlib
 
 import pytest
 import torch
@@ -347,3 +348,64 @@ def test_initial_state_reports_lengths_and_gradients_per_layer():
     assert first["decoder"]["rms"] > 0.0                   # the reconstruction term always trains the decoder
     table = seed_paper.initial_state_table([first, seed_paper.initial_state("seed-paper-depth-h2-r1", 2, batch)])
     assert table.count("\n") == 2 and "| 2 | 1 | 2 |" in table
+
+
+def test_their_model_takes_a_length_preserving_initialisation():
+    torch.manual_seed(0)
+    caps = [16, 16, 16, 10]
+    paper = MitterreiterCapsNet(caps=caps, dims=[8] * 4)
+    auto = MitterreiterCapsNet(caps=caps, dims=[8] * 4, init="trunc_normal", init_std="auto")
+    x = torch.rand(8, 1, 40, 40)
+    with torch.no_grad():
+        paper_lengths = [float(c.norm(dim=-1).mean()) for c in paper.routing_trace(x).capsules]
+        auto_lengths = [float(c.norm(dim=-1).mean()) for c in auto.routing_trace(x).capsules]
+    assert paper_lengths[-1] < 1e-6 < 0.2 < min(auto_lengths)   # theirs starts dead, "auto" alive
+    assert all(r.init == "trunc_normal" for r in auto.routing)
+    rebuilt = build_model(json.loads(json.dumps(auto.config)))
+    assert rebuilt.config["init_std"] == "auto"
+    explicit = MitterreiterCapsNet(init="trunc_normal", init_std=[0.5, 0.25])
+    assert [r.init_std for r in explicit.routing] == [0.5, 0.25]
+    for kwargs, match in [(dict(init_std=0.3), "applies to init='trunc_normal' only"),
+                          (dict(init="trunc_normal", init_std="big"), "init_std must be"),
+                          (dict(init="trunc_normal", init_std=-1.0), "init_std must be > 0"),
+                          (dict(init="trunc_normal", init_std=[0.1]), "one per routing layer")]:
+        with pytest.raises(ValueError, match=match):
+            MitterreiterCapsNet(**kwargs)
+
+
+def test_parse_init():
+    from capsnet_ext.analysis.seed_paper import parse_init
+
+    assert parse_init("uniform_fan_in") == dict(init="uniform_fan_in")
+    assert parse_init("trunc_normal") == dict(init="trunc_normal")
+    assert parse_init("trunc_normal:auto") == dict(init="trunc_normal", init_std="auto")
+    assert parse_init("trunc_normal:0.05") == dict(init="trunc_normal", init_std=0.05)
+    for bad in ("normal", "uniform_fan_in:0.1", "trunc_normal:big"):
+        with pytest.raises(ValueError, match="expected"):
+            parse_init(bad)
+
+
+def test_report_keeps_initialisations_apart():
+    """Runs that differ only in their W initialisation form separate groups, are compared only
+    among themselves, and never become the seed-paper configuration."""
+    import copy
+
+    from capsnet_ext.analysis import seed_paper
+
+    committed = pathlib.Path(__file__).resolve().parents[1] / "results" / "seed-paper" / "results.json"
+    records = [r for r in json.loads(committed.read_text())["runs"] if r["run_config"]["epochs"] == 3]
+    if len({r["run_config"]["hidden_layers"] for r in records}) < 2:
+        pytest.skip("the committed results hold no depth study")
+    auto = copy.deepcopy(records)
+    for r in auto:
+        r["run_config"]["init"] = "trunc_normal(std=auto)"
+        r["affine_accuracy"] = 0.5
+    groups = seed_paper.aggregate(records + auto)
+    assert len(groups) == 2 * len(seed_paper.aggregate(records))
+    assert {g["init"] for g in groups} == {seed_paper.PAPER_INIT, "trunc_normal(std=auto)"}
+    main = seed_paper.main_group(groups)
+    assert main is None or main["init"] == seed_paper.PAPER_INIT
+    depth = seed_paper.depth_table(groups)
+    assert "init trunc_normal(std=auto)" in depth
+    claims = seed_paper.claims_table(groups)
+    assert "init trunc_normal(std=auto)" in claims and "0.5000 → 0.5000" in claims

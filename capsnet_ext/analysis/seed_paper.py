@@ -106,6 +106,18 @@ def _batches(dataset, batch_size: int, device):
         yield dataset.batch(torch.arange(start, min(start + batch_size, len(dataset))), device)
 
 
+PAPER_INIT = "uniform_fan_in"   # the authors' W initialisation (the presets' default)
+
+
+def init_label(model: dict) -> str:
+    """The routing layers' ``W`` initialisation of a model config, as one label."""
+    init = model.get("init", PAPER_INIT)
+    if init == "trunc_normal":
+        std = model.get("init_std")
+        return f"trunc_normal(std={0.1 if std is None else std})"
+    return init
+
+
 def run_summary(run_dir: pathlib.Path) -> Dict[str, object]:
     """What identifies a run's configuration: from its ``config.json``."""
     config = json.loads((run_dir / "config.json").read_text())
@@ -114,7 +126,7 @@ def run_summary(run_dir: pathlib.Path) -> Dict[str, object]:
     return dict(hidden_layers=len(model["caps"]) - 1, iterations=iterations, seed=config["seed"],
                 epochs=config["epochs"], max_steps=config.get("max_steps"),
                 train_limit=(config.get("dataset_options") or {}).get("train_limit"),
-                eval_limit=config.get("eval_limit"), arch=model["arch"])
+                eval_limit=config.get("eval_limit"), arch=model["arch"], init=init_label(model))
 
 
 @torch.no_grad()
@@ -212,8 +224,9 @@ def find_runs(roots: Sequence[pathlib.Path]) -> List[pathlib.Path]:
 
 
 def _group_key(summary: dict) -> tuple:
+    # Records collected before the initialisation was recorded are of the authors' one.
     return (summary["hidden_layers"], summary["iterations"], summary["epochs"], summary["max_steps"],
-            summary["train_limit"])
+            summary["train_limit"], summary.get("init", PAPER_INIT))
 
 
 def _mean_std(values) -> tuple:
@@ -239,7 +252,7 @@ def aggregate(collected: Sequence[dict]) -> List[dict]:
         groups.setdefault(_group_key(result["run_config"]), []).append(result)
     out = []
     for key, results in sorted(groups.items(), key=lambda kv: tuple(-1 if v is None else v for v in kv[0])):
-        hidden, iterations, epochs, max_steps, train_limit = key
+        hidden, iterations, epochs, max_steps, train_limit, init = key
         num_layers = len(results[0]["layers"])
         layers = []
         for k in range(num_layers):
@@ -249,7 +262,7 @@ def aggregate(collected: Sequence[dict]) -> List[dict]:
                 layer[name] = dict(mean=mean, std=std, n=n)
             layers.append(layer)
         entry = dict(hidden_layers=hidden, iterations=iterations, epochs=epochs, max_steps=max_steps,
-                     train_limit=train_limit, seeds=sorted(r["run_config"]["seed"] for r in results),
+                     train_limit=train_limit, init=init, seeds=sorted(r["run_config"]["seed"] for r in results),
                      steps=sorted({r["step"] for r in results}), runs=[r["run"] for r in results],
                      layers=layers)
         for name in ("mnist40_accuracy", "affine_accuracy", "train_seconds"):
@@ -278,23 +291,31 @@ def _describe(group: dict) -> str:
     per_epoch = ""
     if math.isfinite(seconds["mean"]) and not group["max_steps"]:
         per_epoch = f"; {seconds['mean'] / group['epochs']:.0f} s of training per epoch (mean over seeds)"
-    return (f"{group['hidden_layers']} hidden layer(s), {group['iterations']} routing iteration(s), {length} "
+    init = "" if _init(group) == PAPER_INIT else f", W initialised {_init(group)}"
+    return (f"{group['hidden_layers']} hidden layer(s), {group['iterations']} routing iteration(s){init}, {length} "
             f"on the {data}; seeds {group['seeds']}; checkpoint steps {group['steps']}{per_epoch}")
 
 
+def _init(group: dict) -> str:
+    return group.get("init", PAPER_INIT)
+
+
 def _budget(group: dict) -> tuple:
-    return (group["epochs"], group["max_steps"], group["train_limit"])
+    """What runs must share to be compared across depths or iteration counts: the training
+    budget and the initialisation."""
+    return (group["epochs"], group["max_steps"], group["train_limit"], _init(group))
 
 
 def _budget_label(group: dict) -> str:
     length = f"{group['max_steps']} steps" if group["max_steps"] else f"{group['epochs']} ep."
-    return length + (f", {group['train_limit']} img" if group["train_limit"] else "")
+    return (length + (f", {group['train_limit']} img" if group["train_limit"] else "")
+            + ("" if _init(group) == PAPER_INIT else f", init {_init(group)}"))
 
 
 def main_group(groups: Sequence[dict]) -> Optional[dict]:
     """The ``seed-paper`` configuration (1 hidden layer, 4 iterations) with the most seeds,
     then the longest training."""
-    candidates = [g for g in groups if g["hidden_layers"] == 1 and g["iterations"] == 4]
+    candidates = [g for g in groups if g["hidden_layers"] == 1 and g["iterations"] == 4 and _init(g) == PAPER_INIT]
     if not candidates:
         return None
     return max(candidates, key=lambda g: (len(g["seeds"]), g["epochs"] or 0, g["max_steps"] or 0,
@@ -347,11 +368,11 @@ def claims_table(groups: Sequence[dict]) -> str:
         rows.append((f"accuracy falls with depth ({label})",
                      f"affine accuracy, {shallow['hidden_layers']} vs {deep['hidden_layers']} hidden layers (deeper lower)",
                      f"{a:.4f} → {b:.4f}", verdict(b < a if math.isfinite(a) and math.isfinite(b) else None)))
-    by_key = {(g["hidden_layers"], g["iterations"], g["epochs"], g["train_limit"]): g for g in groups}
-    for (hidden, iterations, epochs, limit), g in sorted(by_key.items(), key=lambda kv: str(kv[0])):
-        if iterations != 4 or (hidden, 1, epochs, limit) not in by_key:
+    by_key = {(g["hidden_layers"], g["iterations"], _budget(g)): g for g in groups}
+    for (hidden, iterations, budget), g in sorted(by_key.items(), key=lambda kv: str(kv[0])):
+        if iterations != 4 or (hidden, 1, budget) not in by_key:
             continue
-        one = by_key[(hidden, 1, epochs, limit)]
+        one = by_key[(hidden, 1, budget)]
         a, b = one["affine_accuracy"], g["affine_accuracy"]
         spread = max(a["std"] if math.isfinite(a["std"]) else 0.0, b["std"] if math.isfinite(b["std"]) else 0.0)
         ok = None if not (math.isfinite(a["mean"]) and math.isfinite(b["mean"])) else b["mean"] <= a["mean"] + spread
@@ -588,6 +609,8 @@ def write_report(runs: Sequence[pathlib.Path], out, *, command: Optional[str] = 
             continue  # a record of an earlier results.json: its figures were made from its folder
         name = pathlib.Path(result["run"]).name
         tag = f"h{rc['hidden_layers']}-r{rc['iterations']}-{name}" if not name.startswith("h") else name
+        if rc.get("init", PAPER_INIT) != PAPER_INIT:
+            tag += "-" + re.sub(r"[^A-Za-z0-9.]+", "-", rc["init"]).strip("-")
         paths[f"activity_{tag}"] = plot_activity(result, figures / f"activity_{tag}.png")
         paths[f"couplings_{tag}"] = plot_couplings(result, figures / f"couplings_{tag}.png")
         flow_path = pathlib.Path(result["run"]) / NPZ_NAME
@@ -620,13 +643,31 @@ def write_report(runs: Sequence[pathlib.Path], out, *, command: Optional[str] = 
 ADAM_EPS = 1e-8   # torch.optim.Adam's default, which the presets use
 
 
-def initial_state(preset: str, seed: int, batch: dict, *, device="cpu") -> Dict[str, object]:
+def parse_init(text: str) -> dict:
+    """``"uniform_fan_in"``, ``"trunc_normal"`` or ``"trunc_normal:STD"`` (STD a number or
+    ``auto``) as model-config keys."""
+    init, _, std = text.partition(":")
+    if init not in ("uniform_fan_in", "trunc_normal") or (std and init != "trunc_normal"):
+        raise ValueError(f"expected uniform_fan_in, trunc_normal or trunc_normal:STD (a number or auto), got {text!r}")
+    if not std:
+        return dict(init=init)
+    if std != "auto":
+        try:
+            std = float(std)
+        except ValueError:
+            raise ValueError(f"expected trunc_normal:STD with STD a number or auto, got {text!r}") from None
+    return dict(init=init, init_std=std)
+
+
+def initial_state(preset: str, seed: int, batch: dict, *, device="cpu",
+                  model: Optional[dict] = None) -> Dict[str, object]:
     """Capsule lengths and gradients of a preset's model *as its training run starts*.
 
     The model is built as ``capsnet-ext train --preset PRESET --seed SEED`` builds it
     (``torch.manual_seed(seed)``, then the model), so the weights are that run's initial weights;
     one training loss (margin + reconstruction, the label masking the decoder) is taken on
-    ``batch`` and differentiated. Returned: the mean capsule length of every capsule layer, and
+    ``batch`` and differentiated (``model``: model-config keys that override the preset's, e.g.
+    ``parse_init("trunc_normal:auto")``). Returned: the mean capsule length of every capsule layer, and
     for every routing layer's ``W``, the backbone (everything before the primary capsules'
     squash) and the decoder, the root-mean-square gradient entry and the fraction of entries
     whose gradient is below Adam's ``eps`` (1e-8): Adam's first update is ``lr * g / (|g| + eps)``,
@@ -638,7 +679,7 @@ def initial_state(preset: str, seed: int, batch: dict, *, device="cpu") -> Dict[
     from ..training.trainer import _fill_model_config
     from .collect import trace_capsules
 
-    cfg = load_config(preset=preset)
+    cfg = load_config(preset=preset, model=model or None)
     images = batch["image"]
 
     class _Shape:  # what _fill_model_config reads from a dataset bundle
@@ -663,7 +704,7 @@ def initial_state(preset: str, seed: int, batch: dict, *, device="cpu") -> Dict[
     decoder = list(model.decoder.parameters()) if model.decoder is not None else []
     elsewhere = {id(p) for layer in model.routing for p in layer.parameters()} | {id(p) for p in decoder}
     backbone = [p for p in model.parameters() if id(p) not in elsewhere]
-    return dict(preset=preset, seed=seed, hidden_layers=len(model.routing) - 1,
+    return dict(preset=preset, seed=seed, init=init_label(cfg.model), hidden_layers=len(model.routing) - 1,
                 iterations=model.routing[0].iterations, loss=float(loss.detach()), mean_lengths=lengths,
                 routing_w=routing, backbone=stats(backbone), decoder=stats(decoder) if decoder else None)
 
@@ -672,37 +713,42 @@ def initial_state_table(states: Sequence[dict]) -> str:
     """Markdown: one row per (hidden layers, iterations), means over seeds."""
     groups: Dict[tuple, List[dict]] = {}
     for st in states:
-        groups.setdefault((st["hidden_layers"], st["iterations"]), []).append(st)
+        groups.setdefault((st.get("init", PAPER_INIT) != PAPER_INIT, st.get("init", PAPER_INIT),
+                           st["hidden_layers"], st["iterations"]), []).append(st)
 
     def sci(values):
         return f"{float(np.mean(values)):.1e}"
 
-    rows = ["| hidden layers | iterations | seeds | mean capsule length (primary / hidden ... / class) "
+    rows = ["| W initialisation | hidden layers | iterations | seeds | mean capsule length (primary / hidden ... / class) "
             "| W gradient RMS per routing layer | W entries below Adam eps per routing layer "
             "| backbone gradient RMS | backbone entries below eps |",
-            "|---|---|---|---|---|---|---|---|"]
-    for (hidden, iterations), group in sorted(groups.items()):
+            "|---|---|---|---|---|---|---|---|---|"]
+    for (_, init, hidden, iterations), group in sorted(groups.items()):
         layers = len(group[0]["mean_lengths"])
         lengths = " / ".join(sci([g["mean_lengths"][k] for g in group]) for k in range(layers))
         rms = " / ".join(sci([g["routing_w"][k]["rms"] for g in group]) for k in range(layers - 1))
         below = " / ".join(f"{float(np.mean([g['routing_w'][k]['below_eps'] for g in group])):.2f}"
                            for k in range(layers - 1))
-        rows.append(f"| {hidden} | {iterations} | {len(group)} | {lengths} | {rms} | {below} | "
+        label = "±1/sqrt(n_l) (theirs)" if init == PAPER_INIT else init
+        rows.append(f"| {label} | {hidden} | {iterations} | {len(group)} | {lengths} | {rms} | {below} | "
                     f"{sci([g['backbone']['rms'] for g in group])} | "
                     f"{float(np.mean([g['backbone']['below_eps'] for g in group])):.2f} |")
     return "\n".join(rows)
 
 
 def write_initial_state(out, *, depths=(1, 2, 3, 4, 5), iterations=(1, 4), seeds=(0, 1, 2), images: int = 128,
-                        data_dir=None, device="cpu", command: Optional[str] = None) -> Dict[str, pathlib.Path]:
-    """:func:`initial_state` of every ``seed-paper-depth-h<H>-r<R>`` preset and seed on the first
-    ``images`` MNIST test digits on 40x40 (one batch): ``init_state.json`` and ``init_table.md``."""
+                        inits=("uniform_fan_in",), data_dir=None, device="cpu",
+                        command: Optional[str] = None) -> Dict[str, pathlib.Path]:
+    """:func:`initial_state` of every ``seed-paper-depth-h<H>-r<R>`` preset, seed and
+    initialisation (:func:`parse_init` texts) on the first ``images`` MNIST test digits on 40x40
+    (one batch): ``init_state.json`` and ``init_table.md``."""
+    overrides = [parse_init(text) for text in inits]
     from .cli import provenance
 
     out = pathlib.Path(out)
     batch = mnist40_test(data_dir, images).batch(torch.arange(images), torch.device("cpu"))
-    states = [initial_state(f"seed-paper-depth-h{h}-r{r}", seed, batch, device=device)
-              for h in depths for r in iterations for seed in seeds]
+    states = [initial_state(f"seed-paper-depth-h{h}-r{r}", seed, batch, device=device, model=model)
+              for model in overrides for h in depths for r in iterations for seed in seeds]
     table = (f"At initialisation (the first training step's weights of each run, one batch of {images} MNIST "
              "test digits on 40x40; means over seeds):\n\n" + initial_state_table(states))
     result = dict(provenance=provenance(torch.device(device), command=command or _command()), images=images,
@@ -726,6 +772,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--images", type=int, default=128, help="MNIST test digits in the one batch (default 128)")
     i.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     i.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="hidden layers")
+    i.add_argument("--inits", nargs="+", default=["uniform_fan_in"],
+                   help="W initialisations: uniform_fan_in (theirs), trunc_normal, trunc_normal:STD (STD a number "
+                        "or auto: lengths kept near 0.5)")
     for q in (c, r):
         q.add_argument("runs", nargs="+", help="run folders, or folders searched for run folders")
         q.add_argument("--data-dir", default=None)
@@ -765,7 +814,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.step == "init":
             if args.images < 1:
                 raise ValueError(f"--images must be a positive number of images, got {args.images}")
+            for text in args.inits:
+                parse_init(text)   # a bad value is named before any model is built
             paths = write_initial_state(args.out, depths=args.depths, seeds=args.seeds, images=args.images,
+                                        inits=args.inits,
                                         data_dir=args.data_dir, device=args.device, command=command)
             print("\n".join(f"{k}: {v}" for k, v in paths.items()))
             return 0

@@ -23,13 +23,14 @@ With ``ns = [16, 16, 10]``, ``ds = [8, 8, 8]`` (16 primary capsules, one hidden 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .. import ops
-from .deep import StackedRoutingCapsNet, _per_layer
+from .deep import StackedRoutingCapsNet, _per_layer, auto_init_std
 from .layers import RoutingCapsules
 from .models import reconstruction_decoder, register_model
 
@@ -51,7 +52,12 @@ class MitterreiterCapsNet(StackedRoutingCapsNet):
         iterations: weighted sums per routing (one int or one per layer; 4 = their n_iter 3).
         prior, temperature: the learned prior logit and the softmax temperature of every
             routing layer (see :class:`RoutingCapsules`).
-        init: ``W`` initialisation of every routing layer (``"uniform_fan_in"``: theirs).
+        init: ``W`` initialisation of every routing layer (``"uniform_fan_in"``: theirs;
+            ``"trunc_normal"``: a truncated normal of std ``init_std``).
+        init_std: with ``init="trunc_normal"`` only: ``None`` (0.1), a float, one float per
+            layer, or ``"auto"`` (:func:`~capsnet_ext.nn.deep.auto_init_std` per layer: capsule
+            lengths near 0.5 in every layer at initialisation, so a deep stack starts alive;
+            not the authors' choice, a control for the depth study).
         routing_bias: add a routing bias (their model has none).
         backbone_channels: output channels of the first three convolutions.
         input_mean, input_std: input normalisation (``None`` for none).
@@ -63,6 +69,7 @@ class MitterreiterCapsNet(StackedRoutingCapsNet):
                  caps: Optional[Sequence[int]] = None, dims: Optional[Sequence[int]] = None,
                  iterations: Union[int, Sequence[int]] = 4, prior: bool = True,
                  temperature: float = 1.0, init: str = "uniform_fan_in",
+                 init_std: Union[None, str, float, Sequence[float]] = None,
                  routing_bias: bool = False, backbone_channels: Sequence[int] = (32, 64, 128),
                  input_mean: Optional[float] = MNIST40_MEAN, input_std: Optional[float] = MNIST40_STD,
                  backend: str = "auto", decoder: bool = True, decoder_hidden=(512, 1024)):
@@ -78,6 +85,16 @@ class MitterreiterCapsNet(StackedRoutingCapsNet):
         if len(dims) != L:
             raise ValueError(f"dims must give one capsule dimension per routing layer ({L}), got {dims}")
         iters = _per_layer("iterations", iterations, L, int)
+        if init_std is not None and init != "trunc_normal":
+            raise ValueError(f"init_std applies to init='trunc_normal' only, got init={init!r} "
+                             f"with init_std={init_std!r}")
+        if isinstance(init_std, str) and init_std != "auto":
+            raise ValueError(f"init_std must be None, 'auto', a float or a list of floats, got {init_std!r}")
+        stds = (None if isinstance(init_std, str) else
+                [0.1] * L if init_std is None else
+                [float(v) for v in _per_layer("init_std", init_std, L, (int, float))])
+        if stds is not None and not all(math.isfinite(v) and v > 0 for v in stds):
+            raise ValueError(f"init_std must be > 0, got {init_std!r}")
         backbone_channels = [int(c) for c in backbone_channels]
         if len(backbone_channels) != 3:
             raise ValueError(f"backbone_channels must list the 3 widths of the first convolutions, "
@@ -96,6 +113,8 @@ class MitterreiterCapsNet(StackedRoutingCapsNet):
                            caps=caps, dims=dims,
                            iterations=iterations if isinstance(iterations, int) else list(iterations),
                            prior=prior, temperature=float(temperature), init=init,
+                           init_std=init_std if init_std is None or isinstance(init_std, (str, int, float))
+                           else list(init_std),
                            routing_bias=routing_bias, backbone_channels=backbone_channels,
                            input_mean=input_mean, input_std=input_std, backend=backend,
                            decoder=decoder, decoder_hidden=list(decoder_hidden))
@@ -117,9 +136,10 @@ class MitterreiterCapsNet(StackedRoutingCapsNet):
         layers = []
         in_caps, in_dim = primary_caps, primary_dim
         for k, (out_caps, out_dim) in enumerate(zip(caps, dims)):
+            std = auto_init_std(in_caps, out_caps, out_dim) if stds is None else stds[k]
             layers.append(RoutingCapsules(in_caps, out_caps, in_dim, out_dim, iterations=iters[k],
                                           bias=routing_bias, backend=backend, prior=prior,
-                                          temperature=temperature, init=init))
+                                          temperature=temperature, init=init, init_std=std))
             in_caps, in_dim = out_caps, out_dim
         self.routing = nn.ModuleList(layers)
         self.num_classes = num_classes

@@ -82,6 +82,8 @@ def train_command(args, job) -> list:
                       "--seed", str(job["seed"]), "--out", str(run), "--epochs", str(job["epochs"]),
                       "--device", args.device, "--no-progress", "--no-tensorboard",
                       "--set", f"eval_limit={args.eval_limit}"]
+    for item in args.set:
+        command += ["--set", item]
     if job["train_limit"]:
         command += ["--train-limit", str(job["train_limit"])]
     return command
@@ -143,6 +145,9 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", default=None, help="UTC HH:MM or ISO time: stop (resumably) at this time")
     p.add_argument("--main-only", action="store_true", help="only the seed-paper runs, no depth study")
     p.add_argument("--depth-only", action="store_true", help="only the depth study, no seed-paper runs")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed to every new run's 'capsnet-ext train --set' (e.g. model.init=trunc_normal "
+                        "model.init_std=auto, with another --root)")
     p.add_argument("--code", type=pathlib.Path, default=REPO, help="folder whose capsnet_ext is run")
     p.add_argument("--report", type=pathlib.Path, default=None, help="write the report here at the end")
     p.add_argument("--dry-run", action="store_true")
