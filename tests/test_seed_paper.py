@@ -393,7 +393,8 @@ def test_report_keeps_initialisations_apart():
     from capsnet_ext.analysis import seed_paper
 
     committed = pathlib.Path(__file__).resolve().parents[1] / "results" / "seed-paper" / "results.json"
-    records = [r for r in json.loads(committed.read_text())["runs"] if r["run_config"]["epochs"] == 3]
+    records = [r for r in json.loads(committed.read_text())["runs"] if r["run_config"]["epochs"] == 3
+               and r["run_config"].get("init", seed_paper.PAPER_INIT) == seed_paper.PAPER_INIT]
     if len({r["run_config"]["hidden_layers"] for r in records}) < 2:
         pytest.skip("the committed results hold no depth study")
     auto = copy.deepcopy(records)
