@@ -61,6 +61,16 @@ def _per_layer(name: str, value, num_layers: int, kind):
     return [value] * num_layers
 
 
+def per_layer_init_std(init_std, num_layers: int):
+    """``init_std`` of a stack of routing layers: ``"auto"`` gives ``None`` (the caller takes
+    :func:`auto_init_std` per layer); a float or one float per layer gives the list of floats."""
+    if isinstance(init_std, str):
+        if init_std != "auto":
+            raise ValueError(f"init_std must be 'auto', a float or a list of floats, got {init_std!r}")
+        return None
+    return [float(s) for s in _per_layer("init_std", init_std, num_layers, (int, float))]
+
+
 class StackedRoutingCapsNet(nn.Module):
     """What every stack of routing layers shares: subclasses define ``primary_capsules(x)``,
     ``routing`` (an ``nn.ModuleList`` of :class:`RoutingCapsules`) and ``decoder`` (or
@@ -140,12 +150,7 @@ class DeepCapsNet(StackedRoutingCapsNet):
         if len(dims) != L:
             raise ValueError(f"dims must give one capsule dimension per routing layer ({L}), got {dims}")
         iters = _per_layer("iterations", iterations, L, int)
-        if isinstance(init_std, str):
-            if init_std != "auto":
-                raise ValueError(f"init_std must be 'auto', a float or a list of floats, got {init_std!r}")
-            stds = None
-        else:
-            stds = [float(s) for s in _per_layer("init_std", init_std, L, (int, float))]
+        stds = per_layer_init_std(init_std, L)
         self.config = dict(arch="deep-capsnet", input_size=input_size, in_channels=in_channels,
                            num_classes=num_classes, caps=caps, dims=dims, conv_channels=conv_channels,
                            conv_kernel=conv_kernel, primary_channels=primary_channels,

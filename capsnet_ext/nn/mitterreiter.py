@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .deep import StackedRoutingCapsNet, _per_layer, auto_init_std
+from .deep import StackedRoutingCapsNet, _per_layer, auto_init_std, per_layer_init_std
 from .layers import RoutingCapsules
 from .models import reconstruction_decoder, register_model
 
@@ -88,11 +88,7 @@ class MitterreiterCapsNet(StackedRoutingCapsNet):
         if init_std is not None and init != "trunc_normal":
             raise ValueError(f"init_std applies to init='trunc_normal' only, got init={init!r} "
                              f"with init_std={init_std!r}")
-        if isinstance(init_std, str) and init_std != "auto":
-            raise ValueError(f"init_std must be None, 'auto', a float or a list of floats, got {init_std!r}")
-        stds = (None if isinstance(init_std, str) else
-                [0.1] * L if init_std is None else
-                [float(v) for v in _per_layer("init_std", init_std, L, (int, float))])
+        stds = [0.1] * L if init_std is None else per_layer_init_std(init_std, L)
         if stds is not None and not all(math.isfinite(v) and v > 0 for v in stds):
             raise ValueError(f"init_std must be > 0, got {init_std!r}")
         backbone_channels = [int(c) for c in backbone_channels]
