@@ -713,8 +713,8 @@ def initial_state_table(states: Sequence[dict]) -> str:
     """Markdown: one row per (hidden layers, iterations), means over seeds."""
     groups: Dict[tuple, List[dict]] = {}
     for st in states:
-        groups.setdefault((st.get("init", PAPER_INIT) != PAPER_INIT, st.get("init", PAPER_INIT),
-                           st["hidden_layers"], st["iterations"]), []).append(st)
+        init = st.get("init", PAPER_INIT)
+        groups.setdefault((init != PAPER_INIT, init, st["hidden_layers"], st["iterations"]), []).append(st)
 
     def sci(values):
         return f"{float(np.mean(values)):.1e}"
@@ -742,8 +742,9 @@ def write_initial_state(out, *, depths=(1, 2, 3, 4, 5), iterations=(1, 4), seeds
     """:func:`initial_state` of every ``seed-paper-depth-h<H>-r<R>`` preset, seed and
     initialisation (:func:`parse_init` texts) on the first ``images`` MNIST test digits on 40x40
     (one batch): ``init_state.json`` and ``init_table.md``."""
-    overrides = [parse_init(text) for text in inits]
     from .cli import provenance
+
+    overrides = [parse_init(text) for text in inits]   # a bad value is named before any data or model
 
     out = pathlib.Path(out)
     batch = mnist40_test(data_dir, images).batch(torch.arange(images), torch.device("cpu"))
@@ -814,11 +815,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.step == "init":
             if args.images < 1:
                 raise ValueError(f"--images must be a positive number of images, got {args.images}")
-            for text in args.inits:
-                parse_init(text)   # a bad value is named before any model is built
             paths = write_initial_state(args.out, depths=args.depths, seeds=args.seeds, images=args.images,
-                                        inits=args.inits,
-                                        data_dir=args.data_dir, device=args.device, command=command)
+                                        inits=args.inits, data_dir=args.data_dir, device=args.device,
+                                        command=command)
             print("\n".join(f"{k}: {v}" for k, v in paths.items()))
             return 0
         runs = find_runs([pathlib.Path(r) for r in args.runs])
