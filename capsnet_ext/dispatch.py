@@ -97,16 +97,26 @@ def _as_device(device) -> torch.device:
     return torch.device(device)
 
 
+def _availability(name: str, module, device: torch.device) -> Optional[str]:
+    """``module.availability(device)``, with anything it raises turned into the reason: asking
+    whether a backend can run must answer, never fail (the question is asked by ``auto`` on
+    every call and by ``backend_status`` in tools that only report)."""
+    try:
+        return module.availability(device)
+    except Exception as exc:
+        return f"checking the {name} backend's availability raised {type(exc).__name__}: {exc}"
+
+
 def unavailable_reason(backend: str, device=None) -> Optional[str]:
     """Why ``backend`` cannot run on ``device`` (default: the current CUDA device if there is
-    one, else the CPU), or ``None`` if it can."""
+    one, else the CPU), or ``None`` if it can. Never raises for a valid backend name."""
     _check_name(backend)
     if backend == "auto":
         return None
     module = _load(backend)
     if module is None:
         return _import_errors[backend]
-    return module.availability(_as_device(device))
+    return _availability(backend, module, _as_device(device))
 
 
 def backend_status(device=None) -> Dict[str, str]:
@@ -130,7 +140,7 @@ def select(op: str, backend: str, device: torch.device, dtype: torch.dtype, **op
         backend = env_backend()
     if backend != "auto":
         module = _load(backend)
-        reason = _import_errors.get(backend) if module is None else module.availability(device)
+        reason = _import_errors.get(backend) if module is None else _availability(backend, module, device)
         if reason is not None:
             raise BackendUnavailableError(f"backend {backend!r} is unavailable on {device}: {reason}")
         reason = module.unsupported_reason(op, dtype=dtype, **options)
@@ -139,7 +149,7 @@ def select(op: str, backend: str, device: torch.device, dtype: torch.dtype, **op
         return module
     for name in AUTO_ORDER.get(device.type, ("reference",)):
         module = _load(name)
-        if module is None or module.availability(device) is not None:
+        if module is None or _availability(name, module, device) is not None:
             continue
         if module.unsupported_reason(op, dtype=dtype, **options) is None:
             return module

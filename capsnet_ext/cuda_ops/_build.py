@@ -32,7 +32,17 @@ def sources(csrc: str = _CSRC) -> List[str]:
 
 
 def _registered() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::capsule_routing_forward", "CUDA")
+    """Whether every op of the namespace has a CUDA kernel registered with the dispatcher.
+
+    torch raises ``RuntimeError: operator ... does not exist`` when asked about an operator
+    that no library has defined yet, which is the state before the extension is loaded."""
+    for name in _schema.SCHEMAS:
+        try:
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", "CUDA"):
+                return False
+        except RuntimeError:
+            return False
+    return True
 
 
 def _load_built() -> Optional[str]:
@@ -96,11 +106,15 @@ def load() -> Optional[str]:
     with _lock:
         if _state["done"]:
             return _state["reason"]
+        try:
+            reason = _load()
+            if reason is None:
+                _schema.register(NAMESPACE)
+        except Exception as exc:  # loading must answer with a reason, never raise
+            reason = f"loading the CUDA ops raised {type(exc).__name__}: {exc}"
+        _state["reason"] = reason
         _state["done"] = True
-        _state["reason"] = _load()
-        if _state["reason"] is None:
-            _schema.register(NAMESPACE)
-        return _state["reason"]
+        return reason
 
 
 def _load() -> Optional[str]:
