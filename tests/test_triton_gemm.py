@@ -309,7 +309,7 @@ def test_float32_launches_follow_the_tf32_switch(device, monkeypatch, restore_tf
 # ---------------------------------------------------------------- autotuning, device guard
 def test_tuned_config_is_measured_once_and_cached(monkeypatch):
     monkeypatch.setattr(_gemm_core, "_TUNED", {})
-    candidates = [_gemm_core.Config(16, 16, 16, 16), _gemm_core.Config(32, 16, 16, 16)]
+    candidates = [_gemm_core.Config(16, 16, 16, 16, 16), _gemm_core.Config(32, 16, 16, 16, 16)]
     runs = []
     timer = lambda fn: (fn(), 1.0 if runs[-1].BB == 16 else 0.5)[1]
     chosen = _gemm_core.tuned_config("key", candidates, runs.append, timer)

@@ -114,15 +114,24 @@ def capsule_size_limit_reason(J: int, D: int, Din: int) -> Optional[str]:
             f"(got J={J}, Dout={D}, Din={Din})")
 
 
-_MIN_DOT_K = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 8, torch.float64: 4}
+# Smallest K of a ``tl.dot`` for every dtype: Triton 3.6 (the release torch 2.11 pins) refuses
+# K < 16 ("Input shapes should have M >= 1, N >= 1 and K >= 16") even for float32 and float64,
+# which later releases and the interpreter accept.
+MIN_DOT_K = 16
+# Smallest N the kernels give a dot: the N of one tensor-core instruction (smaller N is padded
+# by Triton, wasting the instruction's other columns).
+MIN_DOT_N = 8
 
 
 class Config(NamedTuple):
-    """Tunable: samples per sweep tile, warps of the sweeps, samples per gradient-sweep tile,
-    warps of the gradient sweeps, and the most splits of the input capsules per sweep (more
-    programs, against more partial sums for the next sweep to add up)."""
+    """Tunable: samples per sweep tile, warps of the forward sweeps, warps of the backward
+    (reduction) sweeps, samples per gradient-sweep tile, warps of the gradient sweeps, and the
+    most splits of the input capsules per sweep (more programs, against more partial sums for
+    the next sweep to add up). Tiles hold at least 16 samples: the sample axis is the M (and,
+    in the ``dW`` dot, the K) of the tensor-core dots."""
     BB: int
     warps: int
+    bwd_warps: int
     grad_BB: int
     grad_warps: int
     max_isplit: int = 16
@@ -135,13 +144,19 @@ class Plan:
         reason = capsule_size_limit_reason(J, D, Din)
         if reason is not None:
             raise NotImplementedError(reason + "; use backend='reference'")
+        if min(config.BB, config.grad_BB) < MIN_DOT_K:
+            raise ValueError(f"tiles must hold at least {MIN_DOT_K} samples (the M and K of the "
+                             f"dots), got BB={config.BB}, grad_BB={config.grad_BB}")
         self.config = config
         self.BLOCK_J = triton.next_power_of_2(J)
         self.BLOCK_D = max(16, triton.next_power_of_2(D))  # K of the logits dot
         self.DINP = triton.next_power_of_2(Din)
-        # N = IC * DINP is the K of the weighted-sum dot: at least 16 for 16-bit operands,
-        # 8 for float32, 4 for float64 (the smallest K of Triton's NVIDIA dot).
-        self.IC = max(1, _MIN_DOT_K[dtype] // self.DINP)
+        # N = IC * DINP is the K of the weighted-sum dot: input capsules are tiled into it
+        # until it reaches MIN_DOT_K (a padded Din alone is below 16 whenever Din <= 8).
+        self.IC = max(1, MIN_DOT_K // self.DINP)
+        # The gradient sweep holds one input capsule: its dots have N = Din padded to at least
+        # 8, the N of the tensor cores' m16n8k16 (and TF32 m16n8k8) instructions.
+        self.GRAD_DINP = max(MIN_DOT_N, self.DINP)
         target = _target_programs(device)
         self.n_btiles = triton.cdiv(B, config.BB)
         n_chunks = triton.cdiv(I, self.IC)
@@ -158,19 +173,34 @@ class Plan:
         self.n_bsplit = triton.cdiv(B, self.b_per_split)
 
 
-def default_config(B, I, J, D, Din) -> Config:
-    """16 samples per tile (the smallest dot M and K) and 16 warps: at the MNIST shape every
-    kernel then stays within 128 registers per thread without spilling, for float32, bfloat16
-    and float16 (checked by tests/_triton_compile_check.py for sm_90); with 8 warps the
-    sweeps need 145-240 registers, and 32-sample tiles spill. At most 16 splits of the input
-    capsules: every program of the next sweep re-sums all of its samples' partials."""
-    return Config(16, 16, 16, 16, 16)
+def default_config(B, I, J, D, Din, dtype: torch.dtype = torch.float32,
+                   precision: Optional[str] = None) -> Config:
+    """16 samples per tile (the smallest dot M and K) and as many warps as keep every kernel
+    free of register spills, compiled for sm_90 with Triton 3.6 (checked for every launch by
+    ``python -m benchmarks.kernel_report.compile_check``, a CI test):
+
+    * float16, bfloat16 and TF32 float32: 16 warps everywhere (at most 128 registers per
+      thread, the limit at 16 warps; the dots are tensor-core instructions);
+    * exact float32 (``"ieee"``, FMA dots): 8 warps, the sweeps need 130-220 registers (at
+      16 warps, 128 registers at most, they spill);
+    * float64: 8 warps (16 warps spill 16-200 bytes per thread).
+
+    At most 16 splits of the input capsules: every program of the next sweep re-sums all of
+    its samples' partials. ``precision`` is the float32 dot precision (default: PyTorch's
+    current TF32 switch, :func:`dot_precision`)."""
+    precision = precision or dot_precision(dtype)
+    if dtype == torch.float64:
+        return Config(16, 8, 8, 16, 8, 16)
+    if dtype == torch.float32 and precision == "ieee":
+        return Config(16, 8, 8, 16, 8, 16)
+    return Config(16, 16, 16, 16, 16, 16)
 
 
-def candidate_configs(B, I, J, D, Din):
-    """The default and two other split counts of the input capsules (the tile sizes are
-    fixed by the register budget)."""
-    base = default_config(B, I, J, D, Din)
+def candidate_configs(B, I, J, D, Din, dtype: torch.dtype = torch.float32,
+                      precision: Optional[str] = None):
+    """The default and two other split counts of the input capsules (the tile sizes and warps
+    are fixed by the register budget)."""
+    base = default_config(B, I, J, D, Din, dtype, precision)
     return [base, base._replace(max_isplit=8), base._replace(max_isplit=32)]
 
 
@@ -219,7 +249,7 @@ def _config_for(u, W, iterations, options, run):
     key = (B, I, J, D, Din, iterations, u.dtype, u.device, dot_precision(u.dtype), options)
     autotune = os.environ.get(AUTOTUNE_ENV, "1") not in ("0", "")
     timer = _time_cuda if u.device.type == "cuda" and autotune else None
-    return tuned_config(key, candidate_configs(B, I, J, D, Din), run, timer)
+    return tuned_config(key, candidate_configs(B, I, J, D, Din, u.dtype), run, timer)
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,7 +330,7 @@ def _backward(u, W, prior, grad_v, s_all, V_all, leaky, detach_inner, temperatur
                     B, I, J, D, Din, plan.i_per_split, plan.n_isplit,
                     HAS_PART=r < R - 1, HAS_G_IN=r < R - 2, HAS_GV=r == R - 1,
                     HAS_PRIOR=has_prior, BB=config.BB, DINP=plan.DINP, IC=plan.IC,
-                    num_warps=config.warps, num_stages=1, **meta)
+                    num_warps=config.bwd_warps, num_stages=1, **meta)
                 last_partial = r
         # gs of the first iteration (or of the last alone under detach_inner).
         first = R - 1 if (detach_inner or R == 1) else 0
@@ -309,7 +339,7 @@ def _backward(u, W, prior, grad_v, s_all, V_all, leaky, detach_inner, temperatur
             parts[1] if has_part else parts, plan.n_isplit, G[1] if has_part else parts,
             grad_v, s_all[first], gs_all[first], B, J, D,
             HAS_PART=has_part, HAS_G_IN=has_part and R > 2, HAS_GV=not has_part,
-            BB=config.BB, num_warps=config.warps, **small)
+            BB=config.BB, num_warps=config.bwd_warps, **small)
         if need_u or need_w or need_prior or need_bias:
             if plan.n_bsplit > 1:
                 base = split_parts
@@ -324,7 +354,7 @@ def _backward(u, W, prior, grad_v, s_all, V_all, leaky, detach_inner, temperatur
             grad_args = (u, W, prior_arg, V_all, gs_all, du if du is not None else gs_all,
                          *targets, stride, B, I, J, D, Din, R, plan.b_per_split)
             grad_meta = dict(DETACH=detach_inner, HAS_PRIOR=has_prior, BB=config.grad_BB,
-                             DINP=plan.DINP, num_warps=config.grad_warps, num_stages=1,
+                             DINP=plan.GRAD_DINP, num_warps=config.grad_warps, num_stages=1,
                              **{k: v for k, v in meta.items() if k != "TINY"})  # no squash here
             if need_u or need_prior or need_bias:
                 K._grad_sweep_kernel[(plan.n_grad_chunks, plan.n_bsplit)](

@@ -280,7 +280,8 @@ def _fwd_sweep_kernel(
                 tl.store(c_ptr + row_offset(b0, I * J) + i0 * J + b * (I * J) + ic * J + j,
                          c.to(c_ptr.dtype.element_ty),
                          mask=(j < J) & (b < B - b0) & (ic < I - i0))
-        acc = tl.dot(_op(X, DT, DOT_DT), tl.trans(Wc, (0, 2, 1)), acc, input_precision=PRECISION)
+        acc = tl.dot(_op(X, DT, DOT_DT), tl.trans(Wc, (0, 2, 1)), acc, input_precision=PRECISION,
+                     out_dtype=ACC)
     _store_jbd(part_out_ptr + split * B * J * D, acc, b0, B, J, D, BB, BLOCK_J, BLOCK_D, 1)
 
 
@@ -376,7 +377,8 @@ def _bwd_sweep_kernel(
         if INV_T != 1.0:
             gl = gl * tl.full((), INV_T, ACC)
         X = _per_element(gl, BLOCK_J, BB, IC, DINP) * U[None, :, :]
-        acc = tl.dot(_op(X, DT, DOT_DT), tl.trans(Wc, (0, 2, 1)), acc, input_precision=PRECISION)
+        acc = tl.dot(_op(X, DT, DOT_DT), tl.trans(Wc, (0, 2, 1)), acc, input_precision=PRECISION,
+                     out_dtype=ACC)
     _store_jbd(part_out_ptr + split * B * J * D, acc, b0, B, J, D, BB, BLOCK_J, BLOCK_D, 1)
 
 
@@ -465,7 +467,8 @@ def _grad_sweep_kernel(
                      du.to(du_ptr.dtype.element_ty), mask=(b < b_end - b0) & (k < Din))
         if NEED_DW:
             Ub = _op(tl.broadcast_to(U[None, :, :], (BLOCK_J, BB, DINP)), DT, DOT_DT)
-            dW = tl.dot(_op(tl.trans(g_uhat, (0, 2, 1)), DT, DOT_DT), Ub, dW, input_precision=PRECISION)
+            dW = tl.dot(_op(tl.trans(g_uhat, (0, 2, 1)), DT, DOT_DT), Ub, dW, input_precision=PRECISION,
+                        out_dtype=ACC)
     if NEED_DW:
         j = tl.arange(0, BLOCK_J)[:, None, None]
         d = tl.arange(0, BLOCK_D)[None, :, None]
