@@ -8,6 +8,10 @@ PYTHON ?= python3
 # torch==2.13.0 is the release the project is tested with; set TORCH_SPEC to use another one
 # (an already-installed torch in the environment is kept as it is).
 TORCH_SPEC ?= torch==2.13.0
+# Triton 3.6.0 is what torch 2.11 pins and the GPU machines run; its compiler is stricter than
+# later releases' (tl.dot needs K >= 16 for every dtype), so the tests compile every kernel for
+# sm_90 with it (tests/test_triton_compile.py) and run the interpreter tests on it.
+TRITON_SPEC ?= triton==3.6.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.capsnet_ext-installed
 
@@ -15,11 +19,11 @@ STAMP := $(VENV)/.capsnet_ext-installed
 
 venv: $(STAMP)
 
-$(STAMP): setup.py pyproject.toml
+$(STAMP): setup.py pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q triton numpy pytest ninja pybind11 tqdm matplotlib tensorboard scikit-learn scipy
+	$(PY) -m pip install -q "$(TRITON_SPEC)" numpy pytest ninja pybind11 tqdm matplotlib tensorboard scikit-learn scipy
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 

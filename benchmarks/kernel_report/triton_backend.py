@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,25 @@ def _hash(*parts) -> str:
     return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:24]
 
 
+# Bumped when the cached metadata gains a field.
+_META_VERSION = 3
+_DOT = re.compile(r"tt\.dot [^\n]*?: tensor<([0-9x]+)x(\w+)(?:,[^>]*)?> \* tensor<([0-9x]+)x\w+(?:,[^>]*)?> -> "
+                  r"tensor<([0-9x]+)x(\w+)")
+
+
+def dot_shapes(ir: str) -> List[dict]:
+    """Every ``tt.dot`` of a kernel's Triton IR: operand shapes ``a`` and ``b``, the operand
+    and result element types, and ``m``, ``n``, ``k`` (the last two axes; a leading axis is the
+    batch)."""
+    out = []
+    for a, a_type, b, c, c_type in _DOT.findall(ir):
+        a_shape = [int(x) for x in a.split("x")]
+        b_shape = [int(x) for x in b.split("x")]
+        out.append(dict(a=a_shape, b=b_shape, operand=a_type, result=c_type,
+                        m=a_shape[-2], k=a_shape[-1], n=b_shape[-1]))
+    return out
+
+
 def compile_variant(launch: Launch, gpu: GPUSpec, cache_dir: str) -> dict:
     """Compile one kernel variant for ``gpu`` (cached by Triton's source hash of the kernel and
     everything the variant is specialised on); returns paths and compiler metadata."""
@@ -52,7 +72,7 @@ def compile_variant(launch: Launch, gpu: GPUSpec, cache_dir: str) -> dict:
     from triton.compiler import ASTSource
 
     key = _hash(launch.kernel.cache_key, launch.variant_key(), gpu.arch, triton.__version__,
-                os.environ.get("TRITON_DEFAULT_FP_FUSION"))
+                os.environ.get("TRITON_DEFAULT_FP_FUSION"), _META_VERSION)
     folder = os.path.join(cache_dir, "triton", f"sm{gpu.arch}")
     os.makedirs(folder, exist_ok=True)
     cubin = os.path.join(folder, f"{launch.name}-{key}.cubin")
@@ -65,10 +85,34 @@ def compile_variant(launch: Launch, gpu: GPUSpec, cache_dir: str) -> dict:
                             target=GPUTarget("cuda", gpu.arch, 32), options=options.__dict__)
     meta = dict(function=kernel.metadata.name, shared_bytes_compiler=int(kernel.metadata.shared),
                 num_warps=int(kernel.metadata.num_warps), compile_seconds=round(time.time() - start, 2),
-                target=f"sm_{gpu.arch}")
+                target=f"sm_{gpu.arch}", triton=triton.__version__,
+                dots=dot_shapes(kernel.asm.get("ttir", "")))
+    _write_bytes(cubin[:-len(".cubin")] + ".ptx", kernel.asm["ptx"].encode())
     _write_bytes(cubin, kernel.asm["cubin"])
     _write_bytes(meta_path, json.dumps(meta).encode())
     return dict(meta, cubin=cubin, cached=False)
+
+
+def ptxas_spills(cubin: str, gpu: GPUSpec) -> dict:
+    """``ptxas -v``'s stack frame and spill store/load bytes of a compiled variant, from its
+    saved PTX, assembled again as Triton assembles it (Triton's own ptxas, ``-lineinfo``,
+    ``--gpu-name`` of the target). The stack frame that ``cuobjdump`` reports also holds
+    non-spill uses (calls to integer-division routines, say); the spill bytes do not."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    from .sass import ptxas_spills as parse
+
+    ptx = cubin[:-len(".cubin")] + ".ptx"
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run([get_ptxas(gpu.arch).path, "-lineinfo", "-v",
+                               f"--gpu-name={sm_arch_from_capability(gpu.arch)}", ptx,
+                               "-o", os.path.join(tmp, "out.cubin")], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed on {ptx}: {proc.stderr[-500:]}")
+    found = parse(proc.stdout + proc.stderr)
+    if len(found) != 1:
+        raise RuntimeError(f"ptxas -v reported {len(found)} functions for {ptx}")
+    return next(iter(found.values()))
 
 
 def _write_bytes(path: str, data: bytes) -> None:

@@ -306,9 +306,10 @@ def simulated_gpu(gpu: GPUSpec, recording: Recording, phase_ref: list, package_p
         _clear_caches(package_prefixes)
 
 
-def op_inputs(op: str, shape: dict, dtype: torch.dtype, bias: bool, seed: int = 0):
+def op_inputs(op: str, shape: dict, dtype: torch.dtype, bias: bool, seed: int = 0, prior: bool = False):
     """Inputs of one call on ``cuda`` (under the simulation), all differentiable inputs
-    requiring grad, plus the gradient of the output."""
+    requiring grad, plus the gradient of the output. ``prior``: learned prior logits ``[I, J]``
+    too (routing ops only)."""
     B, I, J, Din, Dout = shape["B"], shape["I"], shape["J"], shape["Din"], shape["Dout"]
     g = torch.Generator().manual_seed(seed)
 
@@ -319,23 +320,33 @@ def op_inputs(op: str, shape: dict, dtype: torch.dtype, bias: bool, seed: int = 
     if op == "predict":
         return dict(u=rand(B, I, Din), W=rand(I, J, Dout, Din)), rand(B, I, J, Dout, grad=False)
     b = rand(J, Dout) if bias else None
+    p = rand(I, J) if prior else None
     if op == "dynamic_routing":
-        return dict(u_hat=rand(B, I, J, Dout), bias=b), rand(B, J, Dout, grad=False)
+        return dict(u_hat=rand(B, I, J, Dout), bias=b, prior=p), rand(B, J, Dout, grad=False)
     if op == "capsule_routing":
-        return dict(u=rand(B, I, Din), W=rand(I, J, Dout, Din), bias=b), rand(B, J, Dout, grad=False)
+        return dict(u=rand(B, I, Din), W=rand(I, J, Dout, Din), bias=b, prior=p), rand(B, J, Dout, grad=False)
     raise ValueError(f"unknown op {op!r}; expected predict, dynamic_routing or capsule_routing")
 
 
+ROUTING_OPTIONS = ("leaky", "detach_inner", "return_coupling", "prior", "temperature")
+
+
 def record_op(backend: str, op: str, shape: dict, dtype: torch.dtype, iterations: int, bias: bool,
-              gpu: GPUSpec) -> Recording:
+              gpu: GPUSpec, options: Optional[dict] = None) -> Recording:
     """Run ``op`` forward and backward through ``capsnet_ext.ops`` with ``backend`` under the
-    simulated ``gpu`` and return every launch and counted PyTorch op, in order."""
+    simulated ``gpu`` and return every launch and counted PyTorch op, in order. ``options``
+    (routing ops): any of ``leaky``, ``detach_inner``, ``return_coupling`` (booleans),
+    ``prior`` (a boolean: learned prior logits as an input) and ``temperature`` (a float)."""
     from capsnet_ext import ops
 
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(ROUTING_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown routing options {unknown}; expected some of {ROUTING_OPTIONS}")
     recording = Recording()
     phase = ["setup"]
     with simulated_gpu(gpu, recording, phase):
-        inputs, grad_out = op_inputs(op, shape, dtype, bias)
+        inputs, grad_out = op_inputs(op, shape, dtype, bias, prior=bool(options.pop("prior", False)))
         phase[0] = "forward"
         fn = getattr(ops, op)
         if op == "predict":
@@ -343,10 +354,12 @@ def record_op(backend: str, op: str, shape: dict, dtype: torch.dtype, iterations
         else:
             first = inputs["u"] if op == "capsule_routing" else inputs["u_hat"]
             rest = [inputs["W"]] if op == "capsule_routing" else []
-            out = fn(first, *rest, iterations, bias=inputs.get("bias"), backend=backend)
+            out = fn(first, *rest, iterations, bias=inputs.get("bias"), prior=inputs.get("prior"),
+                     backend=backend, **options)
+            if options.get("return_coupling"):
+                out = out[0]
         phase[0] = "backward"
         leaves = [t for t in inputs.values() if t is not None and t.requires_grad]
         torch.autograd.grad(out, leaves, grad_out)
     recording.events = [e for e in recording.events if e["phase"] != "setup"]
     return recording
-
