@@ -115,8 +115,16 @@ def fold_bench(folder: str, env: dict, verdict: dict, archive_name: str, results
         meta = payload["meta"]
         if meta.get("device", {}).get("type") != "cuda":
             continue  # a CPU stand-in; never folded as a result
-        if not meta.get("git_commit"):
-            meta["git_commit"] = env.get("commit")
+        checked = env.get("commit")
+        if checked and env.get("commit_source") != "git" and meta.get("git_commit") != checked:
+            # The check was told its commit (COMMIT or .gpu-check-commit); what git found from
+            # inside the copy (an enclosing checkout, say) is kept aside, not shown as the commit.
+            if meta.get("git_commit"):
+                meta["recorded_git_commit"] = meta["git_commit"]
+            meta["git_commit"] = checked
+            meta["git_dirty"] = env.get("dirty")
+        elif not meta.get("git_commit"):
+            meta["git_commit"] = checked
             meta["git_dirty"] = env.get("dirty")
         # The check times the CUDA backend before it is verified (CAPSNET_EXT_CUDA_UNVERIFIED=1).
         meta["gpu_check"] = dict(archive=archive_name, commit_source=env.get("commit_source"),

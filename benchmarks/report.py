@@ -63,12 +63,18 @@ def run_metadata(device: torch.device, command: str, argv: Sequence[str]) -> Dic
     except Exception:  # noqa: BLE001 - Triton is optional
         triton_version = None
     status = _git("status", "--porcelain", "--untracked-files=no")
+    commit = _git("rev-parse", "HEAD")
+    given = os.environ.get("COMMIT", "").strip()
+    if given:
+        # The GPU check passes the commit it checks: its tree may be a copy inside another
+        # checkout, whose HEAD git would report instead.
+        commit, status = given, ("dirty" if os.environ.get("COMMIT_DIRTY") == "1" else "")
     return dict(
         schema=SCHEMA_VERSION,
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         command=command,
         argv=list(argv),
-        git_commit=_git("rev-parse", "HEAD"),
+        git_commit=commit,
         git_dirty=None if status is None else bool(status),
         device=device_info(device),
         torch=torch.__version__,
