@@ -476,6 +476,16 @@ def render_summary(verdict: Dict[str, object], results: str) -> str:
     gpu = env.get("gpu") or {}
     title = "GPU check (dry run: nothing ran on a GPU)" if verdict["dry_run"] else "GPU check"
     lines = [f"# {title}", ""]
+    # First, per backend: verified or not, and the first cause.
+    for backend, v in verdict["backends"].items():
+        if verdict["dry_run"]:
+            lines.append(f"**{backend}**: not checked (dry run)  ")
+        elif v["verified"]:
+            lines.append(f"**{backend}**: verified (every verification step passed)  ")
+        else:
+            first = " ".join(str(v["failures"][0]).split())[:300] if v["failures"] else "no cause recorded"
+            lines.append(f"**{backend}**: NOT verified; first cause: {first}  ")
+    lines.append("")
     lines.append(f"- device: {gpu.get('name', 'no GPU')}"
                  + (f" (sm_{gpu['capability'].replace('.', '')}, {gpu['multiprocessors']} SMs)" if gpu else "")
                  + f"; driver/nvidia-smi: {env.get('nvidia_smi') or '-'}")
@@ -518,6 +528,16 @@ def render_summary(verdict: Dict[str, object], results: str) -> str:
               "Median with the 20th-80th percentile half-spread (CUDA events on a GPU), and the peak "
               "memory of one call.", ""]
     lines += _mnist_table(payloads)
+    from . import gpu_profile
+
+    profile_lines = gpu_profile.summarize(results)
+    if profile_lines:
+        lines += ["", "## Where the time goes (profile, ncu)", "",
+                  "Per backend and dtype, capsule_routing forward+backward at the "
+                  + ("MNIST shape" if not verdict["dry_run"] else "tiny CPU shape (the dry run's stand-in)")
+                  + ": kernel time per call and the three most expensive kernels with their share, "
+                  "launches per call and, where Nsight Compute ran, achieved occupancy and the top "
+                  "stall reason. Full tables: `profile-torch.txt`, `ncu-*.csv`.", ""] + profile_lines
     e2e = _e2e_lines(payloads)
     if e2e:
         lines += ["", "## CapsNet training step", ""] + e2e

@@ -13,12 +13,18 @@
 #                and a small capsule_routing(backend="cuda") call agrees with the reference
 #   gpu-tests    pytest -m gpu: every GPU test of every backend on the device (JUnit report)
 #   memcheck, racecheck, initcheck, synccheck
-#                compute-sanitizer over benchmarks/sanitize_driver.py (every kernel and option,
-#                small shapes; memcheck and initcheck with PyTorch's caching allocator off)
-#   bench-mnist, bench-compiled-fp32, bench-compiled-bf16, train-step, sweep-I, sweep-B
-#                capsnet-ext bench (CUDA events) at the MNIST shape, fp32 and bf16; the compiled
-#                reference once per dtype; one CapsNet training step; sweeps over I and B with
-#                the time left
+#                compute-sanitizer over benchmarks/sanitize_driver.py (memcheck and initcheck:
+#                every kernel and option at small shapes, PyTorch's caching allocator off;
+#                racecheck and synccheck: the "race" profile, every kernel once)
+#   profile      torch.profiler kernel tables of capsule_routing at the MNIST shape, forward and
+#                forward+backward, every backend and dtype (benchmarks/gpu_profile.py)
+#   ncu          Nsight Compute on each kernel backend's routing kernels (SpeedOfLight,
+#                Occupancy, LaunchStats, WarpStateStats, stall reasons; bounded launch count),
+#                its report as text; the summary names each backend's top kernels
+#   bench-mnist, train-step, bench-compiled-fp32, bench-compiled-bf16, sweep-I, sweep-B
+#                capsnet-ext bench (CUDA events) at the MNIST shape, fp32 and bf16; one CapsNet
+#                training step; with the time left, the compiled reference once per dtype and
+#                sweeps over I and B
 # A step may also use the time that earlier steps left unused (later steps keep their budgets).
 # Everything goes into one results folder, packed after every step into a single archive in
 # $OUT (default runs/gpu-check) beside a one-page summary: two files. A failing step is
@@ -26,7 +32,8 @@
 #   python -m benchmarks.fold_gpu_check ARCHIVE
 # Options: --dry-run, --skip-install, --steps a,b (run only these), --help.
 # Environment: OUT, COMMIT, PYTHON, MAX_JOBS, GPU_CHECK_TOTAL_S (default 460),
-# GPU_TEST_WORKERS (pytest-xdist workers, default 12), TORCH_CUDA_ARCH_LIST (setup.py's default),
+# GPU_TEST_WORKERS (pytest-xdist workers, default 12), TORCH_CUDA_ARCH_LIST (default: the
+# GPU's own architecture, read from torch; one architecture builds in about 130 s),
 # GPU_CHECK_BUDGETS (e.g. "memcheck=90": other budgets, for a rerun of some steps with --steps).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -56,6 +63,7 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 [[ -n "$PYTHON" ]] || { echo "gpu_check.sh: no python3 on PATH" >&2; exit 2; }
 export PYTHONUNBUFFERED=1
+export PYTHON  # the ncu step's inner shell uses it
 # The project's code in this tree, whether or not the editable install took.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -80,14 +88,15 @@ RESERVE=5          # seconds kept for the last summary and archive
 MIN_START=10       # a step that would get less than this is skipped, not started
 
 # Budgets in seconds: 455 s, plus the 5 s reserve = the 460 s deadline; with start-up and the
-# last archive the run stays under 480 s = 8 minutes. The sweeps get what is left.
-STEP_ORDER=(env install extension gpu-tests memcheck racecheck initcheck synccheck
-            bench-mnist bench-compiled-fp32 bench-compiled-bf16 train-step sweep-I sweep-B)
+# last archive the run stays under 480 s = 8 minutes. The steps with budget 0 get what is left.
+# The install builds routing.cu for one architecture in about 130 s (H200, 16 cores).
+STEP_ORDER=(env install extension gpu-tests memcheck racecheck initcheck synccheck profile ncu
+            bench-mnist train-step bench-compiled-fp32 bench-compiled-bf16 sweep-I sweep-B)
 declare -A BUDGET=(
-  [env]=15 [install]=95 [extension]=20 [gpu-tests]=90
-  [memcheck]=40 [racecheck]=25 [initcheck]=30 [synccheck]=20
-  [bench-mnist]=40 [bench-compiled-fp32]=30 [bench-compiled-bf16]=25 [train-step]=25
-  [sweep-I]=0 [sweep-B]=0
+  [env]=10 [install]=160 [extension]=15 [gpu-tests]=75
+  [memcheck]=35 [racecheck]=20 [initcheck]=15 [synccheck]=10 [profile]=30 [ncu]=40
+  [bench-mnist]=35 [train-step]=10
+  [bench-compiled-fp32]=0 [bench-compiled-bf16]=0 [sweep-I]=0 [sweep-B]=0
 )
 # GPU_CHECK_BUDGETS="memcheck=90,gpu-tests=120" changes budgets (e.g. to rerun one step with --steps).
 IFS=',' read -r -a _overrides <<<"${GPU_CHECK_BUDGETS:-}"
@@ -97,7 +106,7 @@ for kv in "${_overrides[@]}"; do
   BUDGET[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}
 done
 # Limits of the steps that only the dry run has (CPU stand-ins; no GPU budget).
-declare -A CPU_LIMIT=([gpu-tests-collect]=90 [sanitize-driver-cpu]=60 [bench-cpu]=90)
+declare -A CPU_LIMIT=([gpu-tests-collect]=90 [sanitize-driver-cpu]=60 [profile-cpu]=90 [bench-cpu]=90)
 declare -A WHAT  # one line per step for the plan
 failed=0
 
@@ -208,8 +217,13 @@ for tool in memcheck initcheck; do
   WHAT[$tool]="PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool ${SAN_FLAGS[*]} ${SANITIZE[*]} --profile full"
 done
 for tool in racecheck synccheck; do
-  WHAT[$tool]="compute-sanitizer --tool $tool ${SAN_FLAGS[*]} ${SANITIZE[*]} --profile light"
+  WHAT[$tool]="compute-sanitizer --tool $tool ${SAN_FLAGS[*]} ${SANITIZE[*]} --profile race"
 done
+NCU_ARGS=(--csv --page details --nvtx --nvtx-include "capsnet_profile/" --launch-count 16
+          --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
+          --metrics "regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio$")
+WHAT[profile]="$PYTHON -m benchmarks.gpu_profile torch RESULTS (torch.profiler kernel tables, every backend and dtype)"
+WHAT[ncu]="ncu ${NCU_ARGS[*]} $PYTHON -m benchmarks.gpu_profile ncu-target --backend cuda|triton --dtype float32|bfloat16"
 WHAT[bench-mnist]="capsnet-ext bench --ops $MNIST_OPS --sweeps mnist --dtypes float32,bfloat16 --contenders reference,triton,cuda --skip-e2e"
 WHAT[bench-compiled-fp32]="capsnet-ext bench --ops capsule_routing --sweeps mnist --dtypes float32 --contenders reference-compiled --skip-e2e"
 WHAT[bench-compiled-bf16]="capsnet-ext bench --ops capsule_routing --sweeps mnist --dtypes bfloat16 --contenders reference-compiled --skip-e2e"
@@ -234,6 +248,19 @@ log "results folder $RESULTS; archive $ARCHIVE; summary $SUMMARY"
 step env -- "$PYTHON" -m benchmarks.gpu_check env "$RESULTS" --mode "$([[ $DRY_RUN -eq 1 ]] && echo dry-run || echo gpu)"
 
 # ---------------------------------------------------------------- 2. install and the extension
+# Later steps (benchmarks) record the commit the check was given, not whatever git finds
+# around the copy the check runs in.
+if [[ -z "${COMMIT:-}" && -f "$RESULTS/env.json" ]]; then
+  COMMIT="$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("commit") or "")' "$RESULTS/env.json" 2>/dev/null || true)"
+  COMMIT_DIRTY="$("$PYTHON" -c 'import json, sys; print(int(bool(json.load(open(sys.argv[1])).get("dirty"))))' "$RESULTS/env.json" 2>/dev/null || true)"
+  [[ -n "$COMMIT" ]] && export COMMIT COMMIT_DIRTY
+fi
+# Build for the GPU this runs on (one architecture: half the build time of two).
+if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" && $DRY_RUN -eq 0 ]]; then
+  arch="$("$PYTHON" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || true)"
+  if [[ "$arch" =~ ^[0-9]+\.[0-9]+$ ]]; then export TORCH_CUDA_ARCH_LIST="$arch"; log "TORCH_CUDA_ARCH_LIST=$arch (this GPU)"; fi
+fi
+WHAT[install]="TORCH_CUDA_ARCH_LIST=<this GPU's> ${WHAT[install]}"
 if [[ $SKIP_INSTALL -eq 1 ]]; then
   record install skipped 0 0 "${BUDGET[install]}" "--skip-install"
 elif selected install; then
@@ -273,6 +300,10 @@ if [[ $DRY_RUN -eq 1 ]]; then
   for tool in memcheck racecheck initcheck synccheck; do dry "$tool"; done
   step sanitize-driver-cpu -- "$PYTHON" -m benchmarks.sanitize_driver --backends reference --device cpu \
     --profile tiny --out "$RESULTS/sanitize-driver-cpu.json"
+  dry profile
+  # The profile step's code on the CPU: the reference at a tiny shape, torch.profiler's CPU table.
+  step profile-cpu -- "$PYTHON" -m benchmarks.gpu_profile torch "$RESULTS" --device cpu --tiny
+  dry ncu
 else
   # Inductor compiles in-process in each test worker: the few small torch.compile tests do not
   # repay a pool of compile processes per worker.
@@ -283,7 +314,7 @@ else
       profile=full; caching=()
       case "$tool" in
         memcheck|initcheck) caching=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1) ;;
-        *) profile=light ;;
+        *) profile=race ;;
       esac
       step "$tool" -- "${caching[@]}" compute-sanitizer --tool "$tool" "${SAN_FLAGS[@]}" \
         "${SANITIZE[@]}" --profile "$profile" --out "$RESULTS/sanitize-$tool.json"
@@ -294,14 +325,33 @@ else
     done
     pack
   fi
+
+  # ------------------------------------------------------------ 5. where the time goes
+  step profile -- "$PYTHON" -m benchmarks.gpu_profile torch "$RESULTS"
+  if command -v ncu >/dev/null 2>&1; then
+    STEP_STATUS=""
+    run_step ncu -- bash -c '
+      set -u; status=0; ncu_args=("$@")
+      for target in "cuda float32" "triton bfloat16" "triton float32"; do
+        read -r backend dtype <<<"$target"
+        out="$0/ncu-$backend-$dtype"
+        ncu "${ncu_args[@]}" "$PYTHON" -m benchmarks.gpu_profile ncu-target --backend "$backend" --dtype "$dtype" \
+          >"$out.csv" 2>"$out.log" || status=1
+        "$PYTHON" -m benchmarks.gpu_profile ncu-parse "$out.csv" "$0/profile-ncu-$backend-$dtype.json" || status=1
+      done
+      exit $status' "$RESULTS" "${NCU_ARGS[@]}"
+    finish_step ncu
+  else
+    record ncu FAIL 127 0 "${BUDGET[ncu]}" "ncu not found on PATH"; pack
+  fi
 fi
 
-# ---------------------------------------------------------------- 5-6. timings
+# ---------------------------------------------------------------- 6. timings
 if [[ $DRY_RUN -eq 1 ]]; then
   dry bench-mnist
+  dry train-step
   dry bench-compiled-fp32
   dry bench-compiled-bf16
-  dry train-step
   # The same code path on the CPU, at a tiny shape: the op timings and a training step.
   step bench-cpu -- "${BENCH[@]}" --device cpu --quick --shape 2,24,3,4,5,2 --contenders reference \
     --no-plots --e2e-batch 2 --e2e-steps 1 --e2e-modes eager --e2e-precisions float32
@@ -311,13 +361,14 @@ else
   CONTENDERS=reference,triton,cuda
   step bench-mnist -- "${BENCH[@]}" --device cuda --ops "$MNIST_OPS" --sweeps mnist --dtypes float32,bfloat16 \
     --contenders "$CONTENDERS" --skip-e2e --no-plots
-  # The compiled reference: one op, one compilation per dtype and grad mode (not per op and shape).
+  step train-step -- "${BENCH[@]}" --device cuda --e2e-only --e2e-modes eager --e2e-precisions float32,bf16-autocast \
+    --e2e-batch 128 --e2e-steps 20 --contenders "$CONTENDERS"
+  # With the time left: the compiled reference, one op, one compilation per dtype and grad mode.
+  MIN_START=20
   step bench-compiled-fp32 -- "${BENCH[@]}" --device cuda --ops capsule_routing --sweeps mnist --dtypes float32 \
     --contenders reference-compiled --skip-e2e --no-plots
   step bench-compiled-bf16 -- "${BENCH[@]}" --device cuda --ops capsule_routing --sweeps mnist --dtypes bfloat16 \
     --contenders reference-compiled --skip-e2e --no-plots
-  step train-step -- "${BENCH[@]}" --device cuda --e2e-only --e2e-modes eager --e2e-precisions float32,bf16-autocast \
-    --e2e-batch 128 --e2e-steps 20 --contenders "$CONTENDERS"
   MIN_START=40
   step sweep-I -- "${BENCH[@]}" --device cuda --ops capsule_routing --sweeps I --dtypes float32 \
     --contenders "$CONTENDERS" --skip-e2e

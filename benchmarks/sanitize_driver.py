@@ -45,11 +45,18 @@ SHAPES = {
     "tiny": [
         (3, 13, 5, 7, 3),
     ],
+    # racecheck and synccheck instrument every shared-memory access and barrier: one shape that
+    # still reaches every kernel (B > 16 so the gradient sweep splits the samples and the
+    # split-summing kernel runs; several input-capsule splits).
+    "race": [
+        (33, 37, 5, 7, 3),
+    ],
 }
 DTYPES = {
     "full": ("float32", "float64", "float16", "bfloat16"),
     "light": ("float32", "bfloat16"),
     "tiny": ("float32",),
+    "race": ("float32",),
 }
 
 
@@ -57,8 +64,18 @@ def option_grid(dtype: str, profile: str) -> List[Dict[str, object]]:
     """Routing options to run. float32 gets the full product of the boolean options for 1 and
     3 iterations; other dtypes (and the light profile) a covering set in which every option is
     on and off at least once. Both add ``prior``, ``temperature`` and both together."""
+    if profile == "race":
+        # Every kernel once: the uniform first iteration and stored couplings; every option on
+        # (prior and temperature included) through the full backward; the detached backward.
+        return [
+            dict(iterations=1, bias=False, leaky=False, detach_inner=False, return_coupling=True),
+            dict(iterations=3, bias=True, leaky=True, detach_inner=False, return_coupling=True,
+                 prior=True, temperature=0.5),
+            dict(iterations=2, bias=True, leaky=False, detach_inner=True, return_coupling=False,
+                 prior=True, temperature=2.0),
+        ]
     combos = []
-    full = dtype == "float32" and profile != "light"
+    full = dtype == "float32" and profile not in ("light", "race")
     if full:
         for iterations, bias, leaky, detach, ret in itertools.product((1, 3), *([(False, True)] * 4)):
             combos.append(dict(iterations=iterations, bias=bias, leaky=leaky, detach_inner=detach,
@@ -181,7 +198,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--backends", default="cuda,triton", help="comma list of backend names")
     p.add_argument("--device", default="cuda")
     p.add_argument("--profile", choices=sorted(SHAPES), default="full",
-                   help="full: 4 dtypes, 3 shapes, every option combination in float32; light: "
+                   help="full: 4 dtypes, 3 shapes, every option combination in float32; race: "
+                        "float32, one shape, three option sets reaching every kernel (racecheck, "
+                        "synccheck); light: "
                         "float32 and bfloat16, 2 shapes, a covering set of options (racecheck, "
                         "synccheck); tiny: for checking this driver on the CPU")
     p.add_argument("--out", default=None, help="JSON file for the per-backend summary")

@@ -26,7 +26,8 @@ from conftest import runs_on_gpu
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_NAME = "NVIDIA H200"
 GPU_STEPS = ["env", "install", "extension", "gpu-tests", "memcheck", "racecheck", "initcheck", "synccheck",
-             "bench-mnist", "bench-compiled-fp32", "bench-compiled-bf16", "train-step", "sweep-I", "sweep-B"]
+             "profile", "ncu", "bench-mnist", "train-step", "bench-compiled-fp32", "bench-compiled-bf16",
+             "sweep-I", "sweep-B"]
 
 
 # ------------------------------------------------------------------------------------ dry run
@@ -57,7 +58,7 @@ def test_dry_run_passes_and_leaves_one_archive_and_one_summary(dry_run):
     assert steps["env"]["status"] == "pass"
     assert steps["install"]["status"] == "skipped"
     assert steps["extension"]["status"] == "skipped"  # the check ran and found no GPU
-    for cpu_step in ("gpu-tests-collect", "sanitize-driver-cpu", "bench-cpu"):
+    for cpu_step in ("gpu-tests-collect", "sanitize-driver-cpu", "profile-cpu", "bench-cpu"):
         assert steps[cpu_step]["status"] == "pass", steps[cpu_step]
     for gpu_step in GPU_STEPS[3:]:
         assert steps[gpu_step]["status"] == "dry-run" and steps[gpu_step]["budget"] is not None, gpu_step
@@ -70,6 +71,18 @@ def test_dry_run_passes_and_leaves_one_archive_and_one_summary(dry_run):
     assert driver["status"] == "pass" and driver["calls"] == driver["cases"] > 50
     assert {"prior", "temperature", "bias", "leaky", "detach_inner", "return_coupling"} <= set(driver["options_in_grid"])
     assert os.listdir(os.path.join(folder, "bench")), "the CPU bench wrote no JSON"
+    # The profile step's CPU stand-in: torch.profiler tables of the reference, forward and
+    # forward+backward, in the archive and named in the summary.
+    with open(os.path.join(folder, "profile-torch.json")) as f:
+        profile = json.load(f)
+    assert [(r["backend"], r["mode"]) for r in profile["runs"]] == [("reference", "forward"),
+                                                                     ("reference", "forward_backward")]
+    for run in profile["runs"]:
+        assert run["kernels"] and abs(sum(k["share"] for k in run["kernels"]) - 1) < 0.01
+        assert all(k["calls"] >= profile["calls"] * 0 and k["total_us"] > 0 for k in run["kernels"])
+    assert os.path.exists(os.path.join(folder, "profile-torch.txt"))
+    summary = open(os.path.join(folder, "summary.md")).read()
+    assert "## Where the time goes" in summary and "- reference float32, forward+backward:" in summary
 
 
 def test_dry_run_summary_lists_every_gpu_step_with_a_budget_under_8_minutes(dry_run):
@@ -86,6 +99,8 @@ def test_dry_run_summary_lists_every_gpu_step_with_a_budget_under_8_minutes(dry_
     assert 0 < sum(budgets.values()) < 8 * 60
     assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck" in plan
     assert "--tool initcheck" in plan and "--tool racecheck" in plan and "--tool synccheck" in plan
+    assert "--tool racecheck" in plan.split("--profile race")[0]
+    assert "ncu --csv --page details" in plan and "--section WarpStateStats" in plan and "--launch-count" in plan
     assert "-m pytest -m gpu" in plan and "--no-build-isolation --no-deps" in plan
 
 
@@ -404,6 +419,10 @@ printf '%s|%s|%s|%s\\n' "${{PYTORCH_NO_CUDA_MEMORY_CACHING:-}}" "${{CAPSNET_EXT_
   "${{CAPSNET_EXT_NO_JIT:-}}" "$*" >>{log}
 exit 0
 """
+FAKE_NCU = """#!/usr/bin/env bash
+printf 'NCU %s\\n' "$*" >>{log}
+exit 0
+"""
 FAKE_SANITIZER = """#!/usr/bin/env bash
 if [[ "$1" == --help ]]; then echo "--report-api-errors  --target-processes  --error-exitcode"; exit 0; fi
 printf 'SANITIZER %s\\n' "$*" >>{log}
@@ -421,6 +440,7 @@ def test_gpu_path_runs_every_step_with_the_right_commands(tmp_path):
     fake_python = bin_dir / "python3"
     fake_python.write_text(FAKE_PYTHON.format(real=sys.executable, log=log))
     (bin_dir / "compute-sanitizer").write_text(FAKE_SANITIZER.format(log=log))
+    (bin_dir / "ncu").write_text(FAKE_NCU.format(log=log))
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     out = tmp_path / "out"
@@ -432,7 +452,8 @@ def test_gpu_path_runs_every_step_with_the_right_commands(tmp_path):
     assert len(os.listdir(out)) == 2
     calls = log.read_text().splitlines()
     sanitizer = [c for c in calls if c.startswith("SANITIZER")]
-    python = [c.split("|") for c in calls if not c.startswith("SANITIZER")]
+    ncu = [c for c in calls if c.startswith("NCU")]
+    python = [c.split("|") for c in calls if not c.startswith(("SANITIZER", "NCU"))]
 
     def find(fragment):
         hits = [c for c in python if fragment in c[3]]
@@ -451,19 +472,72 @@ def test_gpu_path_runs_every_step_with_the_right_commands(tmp_path):
         assert "--target-processes application-only" in line
     drivers = find("-m benchmarks.sanitize_driver")
     assert [d[0] for d in drivers] == ["1", "", "1", ""]  # caching allocator off for memcheck, initcheck
-    assert [d[3].split("--profile ")[1].split()[0] for d in drivers] == ["full", "light", "full", "light"]
+    assert [d[3].split("--profile ")[1].split()[0] for d in drivers] == ["full", "race", "full", "race"]
     assert all("--backends cuda,triton" in d[3] and "--out " in d[3] for d in drivers)
+    [profile] = find("-m benchmarks.gpu_profile torch")
+    assert profile[1] == "1"  # the CUDA backend is profiled before it is verified
+    assert len(ncu) == 3 and all("--csv --page details" in c and "--launch-count 16" in c for c in ncu)
+    assert ["--backend cuda --dtype float32" in ncu[0], "--backend triton --dtype bfloat16" in ncu[1]] == [True, True]
+    assert len(find("-m benchmarks.gpu_profile ncu-parse")) == 3
     benches = find("-m capsnet_ext.cli bench")
     assert len(benches) == 6
     for b in benches:
         assert "--out-dir " in b[3] and "--device cuda" in b[3] and b[1] == "1"
     assert "--sweeps mnist --dtypes float32,bfloat16 --contenders reference,triton,cuda" in benches[0][3]
-    assert "--contenders reference-compiled" in benches[1][3] and "--dtypes float32" in benches[1][3]
-    assert "--contenders reference-compiled" in benches[2][3] and "--dtypes bfloat16" in benches[2][3]
-    assert "--e2e-only" in benches[3][3]
+    assert "--e2e-only" in benches[1][3]
+    assert "--contenders reference-compiled" in benches[2][3] and "--dtypes float32" in benches[2][3]
+    assert "--contenders reference-compiled" in benches[3][3] and "--dtypes bfloat16" in benches[3][3]
     assert "--sweeps I" in benches[4][3] and "--sweeps B" in benches[5][3]
     summary = (out / [f for f in os.listdir(out) if f.endswith("-summary.md")][0]).read_text()
     for step in GPU_STEPS:
         assert f"| {step} | pass |" in summary, step
     # Nothing verified: the stand-ins left no test report or sanitizer record to judge.
     assert "NOT verified" in summary and "gpu-tests: pass, no JUnit report" in summary
+    # The first lines say, per backend, verified or not and the first cause.
+    head = summary.split("## Steps")[0]
+    assert "**cuda**: NOT verified; first cause:" in head and "**triton**: NOT verified; first cause:" in head
+
+
+NCU_CSV = '''==PROF== Connected to process 123
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
+"0","123","python3","localhost","_fwd_sweep_kernel","1","7","(512, 1, 1)","(8, 33, 1)","0","9.0","Occupancy","Achieved Occupancy","%","23.51"
+"0","123","python3","localhost","_fwd_sweep_kernel","1","7","(512, 1, 1)","(8, 33, 1)","0","9.0","Occupancy","Theoretical Occupancy","%","25"
+"0","123","python3","localhost","_fwd_sweep_kernel","1","7","(512, 1, 1)","(8, 33, 1)","0","9.0","Command line profiler metrics","smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio","ratio","1,234.5"
+"0","123","python3","localhost","_fwd_sweep_kernel","1","7","(512, 1, 1)","(8, 33, 1)","0","9.0","Command line profiler metrics","smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio","ratio","3.2"
+"1","123","python3","localhost","_fwd_sweep_kernel","1","7","(512, 1, 1)","(8, 33, 1)","0","9.0","Occupancy","Achieved Occupancy","%","99"
+"2","123","python3","localhost","routing_grad_kernel(float const*)","1","7","(256, 1, 1)","(1152, 1, 1)","0","9.0","Occupancy","Achieved Occupancy","%","60.0"
+'''
+
+
+def test_ncu_csv_gives_occupancy_and_top_stall_per_kernel(tmp_path):
+    from benchmarks import gpu_profile
+
+    parsed = gpu_profile.parse_ncu_csv(NCU_CSV)
+    sweep = parsed["_fwd_sweep_kernel"]
+    assert sweep["achieved_occupancy_pct"] == 23.51  # the first profiled launch, not the second
+    assert sweep["theoretical_occupancy_pct"] == 25.0
+    assert sweep["top_stall"] == "long_scoreboard" and sweep["top_stall_cycles"] == 1234.5
+    grad = parsed["routing_grad_kernel(float const*)"]
+    assert grad["achieved_occupancy_pct"] == 60.0 and grad["top_stall"] is None
+    assert gpu_profile.parse_ncu_csv("==PROF== nothing profiled\n") == {}
+    # The summary joins the torch.profiler table with ncu's numbers by kernel name.
+    table = dict(shape={}, device="cuda:0", calls=2, runs=[dict(
+        backend="triton", dtype="bfloat16", mode="forward_backward",
+        kernels=[dict(kernel="_fwd_sweep_kernel", calls=6, total_us=300.0, mean_us=50.0, launches_per_call=3, share=0.75),
+                 dict(kernel="_grad_sweep_kernel", calls=4, total_us=100.0, mean_us=25.0, launches_per_call=2, share=0.25)])])
+    (tmp_path / "profile-torch.json").write_text(json.dumps(table))
+    (tmp_path / "profile-ncu-triton-bfloat16.json").write_text(json.dumps(parsed))
+    [line] = gpu_profile.summarize(str(tmp_path))
+    assert line == ("- triton bfloat16, forward+backward: 200 µs of kernels per call; `_fwd_sweep_kernel` 75% "
+                    "(3/call, occupancy 24%, top stall long_scoreboard); `_grad_sweep_kernel` 25% (2/call)")
+
+
+def test_race_profile_reaches_every_kernel_once():
+    grid = sanitize_driver.option_grid("float32", "race")
+    assert sanitize_driver.SHAPES["race"] and sanitize_driver.DTYPES["race"] == ("float32",)
+    B, I = sanitize_driver.SHAPES["race"][0][:2]
+    assert B > 16 and I > 16  # the gradient sweep splits the samples: the split-summing kernel runs
+    for option in ("bias", "leaky", "detach_inner", "return_coupling", "prior"):
+        assert {bool(o.get(option)) for o in grid} == {False, True}, option
+    assert {o["iterations"] for o in grid} >= {1, 3}
+    assert len(grid) <= 3
