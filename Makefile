@@ -12,6 +12,9 @@ TORCH_SPEC ?= torch==2.13.0
 # later releases' (tl.dot needs K >= 16 for every dtype), so the tests compile every kernel for
 # sm_90 with it (tests/test_triton_compile.py) and run the interpreter tests on it.
 TRITON_SPEC ?= triton==3.6.0
+# Triton 3.6's interpreter turns a loop bound computed in a kernel into a one-element array and
+# calls int() on it, which NumPy 2.4 refuses ("only 0-dimensional arrays can be converted").
+NUMPY_SPEC ?= numpy<2.4
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.capsnet_ext-installed
 
@@ -23,7 +26,7 @@ $(STAMP): setup.py pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q "$(TRITON_SPEC)" numpy pytest ninja pybind11 tqdm matplotlib tensorboard scikit-learn scipy
+	$(PY) -m pip install -q "$(TRITON_SPEC)" "$(NUMPY_SPEC)" pytest ninja pybind11 tqdm matplotlib tensorboard scikit-learn scipy
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
