@@ -75,16 +75,32 @@ import sys
 
 import torch
 
-torch.ops.load_library(sys.argv[1])
-from capsnet_ext.cuda_ops import _schema
+import importlib.machinery
+import importlib.util
+import os
+
+from capsnet_ext.cuda_ops import _build, _schema
+
+# The package's own load path, as a CUDA build of torch takes it (the path that stopped every
+# CUDA test on the GPU of 2026-12-04): torch looks like a CUDA build, the built extension is
+# this library, no just-in-time build. It must load the library and find every op registered.
+torch.version.cuda = torch.version.cuda or "13.0"
+os.environ["CAPSNET_EXT_NO_JIT"] = "1"
+_real_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: (
+    importlib.machinery.ModuleSpec(name, None, origin=sys.argv[1]) if name == "capsnet_ext._C"
+    else _real_find_spec(name, *a))
+reason = _build.load()
+assert reason is None, reason
+assert _build.how_loaded() == "built extension capsnet_ext._C", _build.how_loaded()
+importlib.util.find_spec = _real_find_spec
+print("compile_cuda: ok   capsnet_ext.cuda_ops._build.load() loaded the library as a CUDA torch would")
 
 ops = torch.ops.capsnet_ext
 for name, schema in _schema.SCHEMAS.items():
     registered = str(getattr(ops, name).default._schema)
     assert registered == f"capsnet_ext::{schema}", (registered, schema)
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"capsnet_ext::{name}", "CUDA"), name
-_schema.register("capsnet_ext")
-
 B, I, J, D, K, R = 5, 37, 10, 16, 8, 3
 meta = dict(device="meta", requires_grad=True)
 for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
