@@ -156,13 +156,15 @@ def run_job(job: dict) -> dict:
     builder = interpreter.interpreter_builder
     original_load, original_store = builder.create_masked_load, builder.create_masked_store
 
-    def load(ptrs, mask, other, cache_policy, is_volatile):
+    # The builder's signatures differ between Triton releases (3.6 passes the cache modifier
+    # and eviction policy apart, 3.9 one cache policy): only the leading arguments are read.
+    def load(ptrs, mask, *rest):
         mark(ptrs, mask, "r")
-        return original_load(ptrs, mask, other, cache_policy, is_volatile)
+        return original_load(ptrs, mask, *rest)
 
-    def store(ptrs, value, mask, cache_policy):
+    def store(ptrs, value, mask, *rest):
         mark(ptrs, mask, "w")
-        return original_store(ptrs, value, mask, cache_policy)
+        return original_store(ptrs, value, mask, *rest)
 
     samples = {tuple(p) for p in job["samples"]}
     counts_by_program = {}
