@@ -154,7 +154,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 @contextlib.contextmanager
-def _fp32_matmul_precision(mode: str):
+def fp32_matmul_precision(mode: str):
     """Float32 matmuls in ``"ieee"`` (true FP32) or ``"tf32"`` inside the block, through the
     precision API PyTorch offers (``fp32_precision`` where it exists: mixing it with the legacy
     ``allow_tf32`` flag is an error in recent releases)."""
@@ -206,7 +206,7 @@ def measure_ceilings(device: torch.device, dtypes, timer, *, copy_bytes: Optiona
         b = torch.randn(matmul_n, matmul_n, device=device).to(dtype)
         out = torch.empty(matmul_n, matmul_n, device=device, dtype=dtype)
         if on_gpu and dtype == torch.float32:
-            with _fp32_matmul_precision("ieee"):
+            with fp32_matmul_precision("ieee"):
                 t_mm = timer(lambda x, y, o: torch.mm(x, y, out=o), [(a, b, out)])
         else:
             t_mm = timer(lambda x, y, o: torch.mm(x, y, out=o), [(a, b, out)])
@@ -216,7 +216,7 @@ def measure_ceilings(device: torch.device, dtypes, timer, *, copy_bytes: Optiona
             # Kernels may use TF32 tensor cores for float32 inputs; that ceiling is recorded
             # beside the true-FP32 one (the floor uses FP32, so such a kernel can pass 100%).
             try:
-                with _fp32_matmul_precision("tf32"):
+                with fp32_matmul_precision("tf32"):
                     t_tf32 = timer(lambda x, y, o: torch.mm(x, y, out=o), [(a, b, out)])
                 details["matmul_flops_per_s_tf32"] = 2 * matmul_n ** 3 / t_tf32.median
             except RuntimeError as exc:  # the TF32 switch is optional information

@@ -62,13 +62,14 @@ def run_metadata(device: torch.device, command: str, argv: Sequence[str]) -> Dic
         triton_version = triton.__version__
     except Exception:  # noqa: BLE001 - Triton is optional
         triton_version = None
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    commit = _git("rev-parse", "HEAD")
-    given = os.environ.get("COMMIT", "").strip()
-    if given:
+    commit = os.environ.get("COMMIT", "").strip()
+    if commit:
         # The GPU check passes the commit it checks: its tree may be a copy inside another
         # checkout, whose HEAD git would report instead.
-        commit, status = given, ("dirty" if os.environ.get("COMMIT_DIRTY") == "1" else "")
+        status = "dirty" if os.environ.get("COMMIT_DIRTY") == "1" else ""
+    else:
+        commit = _git("rev-parse", "HEAD")
+        status = _git("status", "--porcelain", "--untracked-files=no")
     return dict(
         schema=SCHEMA_VERSION,
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

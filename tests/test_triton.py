@@ -297,7 +297,7 @@ def test_routing_reductions_across_programs(device, op, splits, with_prior, monk
         assert plan.n_isplit > 1 and plan.n_itiles > plan.n_isplit
     else:
         monkeypatch.setattr(_gemm_core, "FORCE_SPLITS", splits)
-        plan = _gemm_core.Plan(3, 13, 3, 5, 3, torch.float64, torch.device(device),
+        plan = _gemm_core.Plan(3, 13, 3, 5, 3, torch.device(device),
                                _gemm_core.default_config(3, 13, 3, 5, 3))
         assert plan.n_isplit > 1 and plan.n_bsplit == 1  # B = 3: one sample tile
     args, b = make_inputs(op, shape, torch.float64, device, seed=5, bias=True)

@@ -125,7 +125,7 @@ def test_prior_across_programs(device, monkeypatch):
     require_triton(device)
     monkeypatch.setattr(_gemm_core, "FORCE_SPLITS", (3, 2))
     u, W, b, p = make((33, 9, 3, 3, 4), torch.float64, device, seed=4)
-    plan = _gemm_core.Plan(33, 9, 3, 4, 3, torch.float64, u.device,
+    plan = _gemm_core.Plan(33, 9, 3, 4, 3, u.device,
                            _gemm_core.default_config(33, 9, 3, 4, 3))
     assert plan.n_isplit == 3 and plan.n_bsplit == 2
     options = dict(temperature=0.8, return_coupling=True)

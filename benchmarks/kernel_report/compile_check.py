@@ -134,35 +134,11 @@ def cases(quick: bool = False) -> List[Case]:
     return out
 
 
-@contextlib.contextmanager
-def fp32_precision(precision: Optional[str]):
-    """PyTorch's float32 matmul switch set to ``precision`` ("ieee" or "tf32") for the block."""
-    import torch
-
-    matmul = torch.backends.cuda.matmul
-    if precision is None:
-        yield
-        return
-    if hasattr(matmul, "fp32_precision"):
-        saved = matmul.fp32_precision
-        matmul.fp32_precision = precision
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = saved
-    else:  # torch before the fp32_precision API
-        saved = matmul.allow_tf32
-        matmul.allow_tf32 = precision == "tf32"
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = saved
-
-
 def record(all_cases: Sequence[Case], gpu) -> Dict[str, Variant]:
     """Record every case's launches; distinct kernel variants with the cases that launch them."""
     import torch
 
+    from ..floors import fp32_matmul_precision
     from .triton_launches import record_op
 
     variants: Dict[str, Variant] = {}
@@ -171,7 +147,8 @@ def record(all_cases: Sequence[Case], gpu) -> Dict[str, Variant]:
         bias = options.pop("bias", False)
         if case.op != "predict":
             options["temperature"] = TEMPERATURE if options.pop("temperature") else 1.0
-        with fp32_precision(case.precision):
+        precision = fp32_matmul_precision(case.precision) if case.precision else contextlib.nullcontext()
+        with precision:
             recording = record_op("triton", case.op, case.shape, getattr(torch, case.dtype),
                                   case.iterations, bias, gpu, options if case.op != "predict" else None)
         for launch in recording.launches:

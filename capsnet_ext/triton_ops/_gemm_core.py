@@ -140,7 +140,7 @@ class Config(NamedTuple):
 class Plan:
     """Tile sizes and grids of one call, from the shape and a :class:`Config`."""
 
-    def __init__(self, B, I, J, D, Din, dtype, device, config: Config):
+    def __init__(self, B, I, J, D, Din, device, config: Config):
         reason = capsule_size_limit_reason(J, D, Din)
         if reason is not None:
             raise NotImplementedError(reason + "; use backend='reference'")
@@ -189,9 +189,7 @@ def default_config(B, I, J, D, Din, dtype: torch.dtype = torch.float32,
     its samples' partials. ``precision`` is the float32 dot precision (default: PyTorch's
     current TF32 switch, :func:`dot_precision`)."""
     precision = precision or dot_precision(dtype)
-    if dtype == torch.float64:
-        return Config(16, 8, 8, 16, 8, 16)
-    if dtype == torch.float32 and precision == "ieee":
+    if dtype == torch.float64 or (dtype == torch.float32 and precision == "ieee"):
         return Config(16, 8, 8, 16, 8, 16)
     return Config(16, 16, 16, 16, 16, 16)
 
@@ -266,7 +264,7 @@ def _common_meta(dtype, plan: Plan, leaky: bool, temperature: float):
 
 def _forward(u, W, iterations, bias, prior, leaky, temperature, return_coupling, config):
     B, I, J, D, Din = _shape(u, W)
-    plan = Plan(B, I, J, D, Din, u.dtype, u.device, config)
+    plan = Plan(B, I, J, D, Din, u.device, config)
     acc = acc_dtype(u.dtype)
     R = iterations
     s_all = torch.empty(R, B, J, D, device=u.device, dtype=acc)
@@ -299,7 +297,7 @@ def _backward(u, W, prior, grad_v, s_all, V_all, leaky, detach_inner, temperatur
               need_u, need_w, need_bias, need_prior, bias_dtype):
     B, I, J, D, Din = _shape(u, W)
     R = s_all.shape[0]
-    plan = Plan(B, I, J, D, Din, u.dtype, u.device, config)
+    plan = Plan(B, I, J, D, Din, u.device, config)
     acc = s_all.dtype
     meta = _common_meta(u.dtype, plan, leaky, temperature)
     has_prior = prior is not None
