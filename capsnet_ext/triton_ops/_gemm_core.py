@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from . import _gemm_kernels as K
+from . import tuning
 
 # Tests set this to (n_isplit, n_bsplit) to force the cross-program sums on small shapes.
 FORCE_SPLITS: Optional[tuple] = None
@@ -242,9 +243,45 @@ def _shape(u, W):
     return B, I, J, D, Din
 
 
+def config_is_valid(config: Config, B, I, J, D, Din) -> bool:
+    """Whether ``config`` can run this shape (the tiles hold at least the smallest dot)."""
+    return min(config.BB, config.grad_BB) >= MIN_DOT_K and min(
+        config.warps, config.bwd_warps, config.grad_warps) >= 1 and config.max_isplit >= 1
+
+
+def _gpu_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_name(index)
+
+
+def table_config(direction: str, dtype: torch.dtype, device: torch.device, B, I, J, D, Din,
+                 precision: Optional[str] = None) -> Optional[Config]:
+    """The committed tuning table's configuration for this call (:mod:`.tuning`), or ``None``
+    when no entry matches."""
+    precision = precision or dot_precision(dtype)
+    entry = tuning.lookup(_gpu_name(device), direction, dtype, precision, B, I, J, D, Din,
+                          valid=lambda c: config_is_valid(Config(**c), B, I, J, D, Din))
+    return None if entry is None else Config(**entry["config"])
+
+
 def _config_for(u, W, iterations, options, run):
+    """Forced (the tuning sweep), else the tuning table, else the default and its split counts
+    timed once per shape (see :mod:`.tuning`)."""
+    forced = tuning.forced_config()
+    if forced is not None:
+        return forced
     B, I, J, D, Din = _shape(u, W)
     key = (B, I, J, D, Din, iterations, u.dtype, u.device, dot_precision(u.dtype), options)
+    config = _TUNED.get(key)
+    if config is not None:
+        return config
+    if u.device.type == "cuda":
+        config = table_config(options[0], u.dtype, u.device, B, I, J, D, Din)
+        if config is not None:
+            _TUNED[key] = config
+            return config
     autotune = os.environ.get(AUTOTUNE_ENV, "1") not in ("0", "")
     timer = _time_cuda if u.device.type == "cuda" and autotune else None
     return tuned_config(key, candidate_configs(B, I, J, D, Din, u.dtype), run, timer)
