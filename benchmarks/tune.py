@@ -499,13 +499,15 @@ def fold(archive: str, table: Optional[str], results: str) -> int:
     refused = len(data["entries"]) - len(entries)
     table_path = Path(table) if table else tuning.TABLE_PATH
     merged, replaced, added = tuning.merge(tuning.read_table(table_path), entries)
-    tuning.write_table(merged, table_path)
     results_dir = Path(results)
     results_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(archive_path, results_dir / archive_path.name)
+    kept = results_dir / archive_path.name
+    if not (kept.exists() and kept.samefile(archive_path)):
+        shutil.copyfile(archive_path, kept)
     if summary_text is not None:
-        name = archive_path.name.replace(".tar.gz", "-summary.md")
-        (results_dir / name).write_text(summary_text)
+        (results_dir / archive_path.name.replace(".tar.gz", "-summary.md")).write_text(
+            summary_text)
+    tuning.write_table(merged, table_path)  # last: a failed copy leaves the table as it was
     print(f"fold: {added} entries added, {replaced} replaced in {table_path}; {refused} refused "
           f"(winner check failed or missing); archive kept in {results_dir}")
     return 0

@@ -62,6 +62,8 @@ def test_lookup_takes_the_nearest_entry_of_the_same_gpu_dtype_and_padded_sizes(t
     assert look(128, 1152, J=33)["config"]["max_isplit"] == 4  # J=33 and 40 both pad to 64
     assert look(128, 1152, J=9)["config"]["BB"] == 32  # 9 and 10 pad to 16
     assert look(128, 1152, gpu="NVIDIA A100") is None
+    assert look(8, 1152) is None and look(128, 64) is None  # beyond 4x of every entry
+    assert look(2048, 1152)["config"]["BB"] == 64
     assert look(128, 1152, dtype=torch.float16) is None
     assert tuning.lookup("NVIDIA H200", "bwd", torch.bfloat16, "ieee", 128, 1152, 10, 16,
                          8) is None

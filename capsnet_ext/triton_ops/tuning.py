@@ -12,7 +12,8 @@ How a call picks its configuration (:func:`._gemm_core._config_for`):
 1. :func:`forced` (a context manager, used by the tuning sweep) overrides everything;
 2. else the table entry of the same GPU name, direction, dtype and precision whose padded
    capsule sizes (``J``, ``Dout``, ``Din`` to powers of two) match, nearest in ``log2 B`` and
-   ``log2 I`` (ties: the larger B), when its configuration is valid for the shape;
+   ``log2 I`` (ties: the larger B) and within a factor of 4 of both
+   (:data:`MAX_LOG2_DISTANCE`), when its configuration is valid for the shape;
 3. else, when no entry matches (another GPU, another dtype, other capsule sizes): the heuristic
    :func:`~._gemm_core.default_config` and its two other split counts, timed once per shape on
    the GPU (``CAPSNET_EXT_TRITON_AUTOTUNE=0``: the default alone).
@@ -34,6 +35,9 @@ TABLE_PATH = Path(__file__).with_name("tuning_table.json")
 TABLE_ENV = "CAPSNET_EXT_TUNING_TABLE"
 TABLE_VERSION = 1
 DIRECTIONS = ("fwd", "bwd")
+# An entry serves shapes whose B and I are each within this many doublings of its own: a tile
+# plan tuned for 1024 samples says little about 8.
+MAX_LOG2_DISTANCE = 2.0
 
 _FORCED: List[object] = []
 _CACHE: dict = {}
@@ -116,8 +120,10 @@ def lookup(gpu: str, direction: str, dtype: torch.dtype, precision: str, B: int,
             continue
         if valid is not None and not valid(entry["config"]):
             continue
-        distance = (abs(math.log2(eB) - math.log2(B)) + abs(math.log2(eI) - math.log2(I)),
-                    -eB)
+        dB, dI = abs(math.log2(eB) - math.log2(B)), abs(math.log2(eI) - math.log2(I))
+        if max(dB, dI) > MAX_LOG2_DISTANCE:
+            continue
+        distance = (dB + dI, -eB)
         if best is None or distance < best_distance:
             best, best_distance = entry, distance
     return best
