@@ -12,6 +12,9 @@
 #   extension    fails loudly unless capsnet_ext._C was built, loads, registers its ops for CUDA,
 #                and a small capsule_routing(backend="cuda") call agrees with the reference
 #   gpu-tests    pytest -m gpu: every GPU test of every backend on the device (JUnit report)
+#   crash-trace  the host-side crash reproducers (a CUDA error path, the memcheck driver without
+#                the sanitizer) with benchmarks/segv_trace.c preloaded: native stacks, the
+#                project library's frames resolved by addr2line (a diagnostic, verifies nothing)
 #   memcheck, racecheck, initcheck, synccheck
 #                compute-sanitizer over benchmarks/sanitize_driver.py (memcheck and initcheck:
 #                every kernel and option at small shapes, PyTorch's caching allocator off;
@@ -31,7 +34,7 @@
 # recorded and the later steps still run. Fold the archive back into the repository with
 #   python -m benchmarks.fold_gpu_check ARCHIVE
 # Options: --dry-run, --skip-install, --steps a,b (run only these), --help.
-# Environment: OUT, COMMIT, PYTHON, MAX_JOBS, GPU_CHECK_TOTAL_S (default 460),
+# Environment: OUT, COMMIT, PYTHON, MAX_JOBS, GPU_CHECK_TOTAL_S (default 470),
 # GPU_TEST_WORKERS (pytest-xdist workers, default 12), TORCH_CUDA_ARCH_LIST (default: the
 # GPU's own architecture, read from torch; one architecture builds in about 130 s),
 # GPU_CHECK_BUDGETS (e.g. "memcheck=90": other budgets, for a rerun of some steps with --steps).
@@ -81,21 +84,21 @@ SUMMARY="$OUT/$NAME-summary.md"
 STEPS_TSV="$RESULTS/steps.tsv"
 printf 'step\tstatus\trc\tseconds\tbudget\tnote\n' >"$STEPS_TSV"
 
-TOTAL_BUDGET="${GPU_CHECK_TOTAL_S:-460}"
+TOTAL_BUDGET="${GPU_CHECK_TOTAL_S:-470}"
 START="$(date +%s)"
 DEADLINE=$((START + TOTAL_BUDGET))
 RESERVE=5          # seconds kept for the last summary and archive
 MIN_START=10       # a step that would get less than this is skipped, not started
 
-# Budgets in seconds: 455 s, plus the 5 s reserve = the 460 s deadline; with start-up and the
-# last archive the run stays under 480 s = 8 minutes. The steps with budget 0 get what is left.
-# The install builds routing.cu for one architecture in about 130 s (H200, 16 cores).
-STEP_ORDER=(env install extension gpu-tests memcheck racecheck initcheck synccheck profile ncu
+# Budgets in seconds: 460 s, plus the 5 s reserve, within the 470 s deadline; with start-up and
+# the last archive the run stays under 480 s = 8 minutes. The steps with budget 0 get what is
+# left. The install built routing.cu for one architecture in 135 s (H200, 16 cores, 2026-12-04).
+STEP_ORDER=(env install extension gpu-tests crash-trace memcheck racecheck initcheck synccheck profile ncu
             bench-mnist train-step bench-compiled-fp32 bench-compiled-bf16 sweep-I sweep-B)
 declare -A BUDGET=(
-  [env]=10 [install]=160 [extension]=15 [gpu-tests]=75
-  [memcheck]=35 [racecheck]=20 [initcheck]=15 [synccheck]=10 [profile]=30 [ncu]=40
-  [bench-mnist]=35 [train-step]=10
+  [env]=10 [install]=150 [extension]=15 [gpu-tests]=75 [crash-trace]=25
+  [memcheck]=35 [racecheck]=20 [initcheck]=15 [synccheck]=10 [profile]=30 [ncu]=35
+  [bench-mnist]=30 [train-step]=10
   [bench-compiled-fp32]=0 [bench-compiled-bf16]=0 [sweep-I]=0 [sweep-B]=0
 )
 # GPU_CHECK_BUDGETS="memcheck=90,gpu-tests=120" changes budgets (e.g. to rerun one step with --steps).
@@ -106,7 +109,7 @@ for kv in "${_overrides[@]}"; do
   BUDGET[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}
 done
 # Limits of the steps that only the dry run has (CPU stand-ins; no GPU budget).
-declare -A CPU_LIMIT=([gpu-tests-collect]=90 [sanitize-driver-cpu]=60 [profile-cpu]=90 [bench-cpu]=90)
+declare -A CPU_LIMIT=([crash-trace-cpu]=30 [gpu-tests-collect]=90 [sanitize-driver-cpu]=60 [profile-cpu]=90 [bench-cpu]=90)
 declare -A WHAT  # one line per step for the plan
 failed=0
 
@@ -222,6 +225,7 @@ done
 NCU_ARGS=(--csv --page details --nvtx --nvtx-include "capsnet_profile/" --launch-count 16
           --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
           --metrics "regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio$")
+WHAT[crash-trace]="LD_PRELOAD=segv_trace.so: pytest tests/test_cuda.py::test_gpu_errors_name_the_argument; PYTORCH_NO_CUDA_MEMORY_CACHING=1 sanitize_driver --backends cuda --profile full (native stacks, addr2line)"
 WHAT[profile]="$PYTHON -m benchmarks.gpu_profile torch RESULTS (torch.profiler kernel tables, every backend and dtype)"
 WHAT[ncu]="ncu ${NCU_ARGS[*]} $PYTHON -m benchmarks.gpu_profile ncu-target --backend cuda|triton --dtype float32|bfloat16"
 WHAT[bench-mnist]="capsnet-ext bench --ops $MNIST_OPS --sweeps mnist --dtypes float32,bfloat16 --contenders reference,triton,cuda --skip-e2e"
@@ -297,6 +301,11 @@ fi
 if [[ $DRY_RUN -eq 1 ]]; then
   dry gpu-tests
   step gpu-tests-collect -- "$PYTHON" -m pytest -m gpu --collect-only -q -p no:cacheprovider tests
+  dry crash-trace
+  # The tracer itself builds and names a native crash on any machine.
+  step crash-trace-cpu -- bash -c 'gcc -shared -fPIC -O0 -o "$0/segv_trace.so" benchmarks/segv_trace.c &&
+    ! LD_PRELOAD="$0/segv_trace.so" "$PYTHON" -c "import ctypes; ctypes.string_at(0)" 2>"$0/crash-cpu.log" &&
+    grep -q "^\[native\] signal 11" "$0/crash-cpu.log"' "$RESULTS"
   for tool in memcheck racecheck initcheck synccheck; do dry "$tool"; done
   step sanitize-driver-cpu -- "$PYTHON" -m benchmarks.sanitize_driver --backends reference --device cpu \
     --profile tiny --out "$RESULTS/sanitize-driver-cpu.json"
@@ -309,6 +318,28 @@ else
   # repay a pool of compile processes per worker.
   step gpu-tests -- env TORCHINDUCTOR_COMPILE_THREADS=1 "$PYTHON" -m pytest -m gpu "${XDIST[@]}" \
     -p no:cacheprovider -q -rfEs --junitxml="$RESULTS/gpu-tests.xml" tests
+  # Host crashes (2026-12-04: a CUDA error-path test and the memcheck driver died with SIGSEGV
+  # on the host): the native stack of each reproducer, through benchmarks/segv_trace.c, with the
+  # project library's frames resolved to functions and lines. A diagnostic: it verifies nothing.
+  step crash-trace -- bash -c '
+    set -u; results="$0"; status=0
+    gcc -shared -fPIC -O0 -o "$results/segv_trace.so" benchmarks/segv_trace.c || exit 1
+    trace() {  # trace NAME COMMAND...: run with the tracer; resolve the project frames
+      local name="$1"; shift
+      echo "### $name: $*"
+      LD_PRELOAD="$results/segv_trace.so" "$@" >"$results/crash-$name.log" 2>&1
+      local rc=$?
+      echo "exit $rc"; tail -n 40 "$results/crash-$name.log"
+      grep "^\[native-offset\]" "$results/crash-$name.log" | grep capsnet_ext | while read -r _ lib off; do
+        echo "frame $lib $off: $(addr2line -f -C -e "$lib" "$off" | tr "\n" " ")"
+      done
+      [[ $rc -eq 0 ]] || status=1
+    }
+    trace error-path "$PYTHON" -X faulthandler -m pytest -q -p no:cacheprovider -p no:xdist \
+      tests/test_cuda.py::test_gpu_errors_name_the_argument
+    trace driver-no-caching env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$PYTHON" -X faulthandler \
+      -m benchmarks.sanitize_driver --backends cuda --profile full --out "$results/crash-driver.json"
+    exit $status' "$RESULTS"
   if command -v compute-sanitizer >/dev/null 2>&1; then
     for tool in memcheck racecheck initcheck synccheck; do
       profile=full; caching=()

@@ -463,14 +463,17 @@ def test_gpu_path_runs_every_step_with_the_right_commands(tmp_path):
     [install] = find("-m pip install")
     assert install[3] == "-m pip install --no-build-isolation --no-deps --no-index -v -e ."
     assert install[2] == ""  # the just-in-time build is forbidden only after the install
-    [tests] = find("-m pytest")
+    tests, error_path = find("-m pytest")  # the GPU tests, then crash-trace's reproducer
+    assert "-p no:xdist tests/test_cuda.py::test_gpu_errors_name_the_argument" in error_path[3]
+    assert "-X faulthandler" in error_path[3]
     assert " -m gpu " in tests[3] and "-n 12" in tests[3] and "--junitxml=" in tests[3] and tests[3].endswith(" tests")
     assert tests[1:3] == ["1", "1"]  # CAPSNET_EXT_CUDA_UNVERIFIED=1, CAPSNET_EXT_NO_JIT=1
     assert [c.split()[2] for c in sanitizer] == ["memcheck", "racecheck", "initcheck", "synccheck"]
     for line in sanitizer:
         assert "--error-exitcode 99" in line and "--report-api-errors no" in line
         assert "--target-processes application-only" in line
-    drivers = find("-m benchmarks.sanitize_driver")
+    crash_driver, *drivers = find("-m benchmarks.sanitize_driver")
+    assert crash_driver[0] == "1" and "--backends cuda --profile full" in crash_driver[3]
     assert [d[0] for d in drivers] == ["1", "", "1", ""]  # caching allocator off for memcheck, initcheck
     assert [d[3].split("--profile ")[1].split()[0] for d in drivers] == ["full", "race", "full", "race"]
     assert all("--backends cuda,triton" in d[3] and "--out " in d[3] for d in drivers)

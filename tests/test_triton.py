@@ -544,7 +544,7 @@ def test_capsule_too_large_for_registers_is_refused_before_launch():
 
     reason = triton_backend.unsupported_reason(
         "capsule_routing", dtype=torch.float32, sizes=dict(J=100, Dout=32, Din=32))
-    assert reason and "limit is 65536" in reason
+    assert reason and "the limit in float32 is 16384" in reason and "shared memory" in reason
     assert triton_backend.unsupported_reason(
         "capsule_routing", dtype=torch.float32, sizes=dict(J=10, Dout=16, Din=8)) is None
     if triton_backend.availability(torch.device("cpu")) is None:

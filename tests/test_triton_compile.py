@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 
@@ -73,6 +74,31 @@ def test_judge_names_each_problem():
     assert "no HMMA/HGMMA" in judged("float32", "tf32", dots=[dot(16, 16, 16, "f32")], mma={"DMMA": 2}).problems[0]
     assert not judged("float32", "ieee", dots=[dot(16, 16, 16, "f32")]).problems  # FMA dots are fine
     assert not judged("bfloat16", None, dots=[dot(16, 8, 16, "bf16")], mma={"HMMA.16816.F32.BF16": 2}).problems
+    from benchmarks.kernel_report.gpus import resolve
+
+    h100 = resolve("h100")
+    too_big = compile_check.Variant("key", Launch(), "float64", None, "mnist", ["case"],
+                                    dict(registers=100, stack_bytes=0, local_bytes=0, spill_store_bytes=0,
+                                         spill_load_bytes=0, dots=[], mma={}, shared_bytes=294912))
+    compile_check.judge(too_big, h100)
+    assert "294912 bytes of shared memory" in too_big.problems[0] and "232448" in too_big.problems[0]
+    fits = compile_check.Variant("key", Launch(), "float32", "ieee", "mnist", ["case"],
+                                 dict(too_big.result, shared_bytes=229376))
+    compile_check.judge(fits, h100)
+    assert not fits.problems
+
+
+def test_refused_calls_are_not_compiled():
+    """The dispatch's shared-memory limit refuses the float64 launch the H200 refused."""
+    from capsnet_ext import triton_ops
+
+    reason = triton_ops.unsupported_reason("capsule_routing", dtype=torch.float64,
+                                           sizes=dict(J=17, Dout=24, Din=5))
+    assert reason is not None and "shared memory" in reason
+    assert triton_ops.unsupported_reason("capsule_routing", dtype=torch.float32,
+                                         sizes=dict(J=17, Dout=24, Din=5)) is None
+    assert triton_ops.unsupported_reason("capsule_routing", dtype=torch.float64,
+                                         sizes=dict(J=10, Dout=16, Din=8)) is None
 
 
 @pytest.mark.slow

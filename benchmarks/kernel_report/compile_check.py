@@ -25,6 +25,9 @@ and fails (exit status 1) on
   kernel's warp count, except in float64 (which exists for reference-grade checks, not speed)
   and at shapes whose register tile is larger than the MNIST layer's (``LARGE_TILE_SHAPES``);
   those spills, and the few bytes ptxas spills with registers to spare, are listed;
+* more shared memory than one block may have on the target (227 KiB on sm_90: the H200
+  refused a float64 sweep needing 288 KiB on 2026-12-04); calls the dispatch refuses up front
+  (``unsupported_reason``) are recorded as refused, not compiled;
 * any ``tl.dot`` with K < 16, M < 16 or N < 8 (the tensor cores' smallest K, M and N);
 * any dot with float16 or bfloat16 operands, or float32 operands with TF32 allowed, whose
   kernel has no tensor-core instruction (HMMA/HGMMA) in its SASS.
@@ -59,6 +62,8 @@ ODD_SHAPES = {
     "odd-33x9x3x3x4": dict(B=33, I=9, J=3, Din=3, Dout=4),
     "odd-2x1x1x1x1": dict(B=2, I=1, J=1, Din=1, Dout=1),
     "odd-5x13x17x16x7": dict(B=5, I=13, J=17, Din=16, Dout=7),
+    # The GPU tests' largest capsules (J=17, Dout=24): float64 is refused there (shared memory).
+    "odd-3x3x17x5x24": dict(B=3, I=3, J=17, Din=5, Dout=24),
 }
 # (dtype, float32 dot precision): what the dispatch accepts, float32 both ways.
 DTYPES = (("float16", None), ("bfloat16", None), ("float32", "ieee"), ("float32", "tf32"),
@@ -71,7 +76,7 @@ MIN_K, MIN_M, MIN_N = 16, 16, 8
 # capsules: every [BLOCK_J, BB, ...] tile doubles): they compile and run, but the GEMM-tile
 # design spills there at any warp count (the register file per block is fixed, and the tile
 # already has the smallest M and K); their spills are listed, not failed.
-LARGE_TILE_SHAPES = ("odd-5x13x17x16x7",)
+LARGE_TILE_SHAPES = ("odd-5x13x17x16x7", "odd-3x3x17x5x24")
 MMA_OPCODES = ("HMMA", "HGMMA")
 
 
@@ -134,6 +139,9 @@ def cases(quick: bool = False) -> List[Case]:
     return out
 
 
+REFUSED: List[str] = []  # cases the dispatch refuses before any launch (filled by record)
+
+
 def record(all_cases: Sequence[Case], gpu) -> Dict[str, Variant]:
     """Record every case's launches; distinct kernel variants with the cases that launch them."""
     import torch
@@ -141,8 +149,17 @@ def record(all_cases: Sequence[Case], gpu) -> Dict[str, Variant]:
     from ..floors import fp32_matmul_precision
     from .triton_launches import record_op
 
+    from capsnet_ext import triton_ops
+
     variants: Dict[str, Variant] = {}
+    REFUSED.clear()
     for case in all_cases:
+        sizes = dict(J=case.shape["J"], Dout=case.shape["Dout"], Din=case.shape["Din"])
+        reason = triton_ops.unsupported_reason(case.op, dtype=getattr(torch, case.dtype),
+                                               sizes=sizes)
+        if reason is not None:
+            REFUSED.append(f"{case.label}: {reason}")
+            continue
         options = dict(case.options)
         bias = options.pop("bias", False)
         if case.op != "predict":
@@ -183,6 +200,7 @@ def _compile_one(args):
                 spill_store_bytes=spills["spill_store_bytes"], spill_load_bytes=spills["spill_load_bytes"],
                 dots=compiled.get("dots", []), compile_seconds=compiled.get("compile_seconds"),
                 cached=compiled.get("cached", False),
+                shared_bytes=compiled.get("shared_bytes_compiler"),
                 mma={op: n for op, n in opcodes.items() if op.split(".")[0].endswith("MMA")})
 
 
@@ -200,7 +218,16 @@ def compile_all(variants: Dict[str, Variant], gpu, cache_dir: str, jobs: int) ->
         variant.result = result
 
 
-def judge(variant: Variant) -> None:
+def _shared_limit(gpu) -> Optional[int]:
+    """Most shared memory one block may use (the opt-in limit): the SM's less the per-block
+    reservation."""
+    per_sm = getattr(gpu, "shared_bytes_per_sm", None)
+    if per_sm is None:
+        return None
+    return per_sm - getattr(gpu, "shared_bytes_reserved_per_block", 0)
+
+
+def judge(variant: Variant, gpu=None) -> None:
     """Fill ``problems`` (what fails the check) and ``notes`` of a compiled variant."""
     result = variant.result
     if "error" in result:
@@ -221,6 +248,10 @@ def judge(variant: Variant) -> None:
         (variant.notes if exempt else variant.problems).append(text)
     elif result["stack_bytes"] or result["local_bytes"]:
         variant.notes.append(f"stack frame {result['stack_bytes']} bytes, no spill")
+    shared, limit = result.get("shared_bytes"), _shared_limit(gpu)
+    if shared is not None and limit is not None and shared > limit:
+        variant.problems.append(f"needs {shared} bytes of shared memory per block; sm_{gpu.arch} "
+                                f"allows {limit}")
     for dot in result["dots"]:
         if dot["k"] < MIN_K or dot["m"] < MIN_M or dot["n"] < MIN_N:
             variant.problems.append(f"tl.dot of {dot['a']} x {dot['b']}: M={dot['m']}, N={dot['n']}, "
@@ -289,13 +320,13 @@ def run(argv: Optional[Sequence[str]] = None, stdout=None) -> dict:
     recorded_s = time.time() - start
     compile_all(variants, gpu, args.cache_dir or DEFAULT_CACHE, args.jobs)
     for variant in variants.values():
-        judge(variant)
+        judge(variant, gpu)
     rows = summary_rows(variants)
     failed = [r for r in rows if r["problems"]]
     payload = dict(
         triton=triton.__version__, pinned_triton=PINNED_TRITON, torch=torch.__version__,
         target=f"sm_{gpu.arch}", gpu=gpu.name, cases=len(all_cases), variants=len(rows),
-        failed=len(failed), record_seconds=round(recorded_s, 1),
+        failed=len(failed), refused=list(REFUSED), record_seconds=round(recorded_s, 1),
         seconds=round(time.time() - start, 1), quick=args.quick, rows=rows,
     )
     for row in rows:
@@ -314,6 +345,9 @@ def run(argv: Optional[Sequence[str]] = None, stdout=None) -> dict:
           f"compiled cleanly for sm_{gpu.arch} with Triton {triton.__version__} "
           f"(pinned: {PINNED_TRITON}) in {payload['seconds']:.0f} s; variants per kernel: "
           + ", ".join(f"{k} {n}" for k, n in sorted(by_kernel.items())), file=out)
+    if REFUSED:
+        print(f"{len(REFUSED)} recorded calls refused by the dispatch before any launch (listed in "
+              f"the JSON), e.g. {REFUSED[0]}", file=out)
     if triton.__version__ != PINNED_TRITON:
         print(f"note: Triton {triton.__version__} is not the pinned {PINNED_TRITON}; the GPU machines "
               "compile with the pinned one", file=out)

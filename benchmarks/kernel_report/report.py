@@ -276,7 +276,69 @@ def load_static(out_dir: str = STATIC_DIR) -> List[dict]:
     return runs
 
 
-def readme_section(out_dir: str = STATIC_DIR) -> str:
+MEASURED_DIR = os.path.join(ROOT, "benchmarks", "results")
+
+
+def measured_times(results_dir: str = MEASURED_DIR) -> Dict[tuple, dict]:
+    """The newest GPU measurement of each (architecture, op, backend, dtype, shape, iterations,
+    bias, mode)
+    among the committed benchmark results (``capsnet-ext bench`` JSONs run on CUDA devices):
+    the median in seconds, the GPU, the date and the commit."""
+    found: Dict[tuple, dict] = {}
+    if not os.path.isdir(results_dir):
+        return found
+    for name in sorted(os.listdir(results_dir)):
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(results_dir, name)) as handle:
+                payload = json.load(handle)
+        except (OSError, json.JSONDecodeError):
+            continue
+        meta = payload.get("meta") or {}
+        device = meta.get("device") or {}
+        if device.get("type") != "cuda":
+            continue
+        for r in payload.get("results", []):
+            options = r.get("options") or {}
+            if (r.get("status") != "ok" or r.get("contender_kind") == "compiled"
+                    or options.get("detach_inner") or options.get("leaky")):
+                continue
+            shape = r["shape"]
+            arch = str(device.get("capability", "")).replace(".", "")
+            key = (arch, r["op"], r["contender"], r["dtype"],
+                   tuple(shape[k] for k in ("B", "I", "J", "Din", "Dout")), shape.get("iterations"),
+                   bool((r.get("options") or {}).get("bias")), r["mode"])
+            entry = dict(median_s=r["time_s"]["median"], gpu=device.get("name"),
+                         date=meta.get("date", ""), commit=str(meta.get("git_commit"))[:7],
+                         file=name)
+            if key not in found or entry["date"] > found[key]["date"]:
+                found[key] = entry
+    return found
+
+
+_RATIOS: List[float] = []  # measured / bound of the rows rendered by the last readme_section
+
+
+def _measured_columns(problem: dict, arch, backend: str, totals_: dict, measured: Dict[tuple, dict]):
+    s = problem["shape"]
+    base = (str(arch), problem["op"], backend, problem["dtype"], tuple(s[k] for k in ("B", "I", "J", "Din", "Dout")),
+            problem["iterations"], bool(problem["bias"]))
+    fwd, both = measured.get(base + ("forward",)), measured.get(base + ("forward_backward",))
+    cells = []
+    for got, bound in ((fwd, totals_["forward"]["bound_s"]), (both, totals_["forward+backward"]["bound_s"])):
+        if got is None:
+            cells.append("not measured")
+            continue
+        ratio = ""
+        if bound:
+            _RATIOS.append(got["median_s"] / bound)
+            ratio = f", {got['median_s'] / bound:.1f}x the bound"
+        cells.append(f"{_us(got['median_s'])} ({got['gpu']}, {got['commit']}{ratio})")
+    return cells
+
+
+def readme_section(out_dir: str = STATIC_DIR, results_dir: str = MEASURED_DIR) -> str:
     """The generated README's section: every static report JSON, grouped by problem and target
     so that designs (labels) sit side by side."""
     runs = load_static(out_dir)
@@ -286,7 +348,14 @@ def readme_section(out_dir: str = STATIC_DIR) -> str:
              "reports registers, spills, shared memory, the SASS instruction mix, occupancy, waves and a "
              "lower-bound time. `--help` lists the options (op, backend, dtype, shape, `--gpu h100|a100`, "
              "`--label`). These are compiler facts and a model, not measurements: the times are lower "
-             "bounds, not predictions.", ""]
+             "bounds, not predictions. Beside each bound stands the newest GPU measurement of the same "
+             "problem among the committed benchmark results (median, GPU, commit), on the newest "
+             "design's row of each backend (measured on a GPU of the target's architecture), and the ratio of the two: the model's error where the "
+             "commits hold the same kernels; the range of these ratios closes the section. A model "
+             "this far off cannot rank designs: only a GPU measurement can (the tuning sweep, "
+             "`python -m benchmarks.tune`).", ""]
+    measured = measured_times(results_dir)
+    _RATIOS.clear()
     if not runs:
         return "\n".join(lines + ["No static report is committed under `benchmarks/results/static/`.", ""])
     groups: Dict[tuple, List[dict]] = {}
@@ -302,22 +371,32 @@ def readme_section(out_dir: str = STATIC_DIR) -> str:
         lines += [f"### {p['op']}, {p['dtype']}, B={s['B']} I={s['I']} J={s['J']} Din={s['Din']} Dout={s['Dout']}, "
                   f"{p['iterations']} iterations, bias={p['bias']}, {group[0]['target']['name']}", ""]
         header = ["design (label)", "commit", "backend", "fwd GPU ops", "fwd bound us", "bwd GPU ops",
-                  "bwd bound us", "fwd+bwd bound us"]
+                  "bwd bound us", "fwd+bwd bound us", "fwd measured", "fwd+bwd measured"]
         rows = []
+        newest = {}  # backend -> the newest run that reports it: the one measurements stand beside
+        for run in group:
+            for backend, result in run["backends"].items():
+                if result.get("status") == "ok":
+                    newest[backend] = run["_file"]
         for run in group:
             for backend, result in run["backends"].items():
                 if result.get("status") != "ok":
                     rows.append([run["label"], str(run["git_commit"])[:7], backend, result.get("status", "?"),
-                                 "", "", "", ""])
+                                 "", "", "", "", "", ""])
                     continue
                 t = result["totals"]
                 rows.append([run["label"], str(run["git_commit"])[:7], backend, str(t["forward"]["gpu_operations"]),
                              _us(t["forward"]["bound_s"]), str(t["backward"]["gpu_operations"]),
-                             _us(t["backward"]["bound_s"]), _us(t["forward+backward"]["bound_s"])])
+                             _us(t["backward"]["bound_s"]), _us(t["forward+backward"]["bound_s"])]
+                            + (_measured_columns(p, run["target"]["arch"], backend, t, measured)
+                               if newest.get(backend) == run["_file"] else ["", ""]))
         lines += [_table(header, rows, True), ""]
         for run in group:
             lines += [f"<details><summary>{run['label']}: launches and kernels ({run['_file']}, "
                       f"{run['date']})</summary>", "", "```", render(run), "```", "", "</details>", ""]
+    if _RATIOS:
+        lines += [f"The model's error over the {len(_RATIOS)} measured cells above: the measured "
+                  f"times are {min(_RATIOS):.1f}x to {max(_RATIOS):.1f}x the lower bounds.", ""]
     lines += ["Model of the lower bound:", "", model.MODEL_TEXT, "", DYNAMIC_TEXT, ""]
     return "\n".join(lines)
 

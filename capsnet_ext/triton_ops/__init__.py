@@ -94,7 +94,7 @@ def unsupported_reason(op: str, *, dtype: torch.dtype, iterations: int = 1, bias
         if op == "capsule_routing":
             from ._gemm_core import capsule_size_limit_reason
 
-            return capsule_size_limit_reason(sizes["J"], sizes["Dout"], sizes["Din"])
+            return capsule_size_limit_reason(sizes["J"], sizes["Dout"], sizes["Din"], dtype)
         from ._routing_core import capsule_size_limit_reason
 
         return capsule_size_limit_reason(sizes["J"], sizes["Dout"])

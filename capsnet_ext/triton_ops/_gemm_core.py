@@ -49,8 +49,14 @@ from . import tuning
 FORCE_SPLITS: Optional[tuple] = None
 # The input precision float32 dots use when PyTorch allows TF32 for float32 matmuls.
 TF32_INPUT_PRECISION = "tf32"
-# Largest padded [J, Dout, Din] slice of W of one input capsule the kernels accept.
-MAX_CAPSULE_ELEMENTS = 1 << 16
+# Largest padded [J, Dout, K] tile (K: the weighted-sum dot's, Din padded and input capsules
+# tiled to at least 16) the kernels accept, by accumulator size in bytes. The sweeps stage
+# tiles of this size through shared memory: compiled for sm_90 with Triton 3.6, the largest
+# sweep takes 3.5-4 bytes of shared memory per element-byte (the float64 forward sweep at
+# J=17, Dout=24: 294,912 bytes, refused by the H200's 232,448 on 2026-12-04; float32 at the
+# same sizes: 229,376). Checked for every recorded launch by the compile check's shared-memory
+# rule.
+MAX_TILE_ELEMENTS = {4: 1 << 14, 8: 1 << 12}
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -103,16 +109,21 @@ def _target_programs(device: torch.device) -> int:
     return 1  # the interpreter runs programs one after another
 
 
-def capsule_size_limit_reason(J: int, D: int, Din: int) -> Optional[str]:
+def capsule_size_limit_reason(J: int, D: int, Din: int,
+                              dtype: torch.dtype = torch.float32) -> Optional[str]:
     """Why one input capsule's ``[J, Dout, Din]`` slice of W (padded to powers of two, ``Dout``
-    to at least 16) is too large for the kernels' register tiles, or ``None``."""
-    elements = (triton.next_power_of_2(J) * max(16, triton.next_power_of_2(D))
-                * triton.next_power_of_2(Din))
-    if elements <= MAX_CAPSULE_ELEMENTS:
+    to at least 16, ``Din`` times the input capsules tiled with it to at least 16) is too large
+    for the kernels' shared memory in ``dtype``, or ``None``."""
+    DINP = triton.next_power_of_2(Din)
+    K = DINP * max(1, MIN_DOT_K // DINP)
+    elements = triton.next_power_of_2(J) * max(16, triton.next_power_of_2(D)) * K
+    acc_bytes = torch.finfo(acc_dtype(dtype)).bits // 8
+    limit = MAX_TILE_ELEMENTS[acc_bytes]
+    if elements <= limit:
         return None
-    return (f"the Triton routing kernels hold one input capsule's [J, Dout, Din] slice of W in "
-            f"registers, padded to {elements} elements; the limit is {MAX_CAPSULE_ELEMENTS} "
-            f"(got J={J}, Dout={D}, Din={Din})")
+    return (f"the Triton routing kernels stage one input capsule's [J, Dout, Din] slice of W "
+            f"through shared memory, padded to {elements} elements; the limit in "
+            f"{str(dtype).replace('torch.', '')} is {limit} (got J={J}, Dout={D}, Din={Din})")
 
 
 # Smallest K of a ``tl.dot`` for every dtype: Triton 3.6 (the release torch 2.11 pins) refuses
@@ -141,8 +152,8 @@ class Config(NamedTuple):
 class Plan:
     """Tile sizes and grids of one call, from the shape and a :class:`Config`."""
 
-    def __init__(self, B, I, J, D, Din, device, config: Config):
-        reason = capsule_size_limit_reason(J, D, Din)
+    def __init__(self, B, I, J, D, Din, device, config: Config, dtype=torch.float32):
+        reason = capsule_size_limit_reason(J, D, Din, dtype)
         if reason is not None:
             raise NotImplementedError(reason + "; use backend='reference'")
         if min(config.BB, config.grad_BB) < MIN_DOT_K:
@@ -301,7 +312,7 @@ def _common_meta(dtype, plan: Plan, leaky: bool, temperature: float):
 
 def _forward(u, W, iterations, bias, prior, leaky, temperature, return_coupling, config):
     B, I, J, D, Din = _shape(u, W)
-    plan = Plan(B, I, J, D, Din, u.device, config)
+    plan = Plan(B, I, J, D, Din, u.device, config, u.dtype)
     acc = acc_dtype(u.dtype)
     R = iterations
     s_all = torch.empty(R, B, J, D, device=u.device, dtype=acc)
@@ -334,7 +345,7 @@ def _backward(u, W, prior, grad_v, s_all, V_all, leaky, detach_inner, temperatur
               need_u, need_w, need_bias, need_prior, bias_dtype):
     B, I, J, D, Din = _shape(u, W)
     R = s_all.shape[0]
-    plan = Plan(B, I, J, D, Din, u.device, config)
+    plan = Plan(B, I, J, D, Din, u.device, config, u.dtype)
     acc = s_all.dtype
     meta = _common_meta(u.dtype, plan, leaky, temperature)
     has_prior = prior is not None
