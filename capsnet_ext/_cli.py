@@ -37,3 +37,68 @@ def run_command(prog: str, body: Callable[[List[str]], Optional[int]],
         message = str(exc) or type(exc).__name__
         print(f"{prog}: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+# ------------------------------------------------------------------ the --device option
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+# What users type for a device that torch names otherwise.
+_DEVICE_ALIASES = {"gpu": "cuda", "nvidia": "cuda", "cuda0": "cuda:0", "cuda1": "cuda:1"}
+
+
+def closest(value: str, choices, aliases=None) -> Optional[str]:
+    """The choice ``value`` most likely misspells (an alias, or a close match), else ``None``."""
+    import difflib
+
+    if aliases and value.lower() in aliases:
+        return aliases[value.lower()]
+    match = difflib.get_close_matches(value.lower(), [str(c) for c in choices], n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def parse_device(value: str, option: str = "--device") -> str:
+    """Check a device request the way every command does: ``"auto"``, ``"cpu"``, ``"cuda"``,
+    ``"cuda:N"`` or ``"mps"``, on a machine that has it. Returns the value; raises ValueError
+    naming ``option``, what was expected and the closest valid choice."""
+    import torch
+
+    text = str(value).strip()
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        hint = closest(text, ("auto", "cpu", "cuda", "mps"), _DEVICE_ALIASES)
+        raise ValueError(f"{option} {text!r} is not a device; expected one of "
+                         f"{', '.join(DEVICE_CHOICES)}" + (f" (did you mean {hint!r}?)" if hint else "")) from None
+    if device.type == "cpu":
+        return text
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this PyTorch build has no CUDA support (torch " + torch.__version__ + ")"
+                   if torch.version.cuda is None else "torch sees no CUDA GPU on this machine")
+            raise ValueError(f"{option} {text!r}: {why}; use {option} cpu, or {option} auto "
+                             "(a GPU when there is one, else the CPU)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{option} {text!r}: this machine has {count} CUDA GPU"
+                             f"{'s' if count != 1 else ''} (cuda:0" + (f" to cuda:{count - 1}" if count > 1 else "")
+                             + ")")
+        return text
+    if device.type == "mps":
+        backend = getattr(torch.backends, "mps", None)
+        if backend is None or not backend.is_available():
+            raise ValueError(f"{option} {text!r}: Apple's MPS is not available here; use {option} cpu")
+        return text
+    raise ValueError(f"{option} {text!r}: capsnet-ext runs on {', '.join(DEVICE_CHOICES)}, not on "
+                     f"{device.type}")
+
+
+def device_option(value: str) -> str:
+    """``type=`` of every command's ``--device``: argparse reports a bad value as a one-line
+    usage error (exit 2), naming the option."""
+    import argparse
+
+    try:
+        return parse_device(value, option="--device")
+    except ValueError as exc:  # argparse says "argument --device: " itself
+        raise argparse.ArgumentTypeError(str(exc).replace("--device ", "", 1)) from None

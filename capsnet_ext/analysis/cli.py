@@ -118,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint file (or run folder with checkpoints/last.pt)")
     p.add_argument("--data-dir", default=None, help="folder with the data set files (default: $CAPSNET_DATA)")
     p.add_argument("--out", default=None, help="report folder (default: <run folder>/analysis)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: a GPU if present)")
+    from .._cli import device_option
+
+    p.add_argument("--device", default="auto", type=device_option,
+                   help="cpu, cuda, cuda:1, ... (default: a GPU if present)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, help="analyse only the first N test images")
     p.add_argument("--gradient-flow", default=None,

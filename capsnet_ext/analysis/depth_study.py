@@ -244,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-limit", type=int, default=None, help="train on the first N images")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate and analyse the first N test images")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--device", default="auto")
+    from .._cli import device_option
+
+    p.add_argument("--device", default="auto", type=device_option)
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"])
     p.add_argument("--backend", default=None)
     p.add_argument("--seed", type=int, default=None)

@@ -769,7 +769,9 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("init", help="capsule lengths and gradients at initialisation of every depth-study preset")
     i.add_argument("--out", default="results/seed-paper")
     i.add_argument("--data-dir", default=None)
-    i.add_argument("--device", default="cpu")
+    from .._cli import device_option
+
+    i.add_argument("--device", default="cpu", type=device_option)
     i.add_argument("--images", type=int, default=128, help="MNIST test digits in the one batch (default 128)")
     i.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     i.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="hidden layers")
@@ -779,7 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
     for q in (c, r):
         q.add_argument("runs", nargs="+", help="run folders, or folders searched for run folders")
         q.add_argument("--data-dir", default=None)
-        q.add_argument("--device", default="cpu")
+        q.add_argument("--device", default="cpu", type=device_option)
         q.add_argument("--limit", type=int, default=None,
                        help="use the first N images of each test set (default: all 10,000)")
         q.add_argument("--affine-seed", type=int, default=0, help="seed of the generated affine test set")

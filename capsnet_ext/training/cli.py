@@ -27,8 +27,8 @@ import pathlib
 import sys
 from typing import List, Optional
 
-from .._cli import run_command
-from .config import PRESETS, TrainConfig, describe_preset, load_config
+from .._cli import device_option, run_command
+from .config import PRESETS, RESUME_CHANGEABLE, TrainConfig, describe_preset, load_config
 
 
 def _parse_set(values: List[str]) -> dict:
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iterations", type=int, help="routing iterations")
     parser.add_argument("--precision", choices=["fp32", "bf16"])
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", type=device_option, help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--resume", nargs="?", const="__out__",
                         help="checkpoint file or run folder to continue from (no value: --out)")
     parser.add_argument("--overwrite", action="store_true",
@@ -121,19 +121,66 @@ def config_from_args(args) -> TrainConfig:
         else:
             overrides[key] = value
     if args.resume is not None:
-        # Continue the saved run: its config, changed only by the flags given now.
+        # Continue the saved run: its config, changed only by the options that may change.
         from .checkpoint import load_checkpoint
         from .config import TrainConfig, _merge
 
+        if args.preset is not None or args.config is not None:
+            raise ValueError("--resume continues the saved run with its own config; --preset and "
+                             "--config cannot be given with it (start a new run with --out, or "
+                             "replace the run with --overwrite)")
         path = resume_path(args)
         saved = load_checkpoint(path)["config"]
+        given = {k: v for k, v in overrides.items() if v is not None}
+        check_resume_overrides(saved, given)
         if args.out is None:
-            overrides["out"] = str(run_dir_of(path))
-        return TrainConfig(**_merge(saved, {k: v for k, v in overrides.items() if v is not None}))
+            given["out"] = str(run_dir_of(path))
+        return TrainConfig(**_merge(saved, given))
     preset = args.preset
     if preset is None and args.config is None:
         preset = "mnist"
     return load_config(preset=preset, path=args.config, **overrides)
+
+
+# The command-line spelling of config fields, for messages.
+OPTION_OF = dict(data_dir="--data-dir", max_steps="--max-steps", batch_size="--batch-size",
+                 lr="--lr", backend="--backend", iterations="--iterations",
+                 precision="--precision", seed="--seed", device="--device",
+                 num_workers="--num-workers", log_every="--log-every", eval_every="--eval-every",
+                 checkpoint_every="--checkpoint-every", epochs="--epochs", out="--out",
+                 progress="--no-progress", tensorboard="--no-tensorboard")
+_DATASET_OPTION = dict(train_limit="--train-limit", test_limit="--test-limit")
+
+
+def _changed(saved, given, prefix=""):
+    """``(dotted key, saved value, given value)`` for every leaf of ``given`` that differs."""
+    out = []
+    for key, value in given.items():
+        old = saved.get(key) if isinstance(saved, dict) else None
+        if isinstance(value, dict) and isinstance(old, dict):
+            out += _changed(old, value, f"{prefix}{key}.")
+        elif value != old:
+            out.append((f"{prefix}{key}", old, value))
+    return out
+
+
+def check_resume_overrides(saved: dict, given: dict) -> None:
+    """Refuse, in one line naming each option, values given with --resume that a resumed run
+    cannot take (the saved run's own values are accepted as they are)."""
+    refused = []
+    for key, old, new in _changed(saved, {k: v for k, v in given.items()
+                                          if k not in RESUME_CHANGEABLE}):
+        top, _, rest = key.partition(".")
+        if top == "dataset_options" and rest in _DATASET_OPTION:
+            option = _DATASET_OPTION[rest]
+        else:
+            option = OPTION_OF.get(key) or f"--set {key}"
+        refused.append(f"{option} {json.dumps(new)} (the run has {json.dumps(old)})")
+    if refused:
+        changeable = ", ".join(OPTION_OF.get(k, k) for k in RESUME_CHANGEABLE if k != "out")
+        raise ValueError(f"--resume: {'; '.join(refused)}: a resumed run keeps its model, data, "
+                         f"optimiser and seed; it can change only {changeable} (start a new run "
+                         f"with another --out, or --overwrite this one)")
 
 
 def resume_path(args) -> pathlib.Path:

@@ -26,6 +26,16 @@ def _mnist_capsnet(**overrides) -> Dict[str, Any]:
     return model
 
 
+# Config fields a resumed run takes from the command line (or ``train(cfg, resume=...)`` from
+# ``cfg``): how long it trains, how it evaluates, logs and checkpoints, where it runs and reads
+# data, and which kernel backend runs the same weights. Everything else (model, data,
+# optimiser, seed, precision) is the saved run's; ``capsnet-ext train --resume`` refuses other
+# values rather than ignoring them.
+RESUME_CHANGEABLE = ("out", "max_steps", "epochs", "device", "progress", "log_every",
+                     "eval_every", "checkpoint_every", "num_workers", "data_dir", "tensorboard",
+                     "backend")
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run.

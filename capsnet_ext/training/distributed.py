@@ -52,12 +52,12 @@ def setup_distributed(device: torch.device) -> DistInfo:
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``"auto"``: ``cuda:LOCAL_RANK`` when a GPU is present, else the CPU."""
-    if name == "auto":
+    from .._cli import parse_device
+
+    if parse_device(name, option="device") == "auto":  # ValueError naming what is wrong
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} requested but no CUDA GPU is available")
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)

@@ -23,7 +23,7 @@ from typing import List, Optional
 
 import torch
 
-from .._cli import run_command
+from .._cli import device_option, run_command
 from .augment import BatchAugmenter
 from .checkpoint import atomic_write_text, load_checkpoint, model_from_checkpoint
 from .distributed import resolve_device
@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", help="checkpoint files or run folders")
     parser.add_argument("--data-dir", help="folder searched first for dataset files")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", type=device_option,
+                        help="auto (a GPU if present, else the CPU), cpu, cuda, cuda:1, ...")
     parser.add_argument("--backend", choices=["auto", "reference", "triton", "cuda"],
                         help="routing backend to evaluate with (default: the checkpoint's)")
     parser.add_argument("--iterations", type=int, help="routing iterations at test time")

@@ -97,14 +97,17 @@ class TensorBoardLog:
 
 
 def format_duration(seconds: float) -> str:
-    """``3.2 s``, ``4m05s``, ``2h03m``: short, for console lines."""
+    """``3.2 s``, ``4m05s``, ``2h03m``, ``3 days 4h``: short, for console lines."""
     if seconds < 60:
         return f"{seconds:.1f} s"
     minutes, secs = divmod(int(round(seconds)), 60)
     if minutes < 60:
         return f"{minutes}m{secs:02d}s"
     hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
+    if hours < 48:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days} days {hours}h"
 
 
 class Console:

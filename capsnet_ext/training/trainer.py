@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 from ..nn import MODEL_REGISTRY, build_model
 from .augment import BatchAugmenter
 from .checkpoint import atomic_torch_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state
-from .config import TrainConfig
+from .config import RESUME_CHANGEABLE, TrainConfig
 from .distributed import DistInfo, barrier, broadcast_flag, cleanup, resolve_device, setup_distributed
 from .evaluation import correct_mask, evaluate, evaluation_batches, forward_and_loss, scores_of, unwrap
 from .logging_utils import Console, CSVLog, TensorBoardLog, format_duration
@@ -81,9 +81,12 @@ def environment_info(device: torch.device) -> Dict[str, Any]:
     return info
 
 
-def routing_backend_name(model: nn.Module, device: torch.device, dtype=torch.float32) -> Optional[str]:
+def routing_backend_name(model: nn.Module, device: torch.device, dtype=torch.float32,
+                         strict: bool = False) -> Optional[str]:
     """The backend module ``auto`` (or the configured name) resolves to for the model's
-    routing layer, e.g. ``"reference"`` or ``"triton"``; ``None`` for models without routing."""
+    routing layer, e.g. ``"reference"`` or ``"triton"``; ``None`` for models without routing.
+    A backend that cannot run here is ``"unavailable (why)"``, or with ``strict`` the
+    dispatch's error (:class:`~capsnet_ext.dispatch.BackendUnavailableError`)."""
     from .. import dispatch
 
     backend = getattr(unwrap(model), "config", {}).get("backend")
@@ -96,6 +99,8 @@ def routing_backend_name(model: nn.Module, device: torch.device, dtype=torch.flo
     try:
         module = dispatch.select("capsule_routing", backend, device, dtype, **options)
     except Exception as exc:
+        if strict:
+            raise
         return f"unavailable ({exc})"
     return getattr(module, "NAME", module.__name__)
 
@@ -272,8 +277,10 @@ def train(cfg: TrainConfig, callbacks: Optional[List[Any]] = None, *, resume: Op
             before the optimizer step; every ``cfg.grad_flow_every`` steps), ``on_eval(step,
             metrics)``, ``on_train_end(out_dir)``.
         resume: a checkpoint file or run folder (``<out>/checkpoints/last.pt``) to continue
-            from; its config replaces ``cfg`` except ``out``, ``max_steps``, ``epochs``,
-            ``device``, ``progress`` and the logging intervals.
+            from; its config replaces ``cfg`` except the fields in
+            :data:`~capsnet_ext.training.config.RESUME_CHANGEABLE` (``out``, ``max_steps``,
+            ``epochs``, ``device``, the logging, evaluation and checkpoint intervals,
+            ``num_workers``, ``data_dir``, ``tensorboard``, ``backend``).
         datasets: a ready :class:`capsnet_ext.data.DatasetBundle` (else ``build_datasets``).
         overwrite: start a new run in ``cfg.out`` even if it is not empty, removing what an
             earlier run wrote there (without it a non-empty folder raises
@@ -289,7 +296,10 @@ def train(cfg: TrainConfig, callbacks: Optional[List[Any]] = None, *, resume: Op
     ``epoch``, ``test_error``/``test_accuracy`` (final evaluation), ``best_error``,
     ``seconds_per_epoch``, ``images_per_sec``, ``backend``, ``interrupted`` and ``metrics``.
     """
+    from .._cli import parse_device
+
     callbacks = list(callbacks or [])
+    parse_device(cfg.device, option="device")  # a missing GPU is a one-line error, not a crash
     # Resuming continues the run in its own folder; resuming into another folder starts a new
     # run folder there, which must be empty like any other. Checked before any process group
     # exists, so no rank can have written anything yet.
@@ -298,9 +308,7 @@ def train(cfg: TrainConfig, callbacks: Optional[List[Any]] = None, *, resume: Op
     ckpt = None
     if resume is not None:
         ckpt = load_checkpoint(resume)
-        keep = {k: getattr(cfg, k) for k in ("out", "max_steps", "epochs", "device", "progress",
-                                             "log_every", "eval_every", "checkpoint_every",
-                                             "num_workers", "data_dir", "tensorboard")}
+        keep = {k: getattr(cfg, k) for k in RESUME_CHANGEABLE}
         saved = dict(ckpt["config"])
         saved.update(keep)
         cfg = TrainConfig(**saved)
@@ -312,12 +320,32 @@ def train(cfg: TrainConfig, callbacks: Optional[List[Any]] = None, *, resume: Op
         console = Console(enabled=info.is_main, bar=cfg.progress)
     elif not info.is_main:
         console = Console(enabled=False)
+    out_dir = pathlib.Path(cfg.out)
+    folder_existed = out_dir.exists()
     try:
         return _train(cfg, callbacks, ckpt, datasets, info, overwrite and not in_place, console,
                       resume)
+    except BaseException:
+        if not in_place and info.is_main:
+            _remove_failed_start(out_dir, folder_existed)
+        raise
     finally:
         console.close_bar()
         cleanup(info)
+
+
+def _remove_failed_start(out_dir: pathlib.Path, folder_existed: bool) -> None:
+    """A new run that failed before writing its first checkpoint leaves nothing behind (its
+    logs, config and TensorBoard folder; the folder itself if the run made it), so that the
+    same command can simply be run again."""
+    if (out_dir / "checkpoints" / "last.pt").exists() or not out_dir.is_dir():
+        return
+    clear_run_folder(out_dir)
+    if not folder_existed:
+        try:
+            out_dir.rmdir()  # only if empty: files someone else put there stay
+        except OSError:
+            pass
 
 
 def _run_folder_of(path) -> pathlib.Path:
@@ -404,7 +432,9 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo, overwrit
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
     augment = BatchAugmenter(cfg.seed, cfg.max_shift, cfg.crop_size, info.rank, info.world_size,
                              random_affine=cfg.random_affine)
-    backend_name = routing_backend_name(model, device)
+    # strict: a backend that cannot run here is refused before the run folder is made, so a
+    # retry is not blocked by a half-made run.
+    backend_name = routing_backend_name(model, device, strict=True)
     env = environment_info(device)
     eval_items = min(cfg.eval_limit or len(bundle.test), len(bundle.test))
     eval_interval = cfg.eval_every or auto_eval_every(steps_per_epoch, eval_items, cfg.batch_size)
@@ -415,7 +445,7 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo, overwrit
     if main and overwrite:
         removed = clear_run_folder(out_dir)
         if removed:
-            console.line(f"--overwrite: removed the earlier run's {', '.join(removed)} from {out_dir}")
+            console.line(f"replacing the earlier run in {out_dir} (removed {', '.join(removed)})")
     arch = model_config.get("arch", type(model).__name__)
     console.line(f"{getattr(bundle, 'name', None) or cfg.dataset} ({len(bundle.train)} training / "
                  f"{eval_items} test images), {arch} with "
@@ -449,6 +479,7 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo, overwrit
                 "scheduler": scheduler.state_dict(), "rng": state, "rng_per_rank": per_rank,
                 "step": step, "epoch": step // steps_per_epoch, "config": cfg.to_dict(),
                 "metrics": metrics, "best_error": best_error, "best_step": best_step, "environment": env,
+                "train_seconds_total": elapsed_before + train_seconds,
                 "world_size": info.world_size,
                 "callback_state": {f"{k}:{type(cb).__name__}": cb.state_dict()
                                    for k, cb in enumerate(callbacks) if callable(getattr(cb, "state_dict", None))},
@@ -491,6 +522,9 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo, overwrit
     step = start_step
     interrupted = None
     train_seconds = eval_seconds = 0.0
+    # Training seconds of the sessions before a resume: train_log.csv's elapsed_s continues.
+    elapsed_before = float(ckpt.get("train_seconds_total", 0.0)) if ckpt is not None else 0.0
+    eta = _ETA(start_step, total_steps, eval_interval, eval_items, cfg.batch_size)
     run_start = time.perf_counter()
     # The log window (train_log.csv rows) and the span between evaluations (console lines);
     # "seconds" is time in training steps, the throughput's denominator in both.
@@ -532,6 +566,10 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo, overwrit
                 span["steps"] += 1
                 span["images"] += cfg.batch_size
                 span["seconds"] += step_seconds
+                if main and eta.pending:
+                    message = eta.after_step(step, step_seconds)
+                    if message:
+                        console.line(message)
 
                 if step % cfg.log_every == 0 or step == total_steps:
                     row = {"step": step, "epoch": step / steps_per_epoch,
@@ -539,7 +577,7 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo, overwrit
                            "loss": window["loss"] / window["steps"],
                            "accuracy": window["correct"] / max(window["n"], 1),
                            "images_per_sec": window["n"] * info.world_size / max(window["seconds"], 1e-9),
-                           "elapsed_s": train_seconds}
+                           "elapsed_s": elapsed_before + train_seconds}
                     for key in ("margin", "recon", "ce"):
                         if window[key]:
                             row[key] = window[key] / window["steps"]
@@ -604,6 +642,45 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo, overwrit
     return result
 
 
+class _ETA:
+    """The start-up estimate of a run's duration: once a few steps are timed (the first, with
+    its one-time compilation and warm-up, not counted), one line with the pace and the time
+    the remaining steps and evaluations will take. Printed whatever the output is (a terminal
+    or a file)."""
+
+    STEPS = 5           # steps timed after the first ...
+    MIN_SECONDS = 2.0   # ... or fewer when they already took this long
+    # An evaluation image costs about a third of a training image (forward only, no
+    # reconstruction gradient): the estimate of the evaluations until one has been timed.
+    EVAL_COST = 1 / 3
+
+    def __init__(self, start_step, total_steps, eval_interval, eval_items, batch_size):
+        self.start_step, self.total_steps = start_step, total_steps
+        self.eval_interval, self.eval_items, self.batch_size = eval_interval, eval_items, batch_size
+        self.timed, self.seconds = 0, 0.0
+        self.pending = total_steps - start_step > 2
+
+    def after_step(self, step: int, seconds: float) -> Optional[str]:
+        if step == self.start_step + 1:
+            return None  # compilation, allocator and cache warm-up
+        self.timed += 1
+        self.seconds += seconds
+        if self.timed < self.STEPS and self.seconds < self.MIN_SECONDS:
+            return None
+        self.pending = False
+        pace = self.seconds / self.timed
+        remaining = self.total_steps - step
+        # every eval_interval-th step, and the last step when it is not one of them
+        evaluations = (self.total_steps // self.eval_interval - step // self.eval_interval
+                       + (1 if self.total_steps % self.eval_interval else 0))
+        eval_seconds = evaluations * self.eval_items * pace / self.batch_size * self.EVAL_COST
+        return (f"pace: {pace:.3g} s per step ({self.batch_size / pace:.0f} images/s) over "
+                f"{self.timed} steps; the remaining {remaining} steps take about "
+                f"{format_duration(remaining * pace)}, and {evaluations} evaluation"
+                f"{'s' if evaluations != 1 else ''} of {self.eval_items} images about "
+                f"{format_duration(eval_seconds)} more (estimated)")
+
+
 def _summary(console: Console, result: Dict[str, Any], cfg: TrainConfig) -> None:
     """The closing lines: how it went and where everything is."""
     out = result["out"]
@@ -622,12 +699,21 @@ def _summary(console: Console, result: Dict[str, Any], cfg: TrainConfig) -> None
     if result["images_per_sec"]:
         line += f"; {result['images_per_sec']:.0f} training images/s"
     console.line(line)
+    # Only what is there: a run stopped early may not have written every log yet.
+    out_path = pathlib.Path(out)
     checkpoints = ", ".join(pathlib.Path(p).name for p in (result["best_checkpoint"],
-                                                             result["last_checkpoint"]) if p)
-    console.line(f"checkpoints: {checkpoints} in {pathlib.Path(out) / 'checkpoints'}")
-    logs = "metrics.json, config.json, train_log.csv, eval_log.csv" + (", tensorboard/" if cfg.tensorboard else "")
-    console.line(f"logs: {logs} in {out}")
-    console.line(f"figures: capsnet-ext eval {out} --figures (writes them to {pathlib.Path(out) / 'eval'})")
+                                                             result["last_checkpoint"])
+                            if p and pathlib.Path(p).is_file())
+    if checkpoints:
+        console.line(f"checkpoints: {checkpoints} in {out_path / 'checkpoints'}")
+    logs = [name for name in ("metrics.json", "config.json", "train_log.csv", "eval_log.csv")
+            if (out_path / name).is_file()]
+    if cfg.tensorboard and (out_path / "tensorboard").is_dir():
+        logs.append("tensorboard/")
+    if logs:
+        console.line(f"logs: {', '.join(logs)} in {out}")
+    if checkpoints:
+        console.line(f"figures: capsnet-ext eval {out} --figures (writes them to {out_path / 'eval'})")
 
 
 def _finished_run(out_dir: pathlib.Path, ckpt: Dict[str, Any], step: int, total_steps: int,

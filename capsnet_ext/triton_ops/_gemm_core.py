@@ -109,14 +109,19 @@ def _target_programs(device: torch.device) -> int:
     return 1  # the interpreter runs programs one after another
 
 
+def _tile_elements(J: int, D: int, Din: int) -> int:
+    """Elements of one input-capsule chunk's padded ``[J, Dout, K]`` tile of W."""
+    DINP = triton.next_power_of_2(Din)
+    K = DINP * max(1, MIN_DOT_K // DINP)
+    return triton.next_power_of_2(J) * max(16, triton.next_power_of_2(D)) * K
+
+
 def capsule_size_limit_reason(J: int, D: int, Din: int,
                               dtype: torch.dtype = torch.float32) -> Optional[str]:
     """Why one input capsule's ``[J, Dout, Din]`` slice of W (padded to powers of two, ``Dout``
     to at least 16, ``Din`` times the input capsules tiled with it to at least 16) is too large
     for the kernels' shared memory in ``dtype``, or ``None``."""
-    DINP = triton.next_power_of_2(Din)
-    K = DINP * max(1, MIN_DOT_K // DINP)
-    elements = triton.next_power_of_2(J) * max(16, triton.next_power_of_2(D)) * K
+    elements = _tile_elements(J, D, Din)
     acc_bytes = torch.finfo(acc_dtype(dtype)).bits // 8
     limit = MAX_TILE_ELEMENTS[acc_bytes]
     if elements <= limit:
@@ -203,6 +208,11 @@ def default_config(B, I, J, D, Din, dtype: torch.dtype = torch.float32,
     precision = precision or dot_precision(dtype)
     if dtype == torch.float64 or (dtype == torch.float32 and precision == "ieee"):
         return Config(16, 8, 8, 16, 8, 16)
+    if dtype == torch.float32 and _tile_elements(J, D, Din) > 8192:
+        # TF32 with tiles above the MNIST layer's (J=17, Dout=24): at 16 warps the backward
+        # sweep's layout conversions need 262,144 bytes of shared memory (over sm_90's
+        # 232,448); at 8 warps it fits.
+        return Config(16, 16, 8, 16, 16, 16)
     return Config(16, 16, 16, 16, 16, 16)
 
 
