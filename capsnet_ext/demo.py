@@ -1,10 +1,13 @@
 """``capsnet-ext demo``: train a small CapsNet on the CPU in a few minutes and report its test
 accuracy.
 
-Uses MNIST when its files are found (the demo never downloads). A data folder named with
-``--data-dir`` or ``$CAPSNET_DATA`` must hold MNIST (``<folder>/mnist/*.gz``): if it does not,
-that is an error. Only when no folder is named and MNIST is not in the user cache does the
-demo train on scikit-learn's 8x8 digits scaled to 28x28 instead, saying where it looked.
+Uses MNIST when its files are found. A data folder named with ``--data-dir`` or
+``$CAPSNET_DATA`` must hold MNIST (``<folder>/mnist/*.gz``): if it does not, that is an error.
+When no folder is named and MNIST is not in the user cache
+(``~/.cache/capsnet_ext/data/mnist``), the demo downloads it there (about 12 MB, saying so;
+``--no-download`` skips this); only when that fails (offline) does it train on scikit-learn's
+8x8 digits scaled to 28x28 instead, saying why. A failed download leaves nothing behind.
+docs/data.md says where the files come from.
 Everything goes to the run folder ``runs/demo`` (under the current folder; git-ignored in the
 project), replaced on every demo run; ``--out`` names another (which must be empty, or
 ``--overwrite``).
@@ -22,7 +25,7 @@ import sys
 import time
 from typing import List, Optional
 
-from ._cli import run_command
+from ._cli import device_option, run_command
 
 DEFAULT_OUT = pathlib.Path("runs") / "demo"
 
@@ -32,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", help="folder holding mnist/ (else $CAPSNET_DATA, user cache); "
                                            "a named folder without MNIST is an error")
+    parser.add_argument("--no-download", action="store_true",
+                        help="do not download MNIST into the user cache when it is not found "
+                             "(train on the scikit-learn digits instead)")
     parser.add_argument("--dataset", choices=["auto", "mnist", "digits"], default="auto")
     parser.add_argument("--train-limit", type=int, default=12000, help="MNIST training images used")
     parser.add_argument("--test-limit", type=int, default=None, help="MNIST test images (default all)")
@@ -39,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="epochs (default 2 on MNIST, 40 on digits)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"])
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", type=device_option,
+                        help="auto (a GPU if present, else the CPU), cpu, cuda, cuda:1, ...")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for PyTorch (default: PyTorch's choice; 1 is often "
@@ -52,27 +59,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _download_failure(exc: Exception) -> str:
+    """One line saying why a download failed: each mirror host and its error (hosts that
+    failed the same way share one entry)."""
+    from urllib.parse import urlsplit
+
+    hosts_by_reason = {}
+    for url, reason in getattr(exc, "attempts", ()):
+        hosts = hosts_by_reason.setdefault(reason, [])
+        host = urlsplit(url).netloc or url
+        if host not in hosts:
+            hosts.append(host)
+    if not hosts_by_reason:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return "; ".join(f"{', '.join(hosts)}: {reason}" for reason, hosts in hosts_by_reason.items())
+
+
 def _load_data(args):
-    """MNIST if its files are present (no download); scikit-learn digits only when no data
-    folder was named and MNIST is not in the user cache (or with ``--dataset digits``)."""
-    from .data import DATA_ENV, build_datasets, data_roots
+    """MNIST if its files are present, else downloaded into the user cache (unless
+    ``--no-download``); scikit-learn digits only when no data folder was named and MNIST is
+    neither in the user cache nor downloadable (or with ``--dataset digits``)."""
+    from .data import DATA_ENV, DataNotFoundError, build_datasets, data_roots, user_cache_dir
 
     named = args.data_dir is not None or bool(os.environ.get(DATA_ENV))
+    options = dict(seed=args.seed, train_limit=args.train_limit, test_limit=args.test_limit)
+
+    def describe(bundle):
+        return f"MNIST ({len(bundle.train)} training / {len(bundle.test)} test images)"
+
     if args.dataset in ("auto", "mnist"):
         try:
-            bundle = build_datasets("mnist", args.data_dir, download=False, seed=args.seed,
-                                    train_limit=args.train_limit, test_limit=args.test_limit)
-            return bundle, "mnist", f"MNIST ({len(bundle.train)} training / {len(bundle.test)} test images)"
+            bundle = build_datasets("mnist", args.data_dir, download=False, **options)
+            return bundle, "mnist", describe(bundle)
         except FileNotFoundError as exc:
-            if args.dataset == "mnist" or named:
+            if named:
                 source = "--data-dir" if args.data_dir is not None else f"${DATA_ENV}"
                 raise FileNotFoundError(
-                    f"MNIST was not found in the data folder named by {source} (the scikit-learn "
-                    f"digits stand in only when no data folder is named).\n{exc}") from None
-            looked = ", ".join(str(root / "mnist") for root in data_roots(None))
-            reason = (f"MNIST not found in {looked} and no data folder named; to train on MNIST put "
-                      f"its IDX .gz files in <folder>/mnist/ and pass --data-dir <folder> or set "
-                      f"{DATA_ENV}=<folder>")
+                    f"MNIST was not found in the data folder named by {source} (the demo "
+                    f"downloads MNIST, or falls back to the scikit-learn digits, only when no "
+                    f"data folder is named).\n{exc}") from None
+            if args.dataset == "mnist" and args.no_download:
+                raise
+        looked = ", ".join(str(root / "mnist") for root in data_roots(None))
+        cache = user_cache_dir() / "mnist"
+        how = (f"to train on MNIST, put its IDX .gz files in <folder>/mnist/ and pass --data-dir "
+               f"<folder> or set {DATA_ENV}=<folder> (see docs/data.md)")
+        if args.no_download:
+            reason = f"MNIST not found in {looked} and --no-download given; {how}"
+        else:
+            from .data.mnist import SPECS
+            print(f"capsnet-ext demo: MNIST not found in {looked}; downloading it (about 12 MB) "
+                  f"from {SPECS['mnist'].mirrors[0]} into {cache} (--no-download to skip) ...",
+                  flush=True)
+            try:
+                bundle = build_datasets("mnist", args.data_dir, download=True, **options)
+                return bundle, "mnist", describe(bundle) + f", downloaded into {cache}"
+            except DataNotFoundError as exc:
+                if args.dataset == "mnist":
+                    raise
+                reason = (f"MNIST not found in {looked} and its download failed "
+                          f"({_download_failure(exc)}); nothing partial was left behind; {how}")
     else:
         reason = "--dataset digits"
     bundle = build_datasets("digits", seed=args.seed)
@@ -94,8 +140,6 @@ def _main(argv: List[str]) -> int:
     bundle, name, description = _load_data(args)
     print(f"capsnet-ext demo: data: {description}")
     out = pathlib.Path(args.out) if args.out else DEFAULT_OUT
-    if not args.out:
-        print(f"capsnet-ext demo: run folder {out} (replaced on every demo run; --out to keep one)")
     epochs = args.epochs or (2 if name == "mnist" else 40)
     cfg = load_config(
         preset="mnist", dataset=name, out=str(out), epochs=epochs, batch_size=args.batch_size,
@@ -127,7 +171,9 @@ def _main(argv: List[str]) -> int:
                              routing_iterations=6)
         print("capsnet-ext demo: figures: " + ", ".join(pathlib.Path(p).name for p in paths)
               + f" in {out / 'figures'}")
-    print(f"capsnet-ext demo: run folder {out} (metrics.json, train_log.csv, checkpoints/)")
+    kept = "" if args.out else "; replaced on every demo run (--out keeps one)"
+    print(f"capsnet-ext demo: run folder {out}: metrics.json, train_log.csv, checkpoints/"
+          f"{'' if args.no_figures else ', figures/'}{kept}")
     return 0
 
 

@@ -148,7 +148,7 @@ def test_offline_and_missing_lists_every_folder(tmp_path, isolated_cache, monkey
     assert "train-images-idx3-ubyte.gz" in message and DATA_ENV in message
     assert "ossci-datasets.s3.amazonaws.com" in message  # the mirrors it tried
     assert not any(isolated_cache.rglob("*.gz")) and not any(isolated_cache.rglob("*.part"))
-    with pytest.raises(DataNotFoundError, match="download=False"):
+    with pytest.raises(DataNotFoundError, match="Downloading was switched off.*--no-download"):
         build_datasets("mnist", data_dir=tmp_path / "arg", download=False)
 
 

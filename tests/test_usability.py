@@ -310,6 +310,7 @@ def _demo_args(*extra):
 def test_demo_data_rules(tmp_path, monkeypatch):
     from capsnet_ext import demo
 
+    _offline(monkeypatch)   # the demo downloads MNIST when nothing is named: make that fail
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("CAPSNET_DATA", raising=False)
     # A named folder without MNIST is an error, whichever way it was named.

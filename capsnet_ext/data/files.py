@@ -4,7 +4,9 @@ Search order (``data_roots``): the ``data_dir`` argument, the folder named by ``
 then the user cache ``($XDG_CACHE_HOME or ~/.cache)/capsnet_ext/data``. Downloads go to the
 user cache. Every write goes to a temporary file in the destination folder first and is moved
 into place with ``os.replace`` only once complete and verified, so no reader ever sees half a
-file and a failed download or a checksum mismatch leaves nothing behind.
+file; a failed or interrupted download (network or HTTP error, checksum mismatch, damaged
+file, Ctrl-C) removes its partial file and any folder it created. docs/data.md lists the
+files, their download locations and how to fetch them by hand.
 """
 from __future__ import annotations
 
@@ -25,7 +27,12 @@ PathLike = Union[str, os.PathLike]
 
 
 class DataNotFoundError(FileNotFoundError):
-    """A dataset file is in none of the searched folders and could not be downloaded."""
+    """A dataset file is in none of the searched folders and could not be downloaded.
+
+    ``attempts``: the ``(url, reason)`` of every download tried (empty when none was).
+    """
+
+    attempts: tuple = ()
 
 
 class CorruptDataError(ValueError):
@@ -92,63 +99,166 @@ def atomic_save(path: PathLike, save: Callable[[str], None], suffix: str = ".tmp
 # Indirection so tests can simulate being offline without touching the network.
 _urlopen = urllib.request.urlopen
 
+# How a user switches downloading on, for messages (the commands download by default).
+DOWNLOAD_HOWTO = ("`capsnet-ext train` and `capsnet-ext eval` download missing files by default, "
+                  "and so does `capsnet-ext demo` for MNIST unless given --no-download; from "
+                  "Python, pass download=True to build_datasets")
 
-def _copy_with_progress(response, out, name: str, chunk_size: int = 1 << 20) -> None:
-    """Stream ``response`` into ``out``; a tqdm bar on a terminal (none in logs or CI)."""
+
+def _copy_with_progress(response, out, name: str, chunk_size: int = 1 << 20) -> int:
+    """Stream ``response`` into ``out``; a tqdm bar on a terminal (none in logs or CI).
+
+    Returns the number of bytes copied; raises ``CorruptDataError`` when the server announced
+    a ``Content-Length`` and sent a different number of bytes (a connection cut short).
+    """
     from tqdm.auto import tqdm
-    total = response.headers.get("Content-Length") if hasattr(response, "headers") else None
-    with tqdm(total=int(total) if total else None, unit="B", unit_scale=True,
+    headers = getattr(response, "headers", None)
+    total = headers.get("Content-Length") if headers is not None else None
+    try:
+        total = int(total) if total else None
+    except ValueError:
+        total = None
+    copied = 0
+    with tqdm(total=total, unit="B", unit_scale=True,
               desc=f"downloading {name}", disable=None, leave=False) as bar:
         for chunk in iter(lambda: response.read(chunk_size), b""):
             out.write(chunk)
+            copied += len(chunk)
             bar.update(len(chunk))
+    if total is not None and copied != total:
+        raise CorruptDataError(f"received {copied} of the {total} bytes announced (the "
+                               f"connection was cut short)")
+    return copied
+
+
+def check_gzip(path: PathLike, name: Optional[str] = None, chunk_size: int = 1 << 20) -> None:
+    """Raise ``CorruptDataError`` unless ``path`` is a complete, readable gzip file."""
+    import gzip
+    import zlib
+    try:
+        with gzip.open(path, "rb") as handle:
+            while handle.read(chunk_size):
+                pass
+    except (EOFError, OSError, zlib.error) as exc:
+        raise CorruptDataError(f"{name or path}: not a complete gzip file ({exc})") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """A short, readable reason for a failed download attempt."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError):
+        return str(exc.reason)
+    return str(exc) or type(exc).__name__
+
+
+def _make_folders(folder: pathlib.Path) -> List[pathlib.Path]:
+    """Create ``folder`` and its missing parents; return those created, deepest first."""
+    missing: List[pathlib.Path] = []
+    current = folder
+    while not current.exists() and current.parent != current:
+        missing.append(current)
+        current = current.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        _remove_empty_folders(missing)
+        raise
+    return missing
+
+
+def _remove_empty_folders(folders: Sequence[pathlib.Path]) -> None:
+    """``rmdir`` each of ``folders`` (deepest first) while they are empty; never a full one."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:   # not empty (another process put a file there), or already gone
+            break
 
 
 def download(urls: Sequence[str], destination: PathLike, md5: Optional[str] = None,
-             timeout: float = 60.0) -> pathlib.Path:
+             timeout: float = 60.0,
+             validate: Optional[Callable[[str, str], None]] = None) -> pathlib.Path:
     """Download the first of ``urls`` that works to ``destination``, verified and written atomically.
 
     The file is streamed to a temporary file in the destination folder; only when it is complete
-    and its MD5 matches ``md5`` (when given) is it moved to ``destination``. A mirror that fails
-    (network error, wrong checksum) is skipped for the next one. Raises ``DataNotFoundError``
-    listing every URL and its error when none works.
+    (as many bytes as the server announced), its MD5 matches ``md5`` (when given) and
+    ``validate(tmp_path, filename)`` accepts it (by default, for a ``.gz`` file without an MD5,
+    that it decompresses) is it moved to ``destination``. A mirror that fails (network error,
+    HTTP error, wrong checksum, damaged file) is skipped for the next one. On any failure,
+    including an interruption, the partial file is removed and so is every folder this call
+    created. Raises ``DataNotFoundError`` listing every URL and why it failed when none works;
+    its ``attempts`` attribute holds the ``(url, reason)`` pairs.
     """
     destination = pathlib.Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    errors: List[str] = []
-    for url in urls:
+    if validate is None and md5 is None and destination.name.endswith(".gz"):
+        validate = lambda path, name: check_gzip(path, name)   # noqa: E731
+    attempts: List[tuple] = []
+    created: List[pathlib.Path] = []
+    try:
         try:
-            # Only a complete file whose MD5 matches is moved into place.
-            with atomic_path(destination, suffix=".part") as tmp:
-                with open(tmp, "wb") as out, _urlopen(url, timeout=timeout) as response:
-                    _copy_with_progress(response, out, destination.name)
-                verify_md5(tmp, md5)
-            return destination
-        except (urllib.error.URLError, OSError, http.client.HTTPException, CorruptDataError,
-                ValueError) as exc:
-            errors.append(f"{url}: {exc}")
-    raise DataNotFoundError("could not download " + destination.name + ":\n  " + "\n  ".join(errors))
+            created = _make_folders(destination.parent)
+        except OSError as exc:
+            attempts.append(("(none tried)", f"cannot create {destination.parent}: {exc}"))
+            urls = ()
+        for url in urls:
+            try:
+                # Only a complete file that passes its checks is moved into place; the
+                # temporary file is removed on any error, KeyboardInterrupt included.
+                with atomic_path(destination, suffix=".part") as tmp:
+                    with open(tmp, "wb") as out, _urlopen(url, timeout=timeout) as response:
+                        _copy_with_progress(response, out, destination.name)
+                    if md5 is not None:
+                        actual = md5sum(tmp)
+                        if actual != md5:
+                            raise CorruptDataError(
+                                f"MD5 {actual} of the {os.path.getsize(tmp)} bytes received does "
+                                f"not match the published {md5}")
+                    if validate is not None:
+                        validate(tmp, destination.name)
+                return destination
+            except (urllib.error.URLError, OSError, http.client.HTTPException, CorruptDataError,
+                    ValueError, EOFError) as exc:
+                attempts.append((url, _reason(exc)))
+    except BaseException:
+        _remove_empty_folders(created)
+        raise
+    _remove_empty_folders(created)
+    error = DataNotFoundError(
+        f"could not download {destination.name} into {destination.parent}; tried:\n  "
+        + "\n  ".join(f"{url}: {reason}" for url, reason in attempts)
+        + "\nNothing was left behind: no partial file"
+        + (", and the folders this attempt created were removed." if created else "."))
+    error.attempts = attempts
+    raise error
 
 
 def not_found_message(dataset: str, filenames: Iterable[str], searched: Iterable[pathlib.Path],
-                      subdir: str, download_note: str, existed: Optional[dict] = None) -> str:
+                      subdir: str, download_note: str, existed: Optional[dict] = None,
+                      urls: Sequence[str] = (), manual_note: str = "") -> str:
     """The error text for missing files: what was needed, every folder searched, how to fix it.
 
-    ``existed`` maps folders to whether they existed when searched (a failed download may
-    have created the cache folder since).
+    ``existed`` maps folders to whether they existed when searched; ``urls`` are the places
+    the files can be downloaded from (listed so they can be fetched by hand); ``manual_note``
+    follows them (e.g. how to fetch every file of the dataset).
     """
     searched = list(searched)
     existed = existed or {}
-    lines = [f"{dataset}: could not find {', '.join(filenames)}.", "Looked in:"]
+    lines = [f"{dataset}: could not find {', '.join(filenames)}.",
+             "Looked in these folders, in this order:"]
     lines += [f"  {folder}" + ("" if existed.get(folder, folder.is_dir()) else "  (does not exist)")
               for folder in searched]
     lines.append(download_note)
+    if urls:
+        lines.append("It can be downloaded from:")
+        lines += [f"  {url}" for url in urls]
+    if manual_note:
+        lines.append(manual_note)
     lines.append(
-        f"To provide the files, put them in a folder named '{subdir}/' inside a data folder and "
-        f"pass that data folder as data_dir (--data-dir) or set ${DATA_ENV} to it; files in "
-        f"{user_cache_dir() / subdir} are found too.")
+        f"To use files you have, put them in a folder named '{subdir}/' inside a data folder and "
+        f"pass that data folder with --data-dir (data_dir= from Python) or set ${DATA_ENV} to "
+        f"it; files in {user_cache_dir() / subdir} are found too. See docs/data.md.")
     return "\n".join(lines)
-
 
 def find_file(names: Sequence[str], roots: Sequence[pathlib.Path], subdirs: Sequence[str]):
     """First existing ``root/subdir/name`` (roots outermost, then subdirs, then names), else None.
@@ -182,7 +292,8 @@ def writable_dir(candidates: Sequence[pathlib.Path]) -> pathlib.Path:
 def locate_file(dataset: str, filename: str, subdirs: Sequence[str],
                 data_dir: Optional[PathLike] = None, download_missing: bool = True,
                 mirrors: Sequence[str] = (), md5: Optional[str] = None,
-                alternatives: Sequence[str] = (), manual_note: str = "") -> pathlib.Path:
+                alternatives: Sequence[str] = (), manual_note: str = "",
+                validate: Optional[Callable[[str, str], None]] = None) -> pathlib.Path:
     """Path of a dataset file: found under ``<root>/<subdir>/`` or downloaded to the user cache.
 
     Args:
@@ -192,8 +303,13 @@ def locate_file(dataset: str, filename: str, subdirs: Sequence[str],
         alternatives: other acceptable names (e.g. the uncompressed file), searched after it.
         mirrors: base URLs; ``mirror + "/" + filename`` is fetched, verified against ``md5``.
         manual_note: added to the error when the file cannot be found or downloaded.
+        validate: ``validate(tmp_path, filename)`` checks a downloaded file before it is kept
+            (see ``download``).
 
-    Raises ``DataNotFoundError`` naming every folder searched and every mirror tried.
+    Raises ``DataNotFoundError`` naming the file, every folder searched (in order), the URLs it
+    can be downloaded from and how to download it or point ``$CAPSNET_DATA`` at it; after a
+    failed download also every URL tried and why it failed (its ``attempts`` attribute holds
+    the ``(url, reason)`` pairs). A failed download leaves no file and no new empty folder.
     """
     roots = data_roots(data_dir)
     path, _, searched = find_file((filename, *alternatives), roots, subdirs)
@@ -201,20 +317,24 @@ def locate_file(dataset: str, filename: str, subdirs: Sequence[str],
         return path
     existed = {folder: folder.is_dir() for folder in searched}
     mirrors = tuple(mirrors)
+    urls = [mirror.rstrip("/") + "/" + filename for mirror in mirrors]
+    attempts: list = []
     if download_missing and mirrors:
         destination = user_cache_dir() / subdirs[0] / filename
-        urls = [mirror.rstrip("/") + "/" + filename for mirror in mirrors]
         try:
-            return download(urls, destination, md5=md5)
+            return download(urls, destination, md5=md5, validate=validate)
         except DataNotFoundError as exc:
-            note = f"Download failed (offline?):\n{exc}"
+            attempts = list(getattr(exc, "attempts", []))
+            note = f"Downloading it failed (offline, or the mirrors are unreachable): {exc}"
     elif not download_missing:
-        note = "Downloading was switched off (download=False)."
+        note = f"Downloading was switched off for this call. To download it: {DOWNLOAD_HOWTO}."
     else:
-        note = "No download mirror is configured."
-    if manual_note:
-        note += "\n" + manual_note
-    raise DataNotFoundError(not_found_message(dataset, [filename], searched, subdirs[0], note, existed))
+        note = "No download mirror is configured for it."
+    wanted = filename + (f" (or {', '.join(alternatives)})" if alternatives else "")
+    error = DataNotFoundError(not_found_message(dataset, [wanted], searched, subdirs[0], note,
+                                                existed, urls=urls, manual_note=manual_note))
+    error.attempts = attempts
+    raise error
 
 
 _memory_cache: dict = {}

@@ -4,8 +4,10 @@ Files are looked for in ``data_roots(data_dir)`` under ``mnist/`` (or ``fashion-
 also under torchvision's layout (``MNIST/raw/``, ``FashionMNIST/raw/``). Each ``.gz`` file found
 is checked against its published MD5 before it is decoded; an uncompressed IDX file is accepted
 too (its header and length are checked instead). Missing files are downloaded from public mirrors
-into the user cache when ``download=True``. Decoded arrays are kept in memory for the life of
-the process, keyed by file path, size and modification time.
+(``IdxSpec.mirrors``, tried in order) into the user cache when ``download=True``; a download is
+kept only when its MD5 matches and it decodes, and a failed one leaves nothing behind. Decoded
+arrays are kept in memory for the life of the process, keyed by file path, size and
+modification time. docs/data.md lists the files and their URLs.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from .files import CorruptDataError, PathLike, locate_file, verify_md5
-from .idx import read_idx
+from .idx import decode_idx, read_idx
 
 
 @dataclass(frozen=True)
@@ -69,19 +71,60 @@ _cache: Dict[Tuple[str, int, int], np.ndarray] = {}
 _cache_lock = threading.Lock()
 
 
+def all_files(spec: IdxSpec) -> Tuple[str, ...]:
+    """Every file of ``spec`` (train then test, images then labels)."""
+    return tuple(name for split in ("train", "test") for name in spec.files[split])
+
+
+def manual_fetch_note(spec: IdxSpec, mirrors: Optional[Sequence[str]] = None) -> str:
+    """How to fetch every file of ``spec`` by hand into the user cache: names and a shell loop."""
+    from .files import user_cache_dir
+
+    mirror = (spec.mirrors if mirrors is None else tuple(mirrors) or ("<mirror>/",))[0]
+    names = all_files(spec)
+    folder = user_cache_dir() / spec.subdirs[0]
+    return (f"{spec.name} consists of {len(names)} files: {', '.join(names)}. To fetch them all "
+            f"by hand into the user cache (searched without any option): mkdir -p '{folder}' && "
+            f"for f in {' '.join(names)}; do curl -fL -o '{folder}'/$f "
+            f"{mirror.rstrip('/')}/$f; done")
+
+
+def check_idx_download(path: PathLike, filename: str) -> None:
+    """Raise ``CorruptDataError`` unless ``path`` (a download of ``filename``) decodes as IDX.
+
+    Checks what the MD5 checks too (run even when mirrors are overridden): the gzip stream is
+    complete and the IDX header agrees with the data length.
+    """
+    import gzip
+    import zlib
+    try:
+        if filename.endswith(".gz"):
+            with gzip.open(path, "rb") as handle:
+                raw = handle.read()
+        else:
+            raw = pathlib.Path(path).read_bytes()
+    except (EOFError, OSError, zlib.error) as exc:
+        raise CorruptDataError(f"{filename}: cannot decompress ({exc})") from exc
+    decode_idx(raw, filename)
+
+
 def locate_idx_file(spec: IdxSpec, filename: str, data_dir: Optional[PathLike] = None,
                     download_missing: bool = True,
                     mirrors: Optional[Sequence[str]] = None) -> pathlib.Path:
     """Path of ``filename`` of ``spec``: found in the data roots, or downloaded to the user cache.
 
     The ``.gz`` file is preferred; the uncompressed file (name without ``.gz``) is accepted
-    when only that exists. Raises ``DataNotFoundError`` listing every folder searched (and
-    every mirror tried) when the file is nowhere and cannot be downloaded.
+    when only that exists. A download is kept only when its MD5 matches and it decodes as IDX.
+    Raises ``DataNotFoundError`` listing every folder searched, the download URLs (and every
+    mirror tried, with its error) and how to fetch the files by hand, when the file is nowhere
+    and cannot be downloaded.
     """
     raw_name = filename[:-3] if filename.endswith(".gz") else filename
+    mirrors = spec.mirrors if mirrors is None else tuple(mirrors)
     return locate_file(spec.name, filename, spec.subdirs, data_dir, download_missing,
-                       spec.mirrors if mirrors is None else mirrors, spec.md5.get(filename),
-                       alternatives=(raw_name,))
+                       mirrors, spec.md5.get(filename), alternatives=(raw_name,),
+                       manual_note=manual_fetch_note(spec, mirrors),
+                       validate=check_idx_download)
 
 
 def load_idx_file(path: PathLike, md5: Optional[str] = None) -> np.ndarray:

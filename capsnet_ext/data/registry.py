@@ -33,7 +33,8 @@ def build_datasets(name: str, data_dir: Optional[PathLike] = None, *, download: 
             ``"svhn"``, ``"smallnorb"`` or ``"digits"`` (scikit-learn's 8x8 digits resized to
             28x28: needs no download).
         data_dir: searched first for files, before ``$CAPSNET_DATA`` and the user cache.
-        download: fetch missing files from public mirrors into the user cache.
+        download: fetch missing files from public mirrors into the user cache (verified;
+            a failed download leaves nothing behind). docs/data.md lists files and URLs.
         seed: seeds everything generated (MultiMNIST pairs, affine test set, digits split).
         **options: per dataset; every dataset takes ``train_limit`` / ``test_limit`` (keep the
             first N examples, for quick runs). See each builder for the rest, e.g. MultiMNIST's
