@@ -102,3 +102,55 @@ def device_option(value: str) -> str:
         return parse_device(value, option="--device")
     except ValueError as exc:  # argparse says "argument --device: " itself
         raise argparse.ArgumentTypeError(str(exc).replace("--device ", "", 1)) from None
+
+
+# ------------------------------------------------------------------ argparse types
+def positive_int(value: str) -> int:
+    """``type=`` for counts that must be at least 1 (argparse names the option)."""
+    import argparse
+
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def non_negative_int(value: str) -> int:
+    """``type=`` for counts that may be 0 (worker processes)."""
+    import argparse
+
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {number}")
+    return number
+
+
+def choice(*choices: str):
+    """``type=`` for a fixed set of names (pass ``choices=`` too, for the help): a misspelt
+    value is refused with the closest valid one."""
+    import argparse
+
+    def parse(value: str) -> str:
+        if value in choices:
+            return value
+        hint = closest(value, choices)
+        raise argparse.ArgumentTypeError(
+            f"invalid choice {value!r} (choose from {', '.join(choices)})"
+            + (f"; did you mean {hint!r}?" if hint else ""))
+
+    parse.__name__ = "choice"
+    return parse
+
+
+def unknown_name(kind: str, value: str, known) -> str:
+    """``unknown KIND 'x'; expected one of a, b, c (did you mean 'y'?)``."""
+    known = sorted(known)
+    hint = closest(value, known)
+    return (f"unknown {kind} {value!r}; expected one of {', '.join(known)}"
+            + (f" (did you mean {hint!r}?)" if hint else ""))

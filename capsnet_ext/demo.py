@@ -25,7 +25,7 @@ import sys
 import time
 from typing import List, Optional
 
-from ._cli import device_option, run_command
+from ._cli import choice, device_option, positive_int, run_command
 
 DEFAULT_OUT = pathlib.Path("runs") / "demo"
 
@@ -38,17 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-download", action="store_true",
                         help="do not download MNIST into the user cache when it is not found "
                              "(train on the scikit-learn digits instead)")
-    parser.add_argument("--dataset", choices=["auto", "mnist", "digits"], default="auto")
-    parser.add_argument("--train-limit", type=int, default=12000, help="MNIST training images used")
-    parser.add_argument("--test-limit", type=int, default=None, help="MNIST test images (default all)")
-    parser.add_argument("--epochs", type=int, default=None,
+    parser.add_argument("--dataset", choices=("auto", "mnist", "digits"),
+                        type=choice("auto", "mnist", "digits"), default="auto")
+    parser.add_argument("--train-limit", type=positive_int, default=12000, help="MNIST training images used")
+    parser.add_argument("--test-limit", type=positive_int, default=None, help="MNIST test images (default all)")
+    parser.add_argument("--epochs", type=positive_int, default=None,
                         help="epochs (default 2 on MNIST, 40 on digits)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"])
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--backend", default="auto", choices=("auto", "reference", "triton", "cuda"),
+                        type=choice("auto", "reference", "triton", "cuda"))
     parser.add_argument("--device", default="auto", type=device_option,
                         help="auto (a GPU if present, else the CPU), cpu, cuda, cuda:1, ...")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads for PyTorch (default: PyTorch's choice; 1 is often "
                              "faster on a busy machine)")
     parser.add_argument("--out", help=f"run folder (default: {DEFAULT_OUT}, replaced on every demo run)")

@@ -244,3 +244,23 @@ def test_summary_names_only_files_that_exist(tmp_path):
     for absent in ("train_log.csv", "eval_log.csv", "metrics.json", "tensorboard", "best.pt"):
         assert absent not in text, text
     assert "checkpoints: last.pt" in text
+
+
+# ------------------------------------------------------------------ 7. option names, suggestions
+@pytest.mark.parametrize("args,expected", [
+    (["train", "--train-limit", "-5"], "argument --train-limit: must be at least 1, got -5"),
+    (["train", "--epochs", "x"], "argument --epochs: expected a whole number, got 'x'"),
+    (["train", "--backend", "refernce"], "did you mean 'reference'?"),
+    (["train", "--precision", "bf61"], "did you mean 'bf16'?"),
+    (["train", "--preset", "mnsit"], "unknown preset 'mnsit'"),
+    (["train", "--set", "dataset=mnsit"], "dataset 'mnsit' is not known"),
+    (["eval", "x", "--batch-size", "0"], "argument --batch-size: must be at least 1"),
+    (["demo", "--dataset", "digts"], "did you mean 'digits'?"),
+    (["analyze", "x", "--limit", "0"], "argument --limit: must be at least 1"),
+])
+def test_errors_name_the_users_option_and_the_closest_choice(tmp_path, args, expected):
+    code, out, err = run_cli(*args, "--out", str(tmp_path / "run"))
+    assert code == 2 and "Traceback" not in err, err
+    assert expected in err.strip().splitlines()[-1], err
+    if "mnsit" in expected:
+        assert "(did you mean 'mnist'?)" in err

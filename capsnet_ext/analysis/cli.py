@@ -118,12 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint file (or run folder with checkpoints/last.pt)")
     p.add_argument("--data-dir", default=None, help="folder with the data set files (default: $CAPSNET_DATA)")
     p.add_argument("--out", default=None, help="report folder (default: <run folder>/analysis)")
-    from .._cli import device_option
+    from .._cli import device_option, positive_int
 
     p.add_argument("--device", default="auto", type=device_option,
                    help="cpu, cuda, cuda:1, ... (default: a GPU if present)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--limit", type=int, default=None, help="analyse only the first N test images")
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--limit", type=positive_int, default=None, help="analyse only the first N test images")
     p.add_argument("--gradient-flow", default=None,
                    help=f"{NPZ_NAME} to plot (default: searched beside the checkpoint)")
     return p

@@ -45,7 +45,11 @@ def build_datasets(name: str, data_dir: Optional[PathLike] = None, *, download: 
     [2, 1, 36, 36]) and their ``"label"`` is a float32 multi-hot [10].
     """
     if name not in _BUILDERS:
-        raise ValueError(f"name must be one of {', '.join(DATASET_NAMES)}; got {name!r}")
+        from .._cli import closest
+
+        hint = closest(name, DATASET_NAMES)
+        raise ValueError(f"dataset {name!r} is not known; expected one of "
+                         f"{', '.join(DATASET_NAMES)}" + (f" (did you mean {hint!r}?)" if hint else ""))
     module_name, function_name = _BUILDERS[name].split(":")
     builder: Callable[..., DatasetBundle] = getattr(importlib.import_module(module_name), function_name)
     accepted = [p.name for p in inspect.signature(builder).parameters.values()

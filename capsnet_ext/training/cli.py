@@ -27,7 +27,7 @@ import pathlib
 import sys
 from typing import List, Optional
 
-from .._cli import device_option, run_command
+from .._cli import choice, device_option, non_negative_int, positive_int, run_command
 from .config import PRESETS, RESUME_CHANGEABLE, TrainConfig, describe_preset, load_config
 
 
@@ -53,6 +53,10 @@ def _parse_set(values: List[str]) -> dict:
     return result
 
 
+BACKENDS = ("auto", "reference", "triton", "cuda")
+PRECISIONS = ("fp32", "bf16")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capsnet-ext train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,27 +64,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="JSON file of TrainConfig fields (may name a 'preset')")
     parser.add_argument("--data-dir", help="folder searched first for dataset files")
     parser.add_argument("--out", help="run folder: logs, checkpoints, metrics.json")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--max-steps", type=int, help="train this many optimizer steps (replaces --epochs)")
-    parser.add_argument("--batch-size", type=int, help="global batch (split across DDP ranks)")
+    parser.add_argument("--epochs", type=positive_int)
+    parser.add_argument("--max-steps", type=positive_int, help="train this many optimizer steps (replaces --epochs)")
+    parser.add_argument("--batch-size", type=positive_int, help="global batch (split across DDP ranks)")
     parser.add_argument("--lr", type=float)
-    parser.add_argument("--backend", choices=["auto", "reference", "triton", "cuda"])
-    parser.add_argument("--iterations", type=int, help="routing iterations")
-    parser.add_argument("--precision", choices=["fp32", "bf16"])
+    parser.add_argument("--backend", choices=BACKENDS, type=choice(*BACKENDS))
+    parser.add_argument("--iterations", type=positive_int, help="routing iterations")
+    parser.add_argument("--precision", choices=PRECISIONS, type=choice(*PRECISIONS))
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", type=device_option, help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--resume", nargs="?", const="__out__",
                         help="checkpoint file or run folder to continue from (no value: --out)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start a new run in --out even if it holds an earlier run (which is removed)")
-    parser.add_argument("--num-workers", type=int)
-    parser.add_argument("--log-every", type=int)
-    parser.add_argument("--eval-every", type=int,
+    parser.add_argument("--num-workers", type=non_negative_int)
+    parser.add_argument("--log-every", type=positive_int)
+    parser.add_argument("--eval-every", type=positive_int,
                         help="score the test set every N steps (default: once per epoch, but never "
                              "more test images than training images in between; always at the end)")
-    parser.add_argument("--checkpoint-every", type=int)
-    parser.add_argument("--train-limit", type=int, help="use the first N training examples")
-    parser.add_argument("--test-limit", type=int,
+    parser.add_argument("--checkpoint-every", type=positive_int)
+    parser.add_argument("--train-limit", type=positive_int, help="use the first N training examples")
+    parser.add_argument("--test-limit", type=positive_int,
                         help="use the first N test examples (evaluation is quicker; the numbers "
                              "are then on N images)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",

@@ -384,7 +384,9 @@ def load_config(preset: Optional[str] = None, path: Optional[os.PathLike] = None
         preset = file_fields.pop("preset", None) or preset
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+            from .._cli import unknown_name
+
+            raise ValueError(unknown_name("preset", preset, PRESETS))
         fields = _merge(fields, PRESETS[preset])
     fields = _merge(fields, file_fields)
     fields = _merge(fields, {k: v for k, v in overrides.items() if v is not None})

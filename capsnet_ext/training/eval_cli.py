@@ -23,11 +23,14 @@ from typing import List, Optional
 
 import torch
 
-from .._cli import device_option, run_command
+from .._cli import choice, device_option, positive_int, run_command
 from .augment import BatchAugmenter
 from .checkpoint import atomic_write_text, load_checkpoint, model_from_checkpoint
 from .distributed import resolve_device
 from .evaluation import ensemble_metrics, evaluate
+
+
+BACKENDS = ("auto", "reference", "triton", "cuda")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,12 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", help="folder searched first for dataset files")
     parser.add_argument("--device", default="auto", type=device_option,
                         help="auto (a GPU if present, else the CPU), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--backend", choices=["auto", "reference", "triton", "cuda"],
+    parser.add_argument("--backend", choices=BACKENDS, type=choice(*BACKENDS),
                         help="routing backend to evaluate with (default: the checkpoint's)")
-    parser.add_argument("--iterations", type=int, help="routing iterations at test time")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--test-limit", type=int, help="score the first N test examples")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--iterations", type=positive_int, help="routing iterations at test time")
+    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--test-limit", type=positive_int, help="score the first N test examples")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), type=choice("fp32", "bf16"),
+                        default="fp32")
     parser.add_argument("--out", help="folder for eval.json and figures (default: the first "
                                       "checkpoint's run folder / eval)")
     parser.add_argument("--figures", action="store_true", help="draw the PNG figures")
