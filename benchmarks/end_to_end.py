@@ -105,4 +105,4 @@ def _one_line(r: Dict[str, object]) -> str:
             f"{r['precision']:<14} batch={r['batch']}")
     if r["status"] != "ok":
         return f"{head}  {str(r['status']).upper()}: {r['reason']}"
-    return f"{head}  {r['steps_per_s']:8.2f} steps/s  {r['images_per_s']:9.1f} images/s"
+    return f"{head}  measured (numbers in the table at the end)"

@@ -264,3 +264,20 @@ def test_errors_name_the_users_option_and_the_closest_choice(tmp_path, args, exp
     assert expected in err.strip().splitlines()[-1], err
     if "mnsit" in expected:
         assert "(did you mean 'mnist'?)" in err
+
+
+def test_bench_progress_lines_do_not_repeat_the_table():
+    """`bench` printed every result twice (a progress line, then the table): the progress line
+    now says what was measured, and the numbers appear once, in the table."""
+    from benchmarks import end_to_end, suite
+
+    record = dict(op="predict", contender="reference", mode="forward", dtype="float32",
+                  shape=dict(B=16, I=8, J=10, iterations=3), status="ok",
+                  time_s=dict(median=0.001234), fraction_of_floor=0.5)
+    line = suite._one_line(record)
+    assert line.endswith("measured") and "1.234" not in line and "floor" not in line
+    failed = suite._one_line(dict(record, status="error", reason="boom"))
+    assert failed.endswith("ERROR: boom")
+    e2e = end_to_end._one_line(dict(backend="reference", compiled=False, precision="float32",
+                                    batch=8, status="ok", steps_per_s=0.9, images_per_s=7.2))
+    assert "7.2" not in e2e and "measured" in e2e
