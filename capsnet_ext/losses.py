@@ -22,7 +22,21 @@ def _check_reduction(reduction: str) -> None:
 
 
 def one_hot_targets(targets: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
-    """Class indices ``[B]`` or multi-hot ``[B, J]`` targets as a float ``[B, J]`` tensor."""
+    """Class indices ``[B]`` or multi-hot ``[B, J]`` targets as a float ``[B, J]`` tensor.
+
+    Args:
+        targets (Tensor): integer class indices ``[B]`` in ``[0, num_classes)``, or multi-hot
+            ``[B, num_classes]``.
+        num_classes (int): ``J``.
+        dtype (torch.dtype): dtype of the result.
+
+    Returns:
+        Tensor: ``[B, num_classes]`` of ``dtype`` (0/1 for class indices).
+
+    Raises:
+        TypeError: 1-D ``targets`` are not integers.
+        ValueError: indices out of range, or a wrong shape.
+    """
     if targets.dim() == 1:
         if targets.dtype.is_floating_point:
             raise TypeError(f"class-index targets must be integers, got dtype {targets.dtype}")
@@ -46,14 +60,43 @@ def margin_loss(
     lam: float = 0.5,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """``L = sum_k T_k max(0, m_pos - |v_k|)^2 + lam (1 - T_k) max(0, |v_k| - m_neg)^2``.
+    """Margin loss of the CapsNet paper (Sabour, Frosst & Hinton 2017).
+
+    ``L = sum_k T_k max(0, m_pos - |v_k|)^2 + lam (1 - T_k) max(0, |v_k| - m_neg)^2`` per
+    sample, with ``T_k = 1`` for the classes present. The loss is summed over classes per
+    sample, as in the paper (not averaged), then reduced over the batch.
 
     Args:
-        lengths: capsule lengths ``[B, J]``.
-        targets: class indices ``[B]`` or multi-hot ``[B, J]`` (several digits present, as in
-            MultiMNIST).
-        reduction: ``"mean"`` over the batch (default), ``"sum"`` or ``"none"`` (``[B]``).
-    The loss is summed over classes per sample, as in the paper (not averaged).
+        lengths (Tensor): capsule lengths ``[B, J]`` (e.g. ``CapsNetOutput.lengths``),
+            floating point.
+        targets (Tensor): integer class indices ``[B]`` or multi-hot ``[B, J]`` (several
+            digits present, as in MultiMNIST).
+        m_pos (float, optional): the length a present class's capsule should exceed.
+            Default: ``0.9``.
+        m_neg (float, optional): the length an absent class's capsule should stay below.
+            Default: ``0.1``.
+        lam (float, optional): down-weighting of the absent classes' term. Default: ``0.5``.
+        reduction (str, optional): ``"mean"`` over the batch, ``"sum"`` or ``"none"``.
+            Default: ``"mean"``.
+
+    Returns:
+        Tensor: a scalar, or the per-sample losses ``[B]`` with ``reduction="none"``.
+
+    Raises:
+        TypeError: ``lengths`` is not a floating-point tensor, ``targets`` is not a tensor, or
+            1-D ``targets`` are not integers.
+        ValueError: ``lengths`` is not ``[B, J]`` or is empty, the batch sizes differ, a class
+            index is out of range, multi-hot ``targets`` are not ``[B, J]``, or an unknown
+            ``reduction``.
+
+    Example::
+
+        >>> import torch, capsnet_ext
+        >>> lengths = torch.rand(4, 10)
+        >>> capsnet_ext.margin_loss(lengths, torch.tensor([0, 3, 9, 3])).shape
+        torch.Size([])
+        >>> capsnet_ext.margin_loss(lengths, torch.tensor([0, 3, 9, 3]), reduction="none").shape
+        torch.Size([4])
     """
     check_float_tensor("lengths", lengths, 2, "[B, J]")
     _check_reduction(reduction)
@@ -71,9 +114,30 @@ def reconstruction_loss(reconstructions: torch.Tensor, images: torch.Tensor,
                         reduction: str = "mean") -> torch.Tensor:
     """Sum of squared pixel errors per image, then reduced over the batch.
 
-    ``reconstructions`` and ``images`` may have any shapes with the same number of elements
-    per sample (e.g. ``[B, 784]`` against ``[B, 1, 28, 28]``). The CapsNet objective adds
-    ``0.0005`` times this to the margin loss.
+    The CapsNet objective adds ``0.0005`` times this to the margin loss.
+
+    Args:
+        reconstructions (Tensor): decoder output, e.g. ``CapsNetOutput.reconstructions``
+            ``[B, 784]``, floating point.
+        images (Tensor): the images, any shape with the same number of elements per sample
+            (e.g. ``[B, 1, 28, 28]``), floating point.
+        reduction (str, optional): ``"mean"`` over the batch, ``"sum"`` or ``"none"``.
+            Default: ``"mean"``.
+
+    Returns:
+        Tensor: a scalar, or the per-sample sums ``[B]`` with ``reduction="none"``.
+
+    Raises:
+        TypeError: an argument is not a floating-point tensor.
+        ValueError: an empty tensor, different batch sizes or numbers of pixels, or an
+            unknown ``reduction``.
+
+    Example::
+
+        >>> import torch, capsnet_ext
+        >>> images = torch.rand(4, 1, 28, 28)
+        >>> capsnet_ext.reconstruction_loss(torch.rand(4, 784), images).shape
+        torch.Size([])
     """
     check_float_tensor("reconstructions", reconstructions)
     check_float_tensor("images", images)

@@ -33,6 +33,7 @@ def availability(device: torch.device) -> Optional[str]:
 
 
 def unsupported_reason(op: str, *, dtype: torch.dtype, **options) -> Optional[str]:
+    """The reference implements every op with every option and dtype: always ``None``."""
     return None
 
 
@@ -43,6 +44,13 @@ def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
     so the value and the gradient at ``s = 0`` are finite (the exact limit is 0 for both;
     the clamp changes the result only for ``|s|^2`` below that number). Half-precision
     inputs are squashed in float32 and cast back.
+
+    Args:
+        s: any floating-point tensor.
+        dim: the dimension of the capsule vectors.
+
+    Returns:
+        ``v``, shaped and typed like ``s``.
     """
     work = s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
     sq_norm = (work * work).sum(dim=dim, keepdim=True)
@@ -52,7 +60,11 @@ def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 def predict(u: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """Prediction vectors ``u_hat [B, I, J, Dout]`` from ``u [B, I, Din]`` and
-    ``W [I, J, Dout, Din]``."""
+    ``W [I, J, Dout, Din]``: ``u_hat[b, i, j] = W[i, j] @ u[b, i]``.
+
+    Returns:
+        ``u_hat [B, I, J, Dout]``.
+    """
     return torch.einsum("ijdk,bik->bijd", W, u)
 
 
@@ -63,6 +75,9 @@ def coupling(logits: torch.Tensor, leaky: bool = False, temperature: float = 1.0
     ``leaky`` adds a constant zero "none of the above" logit to each softmax and leaves its
     coefficient out of the result, so each row then sums to less than 1 (the zero logit is
     zero at any temperature).
+
+    Returns:
+        the couplings ``c [B, I, J]``.
     """
     if temperature != 1.0:
         logits = logits / temperature
@@ -88,11 +103,10 @@ def dynamic_routing(
     prior: Optional[torch.Tensor] = None,
     temperature: float = 1.0,
 ):
-    """Routing by agreement over prediction vectors ``u_hat [B, I, J, Dout]``.
-
-    Returns ``v [B, J, Dout]``, or ``(v, c)`` with the last iteration's coupling
-    coefficients ``c [B, I, J]`` (detached: they are for inspection) when
-    ``return_coupling`` is set.
+    """Routing by agreement over prediction vectors ``u_hat [B, I, J, Dout]``, with
+    ``iterations`` weighted sums, an optional ``bias [J, Dout]`` added to ``s`` before every
+    squash and the ``leaky`` "none of the above" logit (see :func:`coupling`). The public,
+    checked version is :func:`capsnet_ext.ops.dynamic_routing`.
 
     ``prior`` (``[I, J]``, optional) is added to the logits before every softmax and
     ``temperature`` divides them: ``c = softmax((prior + agreement) / temperature)``.
@@ -100,6 +114,10 @@ def dynamic_routing(
     ``detach_inner=True`` runs every iteration but the last without gradient and uses the
     agreement as a constant in the last, so gradient reaches ``u_hat`` (and ``bias``) only
     through the last iteration's weighted sum, and ``prior`` only through the last coupling.
+
+    Returns:
+        ``v [B, J, Dout]``, or ``(v, c)`` with the last iteration's coupling coefficients
+        ``c [B, I, J]`` (detached: they are for inspection) when ``return_coupling`` is set.
     """
     B, I, J, _ = u_hat.shape
     agreement = u_hat.new_zeros(B, I, J)  # sum over earlier iterations of <u_hat_ij, v_j>
@@ -138,8 +156,15 @@ def capsule_routing(
     prior: Optional[torch.Tensor] = None,
     temperature: float = 1.0,
 ):
-    """``dynamic_routing(predict(u, W), ...)``. The reference materialises ``u_hat``; kernel
-    backends recompute it instead of storing it."""
+    """``dynamic_routing(predict(u, W), ...)`` for ``u [B, I, Din]`` and
+    ``W [I, J, Dout, Din]``, with the options ``iterations``, ``bias``, ``leaky``,
+    ``detach_inner``, ``return_coupling``, ``prior`` and ``temperature`` of
+    :func:`dynamic_routing`. The reference materialises ``u_hat``; kernel backends recompute
+    it instead of storing it.
+
+    Returns:
+        ``v [B, J, Dout]`` or ``(v, c)``, as :func:`dynamic_routing`.
+    """
     return dynamic_routing(
         predict(u, W),
         iterations,

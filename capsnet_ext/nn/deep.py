@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .layers import PrimaryCaps, RoutingCapsules
-from .models import CapsNetOutput, capsule_output, reconstruction_decoder, register_model
+from .models import (CapsNetOutput, capsule_output, check_primary_capsules, reconstruction_decoder,
+                     register_model)
 
 # Variance of a standard normal truncated at +-2 (what RoutingCapsules' trunc_normal_ draws):
 # 1 - 4 phi(2) / (Phi(2) - Phi(-2)).
@@ -39,12 +40,29 @@ def auto_init_std(in_caps: int, out_caps: int, out_dim: int) -> float:
     shrink quadratically layer by layer and a deep stack starts dead.) The returned value is
     the std *before* truncation at two standard deviations, corrected so that the truncated
     draw has the intended variance.
+
+    Args:
+        in_caps (int): input capsules ``I`` of the layer.
+        out_caps (int): output capsules ``J`` of the layer.
+        out_dim (int): dimension ``Dout`` of the output capsules.
+
+    Returns:
+        float: the ``init_std`` to pass to :class:`~capsnet_ext.nn.RoutingCapsules`.
     """
     sigma = out_caps / (_TYPICAL_LENGTH * math.sqrt(in_caps * out_dim))
     return sigma / math.sqrt(_TRUNC2_VAR)
 
 
 class DeepCapsTrace(NamedTuple):
+    """Every layer of a stacked capsule model, from :meth:`StackedRoutingCapsNet.routing_trace`.
+
+    Attributes:
+        capsules (tuple of Tensor): ``L + 1`` tensors: the primary capsules ``[B, I0, D0]``,
+            then each routing layer's output ``[B, caps[k], dims[k]]``.
+        couplings (tuple of Tensor): ``L`` tensors: routing layer ``k``'s couplings
+            ``[B, caps[k-1], caps[k]]`` (``I0`` input capsules for the first), without gradient.
+    """
+
     capsules: Tuple[torch.Tensor, ...]   # L + 1 tensors: primary [B, I0, D0], then [B, caps[k], dims[k]]
     couplings: Tuple[torch.Tensor, ...]  # L tensors: layer k's [B, caps[k-1] (I0 for k=0), caps[k]]
 
@@ -63,7 +81,19 @@ def _per_layer(name: str, value, num_layers: int, kind):
 
 def per_layer_init_std(init_std, num_layers: int):
     """``init_std`` of a stack of routing layers: ``"auto"`` gives ``None`` (the caller takes
-    :func:`auto_init_std` per layer); a float or one float per layer gives the list of floats."""
+    :func:`auto_init_std` per layer); a float or one float per layer gives the list of floats.
+
+    Args:
+        init_std: ``"auto"``, a float, or a sequence of ``num_layers`` floats.
+        num_layers (int): number of routing layers.
+
+    Returns:
+        list of float or None.
+
+    Raises:
+        ValueError: another string, or a sequence of the wrong length.
+        TypeError: neither a string, a number nor a sequence of numbers.
+    """
     if isinstance(init_std, str):
         if init_std != "auto":
             raise ValueError(f"init_std must be 'auto', a float or a list of floats, got {init_std!r}")
@@ -73,14 +103,28 @@ def per_layer_init_std(init_std, num_layers: int):
 
 class StackedRoutingCapsNet(nn.Module):
     """What every stack of routing layers shares: subclasses define ``primary_capsules(x)``,
-    ``routing`` (an ``nn.ModuleList`` of :class:`RoutingCapsules`) and ``decoder`` (or
-    ``None``); the trace, the masked reconstruction and the forward pass are the same."""
+    ``routing`` (an ``nn.ModuleList`` of :class:`RoutingCapsules`), ``num_primary``,
+    ``num_classes``, ``config`` and ``decoder`` (or ``None``); the trace, the masked
+    reconstruction and the forward pass are the same. Not built directly: see
+    :class:`DeepCapsNet` and :class:`~capsnet_ext.nn.MitterreiterCapsNet`."""
+
+    def _primary(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.primary_capsules(x)
+        check_primary_capsules(self, x, u)
+        return u
 
     def routing_trace(self, x: torch.Tensor) -> DeepCapsTrace:
         """Every capsule layer and every routing layer's couplings for images ``x``:
         capsules ``(primary [B, I0, D0], layer 1 [B, caps[0], dims[0]], ...)`` and couplings
-        ``(layer 1 [B, I0, caps[0]], ...)`` (couplings carry no gradient)."""
-        u = self.primary_capsules(x)
+        ``(layer 1 [B, I0, caps[0]], ...)`` (couplings carry no gradient).
+
+        Args:
+            x (Tensor): images ``[B, in_channels, input_size, input_size]``.
+
+        Returns:
+            DeepCapsTrace: ``(capsules, couplings)``, tuples of ``L + 1`` and ``L`` tensors.
+        """
+        u = self._primary(x)
         capsules, couplings = [u], []
         for layer in self.routing:
             u, c = layer(u, return_coupling=True)
@@ -89,20 +133,41 @@ class StackedRoutingCapsNet(nn.Module):
         return DeepCapsTrace(tuple(capsules), tuple(couplings))
 
     def reconstruct(self, capsules: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Decode class capsules ``[B, num_classes, dims[-1]]`` masked by ``mask [B, num_classes]``."""
+        """Decode class capsules ``[B, num_classes, dims[-1]]`` masked by ``mask [B, num_classes]``
+        into ``[B, in_channels * input_size**2]`` pixels in ``[0, 1]``; ``RuntimeError``
+        without a decoder."""
         if self.decoder is None:
             raise RuntimeError(f"this {type(self).__name__} was built with decoder=False")
         return self.decoder((capsules * mask.unsqueeze(-1)).flatten(1))
 
     def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 return_coupling: bool = False) -> CapsNetOutput:
-        """Args as for :meth:`capsnet_ext.nn.CapsNet.forward`; ``couplings`` is a tuple of one
-        tensor per routing layer when ``return_coupling`` is set."""
+        """Class capsules, their lengths and the masked reconstruction of images ``x``, through
+        every routing layer.
+
+        Args:
+            x (Tensor): images ``[B, in_channels, input_size, input_size]``.
+            targets (Tensor, optional): class indices ``[B]`` or multi-hot
+                ``[B, num_classes]``; when given (training), the decoder sees the capsules of
+                these classes, otherwise the longest capsule. Default: ``None``.
+            return_coupling (bool, optional): also return every routing layer's couplings.
+                Default: ``False``.
+
+        Returns:
+            CapsNetOutput: ``lengths [B, num_classes]``, ``capsules [B, num_classes,
+            dims[-1]]``, ``reconstructions [B, in_channels * input_size**2]`` (``None``
+            with ``decoder=False``) and ``couplings``: ``None``, or with ``return_coupling``
+            a tuple of one ``[B, I_k, J_k]`` tensor per routing layer (no gradient).
+
+        Raises:
+            ValueError: ``x`` does not give the model's number of primary capsules (wrong
+                image size), or ``targets`` are out of range or of the wrong shape.
+        """
         if return_coupling:
             trace = self.routing_trace(x)
             capsules, couplings = trace.capsules[-1], trace.couplings
         else:
-            capsules = self.primary_capsules(x)
+            capsules = self._primary(x)
             for layer in self.routing:
                 capsules = layer(capsules)
             couplings = None
@@ -113,21 +178,53 @@ class DeepCapsNet(StackedRoutingCapsNet):
     """conv1 -> PrimaryCaps -> ``len(caps)`` fully connected routing layers -> masked decoder.
 
     Args:
-        caps: capsules per routing layer, the last being the class capsules
-            (default ``[32, 32, 32, num_classes]``); must end with ``num_classes``.
-        dims: capsule dimensions per routing layer (default 8 for every hidden layer and 16
-            for the class capsules).
-        iterations: routing iterations, one int or one per layer.
-        init_std: ``"auto"`` (default: :func:`auto_init_std` per layer, which keeps lengths
-            from shrinking with depth at initialisation), one float for every layer, or one per
-            layer.
-        routing_bias, leaky, detach_inner, backend: as for
-            :class:`~capsnet_ext.nn.RoutingCapsules`, for every layer.
-        Other arguments as for :class:`~capsnet_ext.nn.CapsNet`.
+        input_size (int, optional): height and width of the square input images.
+            Default: ``28``.
+        in_channels (int, optional): image channels. Default: ``1``.
+        num_classes (int, optional): number of classes (capsules of the last layer).
+            Default: ``10``.
+        caps (sequence of int, optional): capsules per routing layer, the last being the class
+            capsules (default ``[32, 32, 32, num_classes]``); must end with ``num_classes``.
+        dims (sequence of int, optional): capsule dimensions per routing layer (default 8 for
+            every hidden layer and 16 for the class capsules).
+        conv_channels, conv_kernel (int, optional): conv1, as for
+            :class:`~capsnet_ext.nn.CapsNet`. Default: ``256``, ``9``.
+        primary_channels, primary_dim, primary_kernel (int, optional): PrimaryCaps, as for
+            :class:`~capsnet_ext.nn.CapsNet`. Default: ``32``, ``8``, ``9``.
+        iterations (int or sequence of int, optional): routing iterations, one int or one per
+            layer. Default: ``3``.
+        init_std (str, float or sequence of float, optional): ``"auto"`` (default:
+            :func:`auto_init_std` per layer, which keeps lengths from shrinking with depth at
+            initialisation), one float for every layer, or one per layer.
+        routing_bias (bool, optional): a routing bias in every layer. Default: ``True``.
+        leaky, detach_inner (bool, optional): as for
+            :class:`~capsnet_ext.nn.RoutingCapsules`, for every layer. Default: ``False``.
+        backend (str, optional): routing backend of every layer, ``"auto"``, ``"reference"``,
+            ``"triton"`` or ``"cuda"`` (see :func:`capsnet_ext.capsule_routing`).
+            Default: ``"auto"``.
+        decoder (bool, optional): build the reconstruction decoder. Default: ``True``.
+        decoder_hidden (sequence of int, optional): its hidden widths.
+            Default: ``(512, 1024)``.
 
     ``forward(x [B, C, H, W], targets=None, return_coupling=False) -> CapsNetOutput``; with
     ``return_coupling`` the ``couplings`` field is a tuple with one ``[B, I_k, J_k]`` tensor per
     routing layer. :meth:`routing_trace` returns every layer's capsules and couplings.
+
+    Raises:
+        ValueError: ``caps`` is empty or does not end with ``num_classes``; ``dims`` or a
+            per-layer ``iterations``/``init_std`` list has the wrong length; ``input_size`` is
+            too small.
+        TypeError: ``iterations`` or ``init_std`` of the wrong type.
+
+    Example::
+
+        >>> import torch
+        >>> from capsnet_ext.nn import DeepCapsNet
+        >>> model = DeepCapsNet(caps=[8, 10], dims=[8, 16], conv_channels=16,
+        ...                     primary_channels=4, decoder=False)
+        >>> out = model(torch.rand(2, 1, 28, 28), return_coupling=True)
+        >>> out.lengths.shape, [c.shape for c in out.couplings]
+        (torch.Size([2, 10]), [torch.Size([2, 144, 8]), torch.Size([2, 8, 10])])
     """
 
     def __init__(self, input_size: int = 28, in_channels: int = 1, num_classes: int = 10,
@@ -182,6 +279,7 @@ class DeepCapsNet(StackedRoutingCapsNet):
             self.decoder = reconstruction_decoder(num_classes * dims[-1], decoder_hidden, self.image_numel)
 
     def primary_capsules(self, x: torch.Tensor) -> torch.Tensor:
+        """Squashed primary capsules ``[B, num_primary, primary_dim]`` of images ``x``."""
         return self.primary(torch.relu(self.conv1(x)))
 
 

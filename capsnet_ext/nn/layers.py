@@ -17,8 +17,33 @@ class PrimaryCaps(nn.Module):
     MNIST (Sabour et al.): 256 input channels, 32 channels of 8D capsules, 9x9 kernels,
     stride 2: a 20x20 map gives 6x6x32 = 1152 capsules.
 
-    Input ``[B, in_channels, H, W]``; output ``[B, caps_channels * H' * W', caps_dim]`` ordered
-    channel-major (all positions of capsule channel 0, then channel 1, ...).
+    Args:
+        in_channels (int, optional): channels of the input feature map. Default: ``256``.
+        caps_channels (int, optional): capsule channels (capsules per position).
+            Default: ``32``.
+        caps_dim (int, optional): dimension of each capsule. Default: ``8``.
+        kernel_size (int, optional): square convolution kernel size. Default: ``9``.
+        stride (int, optional): convolution stride. Default: ``2``.
+        padding (int, optional): zero padding on each side. Default: ``0``.
+
+    Shape:
+        - Input: ``[B, in_channels, H, W]``.
+        - Output: ``[B, caps_channels * H' * W', caps_dim]`` with ``(H', W') =
+          output_hw(H, W)``, ordered channel-major (all positions of capsule channel 0, then
+          channel 1, ...).
+
+    Attributes:
+        conv (nn.Conv2d): the convolution, ``in_channels -> caps_channels * caps_dim``.
+
+    Example::
+
+        >>> import torch
+        >>> from capsnet_ext.nn import PrimaryCaps
+        >>> primary = PrimaryCaps(in_channels=16, caps_channels=4, caps_dim=8)
+        >>> primary(torch.randn(2, 16, 20, 20)).shape     # 4 channels x 6 x 6 positions
+        torch.Size([2, 144, 8])
+        >>> primary.num_capsules(20, 20)
+        144
     """
 
     def __init__(self, in_channels: int = 256, caps_channels: int = 32, caps_dim: int = 8,
@@ -32,15 +57,27 @@ class PrimaryCaps(nn.Module):
         self.conv = nn.Conv2d(in_channels, caps_channels * caps_dim, kernel_size, stride, padding)
 
     def output_hw(self, height: int, width: int):
-        """Spatial size of the capsule grid for an input map of ``height x width``."""
+        """Spatial size ``(H', W')`` of the capsule grid for an input map of
+        ``height x width``."""
         k, s, p = self.kernel_size, self.stride, self.padding
         return (height + 2 * p - k) // s + 1, (width + 2 * p - k) // s + 1
 
     def num_capsules(self, height: int, width: int) -> int:
+        """Number of capsules, ``caps_channels * H' * W'``, for an input map of
+        ``height x width``."""
         h, w = self.output_hw(height, width)
         return self.caps_channels * h * w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolve ``x``, group the channels into capsules and squash them.
+
+        Args:
+            x (Tensor): feature map ``[B, in_channels, H, W]``.
+
+        Returns:
+            Tensor: squashed capsules ``[B, caps_channels * H' * W', caps_dim]`` (lengths in
+            ``[0, 1)``), channel-major.
+        """
         out = self.conv(x)
         B, _, H, W = out.shape
         out = out.view(B, self.caps_channels, self.caps_dim, H, W)
@@ -54,10 +91,64 @@ WEIGHT_INITS = ("trunc_normal", "uniform_fan_in")
 class RoutingCapsules(nn.Module):
     """Fully connected capsule layer with dynamic routing (Sabour et al. 2017).
 
-    Holds ``W [in_caps, out_caps, out_dim, in_dim]`` and, with ``bias=True``, a routing bias
+    The module form of :func:`capsnet_ext.capsule_routing`: every input capsule predicts every
+    output capsule through its own matrix (``u_hat = W @ u``) and routing by agreement combines
+    the predictions into the output capsules. Holds ``weight``
+    ``[in_caps, out_caps, out_dim, in_dim]`` and, with ``bias=True``, a routing bias
     ``[out_caps, out_dim]`` added to ``s`` before the squash in every iteration.
     ``forward(u [B, in_caps, in_dim]) -> v [B, out_caps, out_dim]``, or ``(v, c)`` with the last
     iteration's couplings ``c [B, in_caps, out_caps]`` when ``return_coupling=True``.
+
+    Args:
+        in_caps (int): number of input capsules ``I`` (e.g. 1152 after the MNIST PrimaryCaps).
+        out_caps (int): number of output capsules ``J`` (e.g. 10 classes).
+        in_dim (int): dimension ``Din`` of the input capsules.
+        out_dim (int): dimension ``Dout`` of the output capsules.
+        iterations (int, optional): routing iterations (weighted sums), ``>= 1``. Default: ``3``.
+        bias (bool, optional): learn a routing bias ``[out_caps, out_dim]``, initialised to
+            ``bias_init``. Default: ``False``.
+        leaky (bool, optional): add a zero "none of the above" logit to each softmax.
+            Default: ``False``.
+        detach_inner (bool, optional): gradient only through the last iteration's weighted
+            sum (see :func:`capsnet_ext.dynamic_routing`). Default: ``False``.
+        backend (str, optional): ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``,
+            passed to :func:`capsnet_ext.capsule_routing` on every call (``"auto"``: the
+            backend ``$CAPSNET_EXT_BACKEND`` names if set, else for CUDA tensors the first
+            usable of ``"cuda"``, ``"triton"``, ``"reference"``, for CPU tensors
+            ``"reference"``; see that op for what each backend supports). The name is checked,
+            and the backend imported, at construction. Default: ``"auto"``.
+        init_std (float, optional): std of the truncated normal of ``init="trunc_normal"``.
+            Default: ``0.1``.
+        bias_init (float, optional): initial value of every bias entry. Default: ``0.1``.
+        prior (bool, optional): keyword only; learn a prior logit ``[in_caps, out_caps]``
+            (below). Default: ``False``.
+        temperature (float, optional): keyword only; softmax temperature ``T``, finite and
+            ``> 0`` (below). Default: ``1.0``.
+        init (str, optional): keyword only; initialisation of ``weight``,
+            ``"trunc_normal"`` or ``"uniform_fan_in"`` (below). Default: ``"trunc_normal"``.
+
+    Attributes:
+        weight (Parameter): ``[in_caps, out_caps, out_dim, in_dim]``.
+        bias (Parameter or None): ``[out_caps, out_dim]`` when ``bias=True``.
+        prior (Parameter or None): ``[in_caps, out_caps]`` when ``prior=True``.
+
+    Raises:
+        ValueError: a size is not a positive int, ``iterations`` is not an int ``>= 1``,
+            ``temperature`` is not a finite number ``> 0``, ``init`` or ``backend`` is not one
+            of the names above.
+        TypeError: ``prior`` is not a bool.
+
+    Example::
+
+        >>> import torch
+        >>> from capsnet_ext.nn import RoutingCapsules
+        >>> caps = RoutingCapsules(in_caps=32, out_caps=10, in_dim=8, out_dim=16, bias=True)
+        >>> u = torch.randn(4, 32, 8)
+        >>> caps(u).shape
+        torch.Size([4, 10, 16])
+        >>> v, c = caps(u, return_coupling=True)
+        >>> c.shape
+        torch.Size([4, 32, 10])
 
     Routing options of Mitterreiter et al. (AAAI 2023, ``AgreementRouting`` in their code):
 
@@ -70,7 +161,7 @@ class RoutingCapsules(nn.Module):
     Their routing runs ``n_iter = 3`` agreement updates after a first weighted sum from the
     prior: 4 weighted sums, i.e. ``iterations=4`` here (``iterations`` counts weighted sums).
 
-    Initialisation of ``W`` (``init``):
+    Initialisation of ``weight`` (the ``W`` of :func:`capsnet_ext.capsule_routing`; ``init``):
 
     * ``"trunc_normal"`` (default): a normal distribution truncated at two standard
       deviations with std ``init_std`` (default 0.1), the official CapsNet code's choice, so
@@ -121,6 +212,8 @@ class RoutingCapsules(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Initialise ``weight`` by ``init`` (and ``init_std``), ``bias`` to ``bias_init``
+        and ``prior`` to zero, in place."""
         if self.init == "uniform_fan_in":
             bound = 1.0 / math.sqrt(self.in_caps)
             nn.init.uniform_(self.weight, -bound, bound)
@@ -132,6 +225,31 @@ class RoutingCapsules(nn.Module):
             nn.init.zeros_(self.prior)
 
     def forward(self, u: torch.Tensor, return_coupling: bool = False):
+        """Route the input capsules ``u`` to this layer's ``out_caps`` capsules.
+
+        Runs :func:`capsnet_ext.capsule_routing` with this layer's ``weight``, ``bias``,
+        ``prior`` and options on the layer's ``backend``. Under autocast the input and the
+        parameters are cast to the autocast dtype (gradients still reach the float32
+        parameters), the way ``nn.Linear`` behaves.
+
+        Args:
+            u (Tensor): input capsules ``[B, in_caps, in_dim]``, with the dtype and device of
+                the layer's parameters (outside autocast).
+            return_coupling (bool, optional): also return the last iteration's couplings.
+                Default: ``False``.
+
+        Returns:
+            Tensor or tuple: ``v [B, out_caps, out_dim]``, the output capsules (lengths in
+            ``[0, 1)``); with ``return_coupling=True`` the tuple ``(v, c)``, ``c`` of shape
+            ``[B, in_caps, out_caps]`` (detached, without the leaky column).
+
+        Raises:
+            ValueError: ``u`` is not ``[B, in_caps, in_dim]``, or is on another device than
+                the layer.
+            TypeError: ``u`` is not a floating-point tensor, or its dtype is not the layer's.
+            BackendUnavailableError, NotImplementedError: the layer's explicitly named
+                ``backend`` cannot run this call (see :func:`capsnet_ext.capsule_routing`).
+        """
         # Checked here so a mismatch names the module's own arguments, not the weight tensor
         # the functional op would complain about.
         if not isinstance(u, torch.Tensor) or u.dim() != 3 or tuple(u.shape[1:]) != (self.in_caps, self.in_dim):
@@ -148,6 +266,15 @@ class RoutingCapsules(nn.Module):
             u, weight = u.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
             prior = None if prior is None else prior.to(dtype)
+        # The op would name these W, the op's argument; the user passed the layer.
+        if u.device != weight.device:
+            raise ValueError(f"u is on {u.device} but the parameters of this RoutingCapsules layer "
+                             f"are on {weight.device}; move the input or the layer "
+                             f"(layer.to({str(u.device)!r}))")
+        if u.dtype.is_floating_point and u.dtype != weight.dtype:
+            raise TypeError(f"u has dtype {u.dtype} but the parameters of this RoutingCapsules "
+                            f"layer are {weight.dtype}; convert the input (u.to({weight.dtype})) "
+                            f"or the layer (layer.to({u.dtype}))")
         return ops.capsule_routing(
             u, weight, self.iterations, bias=bias, leaky=self.leaky,
             detach_inner=self.detach_inner, return_coupling=return_coupling,

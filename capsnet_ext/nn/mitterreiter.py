@@ -39,29 +39,65 @@ MNIST40_STD = 0.2257
 
 
 class MitterreiterCapsNet(StackedRoutingCapsNet):
-    """Mitterreiter et al.'s deep CapsNet (module docstring).
+    """Mitterreiter et al.'s deep CapsNet (the module docstring describes the architecture).
 
     Args:
-        input_size, in_channels, num_classes: the images ``[B, in_channels, input_size,
-            input_size]`` and the number of class capsules.
-        primary_caps, primary_dim: ``n0`` primary capsules of ``d0`` dimensions (``C = n0 * d0``
-            backbone output channels).
-        caps, dims: capsules and dimensions of each routing layer after the primary capsules
-            (default ``[16, num_classes]`` and ``[8, 8]``: the paper's ``ns = [16, 16, 10]``,
-            ``ds = [8, 8, 8]``); ``caps[-1]`` must be ``num_classes``.
-        iterations: weighted sums per routing (one int or one per layer; 4 = their n_iter 3).
-        prior, temperature: the learned prior logit and the softmax temperature of every
-            routing layer (see :class:`RoutingCapsules`).
-        init: ``W`` initialisation of every routing layer (``"uniform_fan_in"``: theirs;
-            ``"trunc_normal"``: a truncated normal of std ``init_std``).
-        init_std: with ``init="trunc_normal"`` only: ``None`` (0.1), a float, one float per
-            layer, or ``"auto"`` (:func:`~capsnet_ext.nn.deep.auto_init_std` per layer: capsule
-            lengths near 0.5 in every layer at initialisation, so a deep stack starts alive;
-            not the authors' choice, a control for the depth study).
-        routing_bias: add a routing bias (their model has none).
-        backbone_channels: output channels of the first three convolutions.
-        input_mean, input_std: input normalisation (``None`` for none).
-        backend, decoder, decoder_hidden: as for :class:`~capsnet_ext.nn.DeepCapsNet`.
+        input_size (int, optional): height and width of the square input images (at least
+            11). Default: ``40``.
+        in_channels (int, optional): image channels. Default: ``1``.
+        num_classes (int, optional): number of class capsules. Default: ``10``.
+        primary_caps, primary_dim (int, optional): ``n0`` primary capsules of ``d0``
+            dimensions (``C = n0 * d0`` backbone output channels). Default: ``16``, ``8``.
+        caps, dims (sequence of int, optional): capsules and dimensions of each routing layer
+            after the primary capsules (default ``[16, num_classes]`` and ``[8, 8]``: the
+            paper's ``ns = [16, 16, 10]``, ``ds = [8, 8, 8]``); ``caps[-1]`` must be
+            ``num_classes``.
+        iterations (int or sequence of int, optional): weighted sums per routing (one int or
+            one per layer; 4 = their ``n_iter`` 3). Default: ``4``.
+        prior (bool, optional): a learned prior logit in every routing layer (see
+            :class:`~capsnet_ext.nn.RoutingCapsules`). Default: ``True``.
+        temperature (float, optional): the softmax temperature of every routing layer.
+            Default: ``1.0``.
+        init (str, optional): ``W`` initialisation of every routing layer
+            (``"uniform_fan_in"``: theirs; ``"trunc_normal"``: a truncated normal of std
+            ``init_std``). Default: ``"uniform_fan_in"``.
+        init_std (None, str, float or sequence of float, optional): with
+            ``init="trunc_normal"`` only: ``None`` (0.1), a float, one float per layer, or
+            ``"auto"`` (:func:`~capsnet_ext.nn.deep.auto_init_std` per layer: capsule lengths
+            near 0.5 in every layer at initialisation, so a deep stack starts alive; not the
+            authors' choice, a control for the depth study). Default: ``None``.
+        routing_bias (bool, optional): add a routing bias (their model has none).
+            Default: ``False``.
+        backbone_channels (sequence of 3 int, optional): output channels of the first three
+            convolutions. Default: ``(32, 64, 128)``.
+        input_mean, input_std (float or None, optional): input normalisation
+            ``(x - input_mean) / input_std`` (both ``None`` for none). Default: ``0.0641``,
+            ``0.2257`` (MNIST on a 40x40 canvas).
+        backend (str, optional): routing backend of every layer, ``"auto"``, ``"reference"``,
+            ``"triton"`` or ``"cuda"`` (see :func:`capsnet_ext.capsule_routing`).
+            Default: ``"auto"``.
+        decoder (bool, optional): build the reconstruction decoder. Default: ``True``.
+        decoder_hidden (sequence of int, optional): its hidden widths.
+            Default: ``(512, 1024)``.
+
+    ``forward(x [B, in_channels, input_size, input_size], targets=None,
+    return_coupling=False) -> CapsNetOutput`` and :meth:`routing_trace` as for
+    :class:`~capsnet_ext.nn.DeepCapsNet`.
+
+    Raises:
+        ValueError: ``caps``, ``dims``, ``iterations``, ``init_std``, ``backbone_channels``,
+            ``input_mean``/``input_std`` or ``input_size`` invalid (the message says which),
+            or ``init_std`` given with ``init="uniform_fan_in"``.
+        TypeError: ``iterations`` or ``init_std`` of the wrong type.
+
+    Example::
+
+        >>> import torch
+        >>> from capsnet_ext.nn import MitterreiterCapsNet
+        >>> model = MitterreiterCapsNet(decoder_hidden=(32,))
+        >>> out = model(torch.rand(2, 1, 40, 40))
+        >>> out.lengths.shape, out.reconstructions.shape
+        (torch.Size([2, 10]), torch.Size([2, 1600]))
     """
 
     def __init__(self, input_size: int = 40, in_channels: int = 1, num_classes: int = 10,
