@@ -16,6 +16,7 @@ COMMANDS = {
     "train": ("capsnet_ext.training.cli", "train a CapsNet or baseline from a preset or config"),
     "eval": ("capsnet_ext.training.eval_cli", "evaluate checkpoints and draw figures"),
     "analyze": ("capsnet_ext.analysis.cli", "capsule diagnostics of a trained checkpoint"),
+    "gpu-plan": ("capsnet_ext.gpu_plan", "experiments sized for one call on a lent GPU; fold their archive"),
 }
 
 

@@ -519,13 +519,23 @@ def plot_depth(groups: Sequence[dict], path: pathlib.Path) -> pathlib.Path:
     return _save(fig, path)
 
 
-def replace_generated(doc: pathlib.Path, text: str) -> None:
-    """Replace the section between the generated-section markers of ``doc`` (atomically)."""
+def _shown(path: pathlib.Path) -> str:
+    """``path`` as the docs name it: relative to the current folder when inside it."""
+    path = pathlib.Path(path)
+    try:
+        return path.resolve().relative_to(pathlib.Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def replace_generated(doc: pathlib.Path, text: str, begin: str = DOC_BEGIN) -> None:
+    """Replace the section between the generated-section markers ``begin`` and
+    :data:`DOC_END` of ``doc`` (atomically)."""
     content = doc.read_text()
-    pattern = re.compile(re.escape(DOC_BEGIN) + ".*?" + re.escape(DOC_END), re.S)
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(DOC_END), re.S)
     if not pattern.search(content):
-        raise ValueError(f"{doc} has no section between {DOC_BEGIN!r} and {DOC_END!r}")
-    atomic_write_text(doc, pattern.sub(lambda _: f"{DOC_BEGIN}\n{text}\n{DOC_END}", content))
+        raise ValueError(f"{doc} has no section between {begin!r} and {DOC_END!r}")
+    atomic_write_text(doc, pattern.sub(lambda _: f"{begin}\n{text}\n{DOC_END}", content))
 
 
 def _run_identity(result: dict) -> tuple:
@@ -554,7 +564,8 @@ def load_previous(path: pathlib.Path) -> List[dict]:
 
 
 def write_report(runs: Sequence[pathlib.Path], out, *, command: Optional[str] = None,
-                 doc: Optional[pathlib.Path] = None, previous: Sequence[dict] = ()) -> Dict[str, pathlib.Path]:
+                 doc: Optional[pathlib.Path] = None, previous: Sequence[dict] = (),
+                 doc_begin: str = DOC_BEGIN) -> Dict[str, pathlib.Path]:
     """Aggregate the collected runs (module docstring) into ``out``.
 
     ``previous``: records of :func:`load_previous` for runs whose folders are not at hand (an
@@ -633,9 +644,11 @@ def write_report(runs: Sequence[pathlib.Path], out, *, command: Optional[str] = 
     if doc is not None:
         init = out / "init_table.md"   # written by 'analyze seed-paper init' (initial_state)
         init_text = init.read_text().strip() + "\n\n" if init.is_file() else ""
-        replace_generated(pathlib.Path(doc), table + "\n\n" + claims + "\n\n" + depth + "\n\n" + init_text
-                          + "Figures: `results/seed-paper/figures/`; numbers: `results/seed-paper/results.json`"
-                          + (", `results/seed-paper/init_state.json`." if init_text else "."))
+        shown = _shown(out)
+        replace_generated(pathlib.Path(doc), begin=doc_begin,
+                          text=table + "\n\n" + claims + "\n\n" + depth + "\n\n" + init_text
+                          + f"Figures: `{shown}/figures/`; numbers: `{shown}/results.json`"
+                          + (f", `{shown}/init_state.json`." if init_text else "."))
     return paths
 
 

@@ -26,6 +26,7 @@ from .._atomic import atomic_path, atomic_write
 
 CHECKPOINT_KEYS = ("model_config", "model", "optimizer", "scheduler", "rng", "step", "epoch",
                    "config", "metrics")
+WEIGHTS_KEYS = ("model_config", "model", "config", "step")
 
 
 def rng_state() -> Dict[str, Any]:
@@ -83,7 +84,10 @@ def load_checkpoint(path: os.PathLike, map_location="cpu") -> Dict[str, Any]:
                          f"capsnet_ext checkpoint): {type(exc).__name__}: {exc}") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {str(path)!r} holds a {type(ckpt).__name__}, expected a dict")
-    missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
+    # A weights file (``weights_dtype`` set: the final weights ``capsnet-ext gpu-plan`` keeps)
+    # has what evaluation needs, not the optimizer or RNG states a resume needs.
+    required = WEIGHTS_KEYS if "weights_dtype" in ckpt else CHECKPOINT_KEYS
+    missing = [key for key in required if key not in ckpt]
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} lacks the keys {missing}; it was not written "
                          "by capsnet_ext.training")
@@ -100,5 +104,14 @@ def model_from_checkpoint(ckpt_or_path, map_location="cpu", **model_overrides):
     model_config = dict(ckpt["model_config"])
     model_config.update(model_overrides)
     model = build_model(model_config)
-    model.load_state_dict(ckpt["model"])
+    if ckpt.get("without"):
+        # Weights kept without a part (``capsnet-ext gpu-plan``'s decoder-free bfloat16 file):
+        # everything else must be there; the missing part keeps its initialisation.
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+        prefix = ckpt["without"] + "."
+        wrong = [k for k in missing if not k.startswith(prefix)] + list(unexpected)
+        if wrong:
+            raise ValueError(f"checkpoint weights do not match the model: {wrong[:5]}")
+    else:
+        model.load_state_dict(ckpt["model"])
     return model.eval()
