@@ -281,3 +281,16 @@ def test_bench_progress_lines_do_not_repeat_the_table():
     e2e = end_to_end._one_line(dict(backend="reference", compiled=False, precision="float32",
                                     batch=8, status="ok", steps_per_s=0.9, images_per_s=7.2))
     assert "7.2" not in e2e and "measured" in e2e
+
+
+def test_replacing_a_run_does_not_name_an_option_the_user_did_not_pass(tmp_path):
+    """The demo replaces its folder without --overwrite from the user: the line says what
+    happened, not which option would have done it."""
+    out = tmp_path / "run"
+    train(tiny_cfg(out, max_steps=2), datasets=quadrants(), console=quiet())
+    stream = io.StringIO()
+    train(tiny_cfg(out, max_steps=2), datasets=quadrants(), console=Console(stream),
+          overwrite=True)
+    text = stream.getvalue()
+    assert f"replacing the earlier run in {out}" in text and "--overwrite" not in text
+    assert text.count(f"run folder {out}") == 1
