@@ -35,14 +35,21 @@ def one_hot_targets(targets: torch.Tensor, num_classes: int, dtype: torch.dtype)
 
     Raises:
         TypeError: 1-D ``targets`` are not integers.
-        ValueError: indices out of range, or a wrong shape.
+        ValueError: indices out of range (on the CPU; on a GPU a device-side assertion fails
+            at the next synchronisation instead), or a wrong shape.
     """
     if targets.dim() == 1:
         if targets.dtype.is_floating_point:
             raise TypeError(f"class-index targets must be integers, got dtype {targets.dtype}")
-        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
-            raise ValueError(f"targets must be class indices in [0, {num_classes}), "
-                             f"got values in [{int(targets.min())}, {int(targets.max())}]")
+        if targets.device.type == "cpu":
+            if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
+                raise ValueError(f"targets must be class indices in [0, {num_classes}), "
+                                 f"got values in [{int(targets.min())}, {int(targets.max())}]")
+        elif targets.numel():
+            # On a GPU the check stays on the device (a host read would synchronise every
+            # training step; this runs twice per step): a bad index fails the next sync.
+            torch._assert_async(((targets >= 0) & (targets < num_classes)).all(),
+                                f"targets must be class indices in [0, {num_classes})")
         return torch.nn.functional.one_hot(targets.long(), num_classes).to(dtype)
     if targets.dim() == 2:
         if targets.shape[1] != num_classes:

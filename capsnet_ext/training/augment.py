@@ -4,11 +4,20 @@ The trainer draws every random offset of a global batch from a generator seeded 
 ``(seed, step)`` and gives each rank the rows of its own examples. So the augmentation needs
 no saved state to resume exactly, and a DDP run sees the same augmented images as a
 single-process run with the same global batch.
+
+The batch may live on the CPU or on a GPU (a dataset held on the device): the random numbers
+are always drawn on the CPU generator, and only the small tensors derived from them (offsets,
+crop corners, the affine sampling grid) are copied to the batch's device, from pinned memory
+without waiting for the device. Shifts and crops are gathers and the affine warp samples the
+nearest pixel of a grid computed on the CPU, so a given ``(seed, step)`` gives the same
+images bit for bit wherever the batch is.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from ..data.base import host_to_device
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -97,11 +106,14 @@ def affine_images(images: torch.Tensor, matrices: torch.Tensor, mode: str = "nea
     # grid_sample reads, for every output pixel p, the source at A^-1 p in normalised
     # coordinates (centre 0, corners +-1 with align_corners=True); anisotropic frames rescale.
     size = torch.tensor([(W - 1) / 2, (H - 1) / 2], dtype=torch.float64)
-    inverse = torch.linalg.inv(matrices.to(torch.float64))
+    inverse = torch.linalg.inv(matrices.detach().cpu().to(torch.float64))
     theta = torch.zeros(B, 2, 3, dtype=torch.float64)
     theta[:, :, :2] = inverse * (size.view(1, 1, 2) / size.view(1, 2, 1)) if H != W else inverse
-    grid = torch.nn.functional.affine_grid(theta.to(images.device, torch.float32), list(images.shape),
-                                           align_corners=True)
+    # The grid is computed on the CPU whatever the images' device: a GPU's matrix product may
+    # round a coordinate differently in the last bit, and a nearest-pixel lookup at a .5
+    # boundary would then take another pixel. Copied without waiting for the device.
+    grid = torch.nn.functional.affine_grid(theta.to(torch.float32), [B, 1, H, W], align_corners=True)
+    grid = host_to_device(grid, images.device)
     return torch.nn.functional.grid_sample(images.float(), grid, mode=mode, padding_mode="zeros",
                                            align_corners=True).to(images.dtype)
 
@@ -144,15 +156,20 @@ class BatchAugmenter:
         rows = torch.arange(self.rank, global_batch, self.world_size)
         batch = dict(batch)
         keys = [k for k in ("image", "components") if k in batch]
+        device = batch["image"].device
+        # Drawn on the CPU generator in the same order wherever the batch is; only the drawn
+        # values travel to the batch's device (no host synchronisation on a GPU).
         if self.crop_size is not None:
             H, W = batch["image"].shape[-2:]
             tops = torch.randint(0, H - self.crop_size + 1, (global_batch,), generator=generator)[rows]
             lefts = torch.randint(0, W - self.crop_size + 1, (global_batch,), generator=generator)[rows]
+            tops, lefts = host_to_device(tops, device), host_to_device(lefts, device)
             for key in keys:
                 batch[key] = crop_images(batch[key], tops, lefts, self.crop_size)
         if self.max_shift > 0:
             m = self.max_shift
             offsets = torch.randint(-m, m + 1, (global_batch, 2), generator=generator)[rows]
+            offsets = host_to_device(offsets, device)
             for key in keys:
                 batch[key] = shift_images(batch[key], offsets, m)
         if self.random_affine is not None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 PRECISIONS = ("fp32", "bf16")
+DEVICE_DATA = ("auto", "on", "off")
 
 
 def _mnist_capsnet(**overrides) -> Dict[str, Any]:
@@ -33,7 +34,7 @@ def _mnist_capsnet(**overrides) -> Dict[str, Any]:
 # values rather than ignoring them.
 RESUME_CHANGEABLE = ("out", "max_steps", "epochs", "device", "progress", "log_every",
                      "eval_every", "checkpoint_every", "num_workers", "data_dir", "tensorboard",
-                     "backend")
+                     "backend", "device_data")
 
 
 @dataclass
@@ -80,6 +81,11 @@ class TrainConfig:
     eval_limit: Optional[int] = None  # evaluate on the first N test items during training
     checkpoint_every: int = 1000
     num_workers: int = 0
+    # Hold the training and test sets on the training device and take batches there by index
+    # (the same batches as the host path, bit for bit): "on", "off", or "auto" (on the CPU, and
+    # on a GPU for each set whose device copy fits in a quarter of the free memory; off with
+    # num_workers > 0 or for data sets that cannot be moved, e.g. MultiMNIST's pairs).
+    device_data: str = "auto"
     grad_flow_every: int = 0          # call on_after_backward every N steps (0: every step)
     # Record per-capsule gradient norms of every routing layer's W (GradientFlowRecorder) every
     # grad_flow_every steps into <out>/gradient_flow.npz; kept in checkpoints, so resumable.
@@ -118,6 +124,9 @@ class TrainConfig:
         positive_int("crop_size", self.crop_size, allow_none=True)
         if not isinstance(self.max_shift, int) or self.max_shift < 0:
             raise ValueError(f"config field 'max_shift' must be an int >= 0, got {self.max_shift!r}")
+        if self.device_data not in DEVICE_DATA:
+            raise ValueError(f"config field 'device_data' must be one of {DEVICE_DATA}, "
+                             f"got {self.device_data!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"config field 'precision' must be one of {PRECISIONS}, got {self.precision!r}")
         if self.recon_target not in ("input", "components"):

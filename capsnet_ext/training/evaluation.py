@@ -124,14 +124,27 @@ def evaluate(model: nn.Module, dataset, *, num_classes: int, multi_label: bool =
     was_training = model.training
     model.eval()
     n_total = len(dataset) if limit is None else min(limit, len(dataset))
-    subset = torch.utils.data.Subset(dataset, _shard_indices(n_total, rank, world_size))
-    # A DataLoader draws its workers' base seed from the global RNG on every iteration, even
-    # unshuffled; an own generator keeps evaluation from shifting the training RNG stream (an
-    # exact resume depends on that stream: dropout, shifts).
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers, generator=torch.Generator())
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
-    sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    shard = _shard_indices(n_total, rank, world_size)
+    fast = getattr(dataset, "batch", None)
+    if callable(fast) and num_workers == 0:
+        # Whole batches by index (no per-item Python work; on the device for a dataset held
+        # there): the same values as collating the items one by one.
+        index = torch.as_tensor(shard, dtype=torch.int64)
+        loader = (fast(index[start:start + batch_size]) for start in range(0, len(shard), batch_size))
+    else:
+        # A DataLoader draws its workers' base seed from the global RNG on every iteration,
+        # even unshuffled; an own generator keeps evaluation from shifting the training RNG
+        # stream (an exact resume depends on that stream: dropout, shifts).
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=batch_size,
+                                             shuffle=False, num_workers=num_workers,
+                                             generator=torch.Generator())
+    # Sums stay on the device until the end: no host synchronisation per batch (float64, added
+    # in the same order as Python floats would be, so the numbers do not depend on it).
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64,
+                            device="cpu" if multi_label else device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     all_scores, all_labels = [], []
     for batch_index, batch in enumerate(loader):
         if transform is not None:
@@ -142,9 +155,11 @@ def evaluate(model: nn.Module, dataset, *, num_classes: int, multi_label: bool =
         scores = scores_of(out)
         n = scores.shape[0]
         correct = correct_mask(scores, batch, multi_label)
-        sums += torch.tensor([float(loss) * n, float(correct.sum()), n], dtype=torch.float64)
+        loss_sum += loss.detach().to(loss_sum.device, torch.float64) * n
+        correct_sum += correct.sum().to(correct_sum.device, torch.float64)
+        count += n
         if multi_label:
-            truth = batch["labels"]
+            truth = batch["labels"].cpu()
             predicted = predict_labels(scores, True, truth.shape[1]).cpu()
             for k in range(truth.shape[1]):
                 # A true label counts as found when it is in the predicted set.
@@ -152,14 +167,16 @@ def evaluate(model: nn.Module, dataset, *, num_classes: int, multi_label: bool =
                 guess = torch.where(hit, truth[:, k], predicted[:, k])
                 confusion.index_put_((truth[:, k], guess), torch.ones(n, dtype=torch.float64), accumulate=True)
         else:
-            predicted = scores.argmax(dim=1).cpu()
-            confusion.index_put_((batch["label"].long(), predicted), torch.ones(n, dtype=torch.float64),
-                                 accumulate=True)
+            predicted = scores.argmax(dim=1).to(confusion.device)
+            confusion.index_put_((batch["label"].long().to(confusion.device), predicted),
+                                 torch.ones(n, dtype=torch.float64, device=confusion.device), accumulate=True)
         if return_scores:
             all_scores.append(scores.cpu())
-            all_labels.append(batch["labels"] if multi_label else batch["label"])
+            all_labels.append((batch["labels"] if multi_label else batch["label"]).cpu())
         if progress is not None:
             progress(batch_index + 1)
+    sums = torch.stack([loss_sum.cpu(), correct_sum.cpu(), torch.tensor(float(count), dtype=torch.float64)])
+    confusion = confusion.cpu()
     if world_size > 1 and dist.is_initialized():
         backend_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
         packed = torch.cat([sums, confusion.flatten()]).to(backend_device)

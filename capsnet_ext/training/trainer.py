@@ -23,7 +23,14 @@ Design points:
 * **Throughput** (``images_per_sec`` in ``train_log.csv``, ``metrics.json`` and the console)
   is training images per second of time spent in training steps: moving the batch to the
   device, augmentation, forward, backward and the optimizer step. Evaluation, checkpoints,
-  logging and reading the (in-memory) batch are not counted.
+  logging and reading the (in-memory) batch are not counted. On a GPU, where the host only
+  queues the work, it is the wall time of the stretches of training steps between the
+  synchronisations that logging needs (see the loop).
+* **Data on the device** (``device_data``). Data sets that fit are held on the training
+  device and batches are taken there by index, in the order above; augmentation offsets are
+  drawn on the CPU and copied over without waiting. The loss sums stay on the device and are
+  read only when a log line, an evaluation or the end needs them, so a GPU is never made to
+  wait for the host between steps.
 """
 from __future__ import annotations
 
@@ -43,6 +50,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..data.base import host_to_device
 from ..nn import MODEL_REGISTRY, build_model
 from .augment import BatchAugmenter
 from .checkpoint import atomic_torch_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state
@@ -54,6 +62,8 @@ from .logging_utils import Console, CSVLog, TensorBoardLog, format_duration
 TRAIN_FIELDS = ["step", "epoch", "lr", "loss", "margin", "recon", "ce", "accuracy",
                 "images_per_sec", "elapsed_s"]
 EVAL_FIELDS = ["step", "epoch", "test_loss", "test_error", "test_accuracy", "best_error", "n"]
+# The per-step sums the trainer keeps on the device: loss, the loss terms, correct predictions.
+_SUMS = ("loss", "margin", "recon", "ce", "correct")
 
 
 def environment_info(device: torch.device) -> Dict[str, Any]:
@@ -195,10 +205,17 @@ class _StepBatches:
     index for this rank), so every world size sees the same global batches. The permutation
     stays a tensor: MultiMNIST's 60M training examples would be gigabytes as a Python list.
     The incomplete last batch is dropped so every step has the full global batch.
+
+    With ``device_dataset`` (the same data held on the training device, see
+    :func:`device_datasets`) the epoch's indices are computed as above, copied to the device
+    once per epoch, and each batch is an ``index_select`` there: the same batches, with no
+    per-step host work.
     """
 
-    def __init__(self, dataset, local_batch: int, info: DistInfo, seed: int, num_workers: int):
+    def __init__(self, dataset, local_batch: int, info: DistInfo, seed: int, num_workers: int,
+                 device_dataset=None):
         self.dataset, self.local_batch, self.info = dataset, local_batch, info
+        self.device_dataset = device_dataset
         self.num_workers = num_workers
         self.seed = seed
         self.per_rank = len(dataset) // info.world_size
@@ -216,6 +233,9 @@ class _StepBatches:
         return permutation[:self.per_rank * world][self.info.rank::world]
 
     def epoch(self, epoch: int, start: int = 0) -> Iterable[dict]:
+        if self.device_dataset is not None:
+            yield from self._device_epoch(epoch, start)
+            return
         indices = self.epoch_indices(epoch)
         batches = (indices[k * self.local_batch:(k + 1) * self.local_batch].tolist()
                    for k in range(start, self.steps_per_epoch))
@@ -229,6 +249,71 @@ class _StepBatches:
                 yield fast(batch_indices)
             else:
                 yield torch.utils.data.default_collate([self.dataset[i] for i in batch_indices])
+
+    def _device_epoch(self, epoch: int, start: int) -> Iterable[dict]:
+        size = self.local_batch
+        # The steps still to run of this epoch, in one copy to the device.
+        indices = self.epoch_indices(epoch)[start * size:self.steps_per_epoch * size]
+        indices = host_to_device(indices.contiguous(), self.device_dataset.device)
+        for k in range(self.steps_per_epoch - start):
+            yield self.device_dataset.batch(indices[k * size:(k + 1) * size])
+
+
+# ``device_data="auto"`` on a GPU: a data set is held there when its copy fits in this fraction
+# of the free device memory (after the model is built), the training set first. MNIST's 60,000
+# images are 47 MB as uint8; the rest stays for activations, whose size the trainer cannot know.
+DEVICE_DATA_FRACTION = 0.25
+
+
+def device_datasets(mode: str, device: torch.device, train_set, test_set, num_workers: int = 0,
+                    free_bytes: Optional[int] = None):
+    """``(train, test)`` copies held on ``device`` (``None`` for a set that stays on the host).
+
+    ``mode``: ``"off"``; ``"on"`` (every set that can be moved, i.e. has ``to_device``;
+    a training set that cannot is an error); ``"auto"``: on the CPU every set that can be
+    moved, on another device each one whose copy (``device_nbytes()``) fits in
+    ``DEVICE_DATA_FRACTION`` of ``free_bytes`` (default: the device's free memory now),
+    the training set first; nothing with ``num_workers > 0`` (loader workers were asked for).
+    """
+    def movable(dataset) -> bool:
+        return all(callable(getattr(dataset, name, None)) for name in ("to_device", "device_nbytes"))
+
+    if mode == "off":
+        return None, None
+    if mode == "on":
+        if not movable(train_set):
+            raise ValueError(f"device_data='on': the training set ({type(train_set).__name__}) cannot be "
+                             f"held on the device (it has no to_device); use device_data 'auto' or 'off'")
+        return train_set.to_device(device), (test_set.to_device(device) if movable(test_set) else None)
+    if mode != "auto":
+        raise ValueError(f"device_data must be 'auto', 'on' or 'off', got {mode!r}")
+    if num_workers > 0:
+        return None, None
+    device = torch.device(device)
+    if device.type == "cpu":
+        budget = math.inf
+    else:
+        if free_bytes is None:
+            free_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+        budget = DEVICE_DATA_FRACTION * free_bytes
+    moved = []
+    for dataset in (train_set, test_set):
+        if movable(dataset) and dataset.device_nbytes() <= budget:
+            budget -= dataset.device_nbytes()
+            moved.append(dataset.to_device(device))
+        else:
+            moved.append(None)
+    return tuple(moved)
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        if callable(getattr(backend, "synchronize", None)):
+            backend.synchronize()
 
 
 class _StopFlag:
@@ -280,7 +365,7 @@ def train(cfg: TrainConfig, callbacks: Optional[List[Any]] = None, *, resume: Op
             from; its config replaces ``cfg`` except the fields in
             :data:`~capsnet_ext.training.config.RESUME_CHANGEABLE` (``out``, ``max_steps``,
             ``epochs``, ``device``, the logging, evaluation and checkpoint intervals,
-            ``num_workers``, ``data_dir``, ``tensorboard``, ``backend``).
+            ``num_workers``, ``data_dir``, ``tensorboard``, ``backend``, ``device_data``).
         datasets: a ready :class:`capsnet_ext.data.DatasetBundle` (else ``build_datasets``).
         overwrite: start a new run in ``cfg.out`` even if it is not empty, removing what an
             earlier run wrote there (without it a non-empty folder raises
@@ -427,7 +512,11 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo, overwrit
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    batches = _StepBatches(bundle.train, local_batch, info, cfg.seed, cfg.num_workers)
+    train_on_device, test_on_device = device_datasets(cfg.device_data, device, bundle.train, bundle.test,
+                                                      cfg.num_workers)
+    test_data = test_on_device if test_on_device is not None else bundle.test
+    batches = _StepBatches(bundle.train, local_batch, info, cfg.seed, cfg.num_workers,
+                           device_dataset=train_on_device)
     steps_per_epoch = batches.steps_per_epoch
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
     augment = BatchAugmenter(cfg.seed, cfg.max_shift, cfg.crop_size, info.rank, info.world_size,
@@ -493,7 +582,7 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo, overwrit
         batches_total, items = evaluation_batches(bundle.test, batch_size=cfg.eval_batch_size,
                                                   limit=cfg.eval_limit, rank=info.rank,
                                                   world_size=info.world_size)
-        metrics = evaluate(model, bundle.test, num_classes=bundle.num_classes, multi_label=multi_label,
+        metrics = evaluate(model, test_data, num_classes=bundle.num_classes, multi_label=multi_label,
                            device=device, batch_size=cfg.eval_batch_size, limit=cfg.eval_limit,
                            precision=cfg.precision, recon_weight=cfg.recon_weight,
                            recon_target=cfg.recon_target, margin=cfg.margin,
@@ -527,10 +616,24 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo, overwrit
     eta = _ETA(start_step, total_steps, eval_interval, eval_items, cfg.batch_size)
     run_start = time.perf_counter()
     # The log window (train_log.csv rows) and the span between evaluations (console lines);
-    # "seconds" is time in training steps, the throughput's denominator in both.
-    window = {"loss": 0.0, "margin": 0.0, "recon": 0.0, "ce": 0.0, "correct": 0.0, "n": 0, "steps": 0,
-              "seconds": 0.0}
-    span = {"loss": 0.0, "steps": 0, "images": 0, "seconds": 0.0}
+    # "seconds" is time in training steps, the throughput's denominator in both. The sums of
+    # loss, margin, recon, ce and correct predictions stay on the device (float64, added in
+    # the order Python floats were, so the logged numbers are the same): they are read only
+    # at log and evaluation steps, never making a GPU wait for the host between steps.
+    window = {"n": 0, "steps": 0, "seconds": 0.0}
+    window_sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=device)
+    span = {"steps": 0, "images": 0, "seconds": 0.0}
+    span_loss = torch.zeros((), dtype=torch.float64, device=device)
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    # On the CPU a step's time is its wall time. A GPU runs the queued work after the host has
+    # moved on, so there the time of a stretch of steps is measured from the end of the last
+    # synchronisation to the synchronisation of a step that needs a number (log, evaluation,
+    # checkpoint, the start-up estimate's first steps, the last step); the steps in between
+    # count zero and the stretch is added to the step that ends it. Evaluation and
+    # checkpoints come after that synchronisation and are not counted.
+    queued = device.type != "cpu"
+    stretch_start = time.perf_counter()
+    needs_number = True
     console_postfix: Dict[str, str] = {}
     train_model.train()
     with _StopFlag() as stop:
@@ -552,17 +655,25 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo, overwrit
                 step += 1
                 with torch.no_grad():
                     correct = correct_mask(scores_of(out).detach(), batch, multi_label)
-                window["loss"] += float(loss.detach())
-                for key in ("margin", "recon", "ce"):
-                    if key in parts:
-                        window[key] += float(parts[key])
-                window["correct"] += float(correct.sum())
+                    values = [loss.detach()] + [parts.get(key, zero) for key in _SUMS[1:-1]] + [correct.sum()]
+                    sums = torch.stack([value.to(torch.float64) for value in values])
+                    window_sums += sums
+                    span_loss += sums[0]
                 window["n"] += int(correct.numel())
                 window["steps"] += 1
-                step_seconds = time.perf_counter() - t0
+                logs = step % cfg.log_every == 0 or step == total_steps
+                evaluates = step % eval_interval == 0 or step == total_steps
+                needs_number = (logs or evaluates or step % cfg.checkpoint_every == 0
+                                or (main and eta.pending))
+                if not queued:
+                    step_seconds = time.perf_counter() - t0
+                elif needs_number:
+                    _synchronize(device)
+                    step_seconds = time.perf_counter() - stretch_start
+                else:
+                    step_seconds = 0.0  # counted with the stretch at the next synchronisation
                 train_seconds += step_seconds
                 window["seconds"] += step_seconds
-                span["loss"] += float(loss.detach())
                 span["steps"] += 1
                 span["images"] += cfg.batch_size
                 span["seconds"] += step_seconds
@@ -571,43 +682,52 @@ def _train(cfg: TrainConfig, callbacks, ckpt, datasets, info: DistInfo, overwrit
                     if message:
                         console.line(message)
 
-                if step % cfg.log_every == 0 or step == total_steps:
+                if logs:
+                    totals = dict(zip(_SUMS, window_sums.tolist()))
                     row = {"step": step, "epoch": step / steps_per_epoch,
                            "lr": scheduler.get_last_lr()[0],
-                           "loss": window["loss"] / window["steps"],
-                           "accuracy": window["correct"] / max(window["n"], 1),
+                           "loss": totals["loss"] / window["steps"],
+                           "accuracy": totals["correct"] / max(window["n"], 1),
                            "images_per_sec": window["n"] * info.world_size / max(window["seconds"], 1e-9),
                            "elapsed_s": elapsed_before + train_seconds}
                     for key in ("margin", "recon", "ce"):
-                        if window[key]:
-                            row[key] = window[key] / window["steps"]
+                        if totals[key]:
+                            row[key] = totals[key] / window["steps"]
                     if main:
                         train_log.write(row)
                         tb.scalars("train", {k: v for k, v in row.items() if k not in ("step",)}, step)
                         console_postfix = {"loss": f"{row['loss']:.4f}",
                                            "img/s": f"{row['images_per_sec']:.0f}"}
-                    window = dict.fromkeys(window, 0.0)
-                    window["n"] = window["steps"] = 0
+                    window = {"n": 0, "steps": 0, "seconds": 0.0}
+                    window_sums.zero_()
                 if main:
                     console.advance(step, total_steps, **console_postfix)
 
-                if step % eval_interval == 0 or step == total_steps:
+                if evaluates:
                     eval_start = time.perf_counter()
                     last_metrics = run_eval(step)
                     eval_seconds += time.perf_counter() - eval_start
                     console.line(
                         f"step {step}/{total_steps} (epoch {step / steps_per_epoch:.1f}): train loss "
-                        f"{span['loss'] / max(span['steps'], 1):.4f}, test error "
+                        f"{span_loss.item() / max(span['steps'], 1):.4f}, test error "
                         f"{100 * last_metrics['error']:.2f}% (best {100 * best_error:.2f}%), "
                         f"{span['images'] / max(span['seconds'], 1e-9):.0f} training images/s")
-                    span = dict.fromkeys(span, 0.0)
+                    span = {"steps": 0, "images": 0, "seconds": 0.0}
+                    span_loss.zero_()
                 if step % cfg.checkpoint_every == 0 and step != total_steps:
                     save("last.pt", step, last_metrics)
+                if queued and needs_number:
+                    stretch_start = time.perf_counter()
                 if broadcast_flag(stop.requested, info, device):
                     interrupted = stop.signal_name or "signal"
                     break
                 if step >= total_steps:
                     break
+        if queued:
+            # Steps since the last synchronisation (a stop between log steps).
+            _synchronize(device)
+            if not needs_number:
+                train_seconds += time.perf_counter() - stretch_start
         save("last.pt", step, last_metrics)
 
     console.close_bar()
