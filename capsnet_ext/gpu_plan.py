@@ -428,7 +428,29 @@ def render_summary(plan: dict) -> str:
         lines += ["", "GPU utilisation: not sampled (no nvidia-smi)."]
     lines += ["", "Train share: the run's time in training steps over its wall time (the rest is "
               "start-up, data, evaluation and checkpoints)."]
+    limits = what_limits(done)
+    if limits:
+        lines += ["", "What limits it: " + limits]
     return "\n".join(lines) + "\n"
+
+
+def what_limits(done: List[dict]) -> Optional[str]:
+    """A sentence from the measurements of the finished runs: the time outside training steps
+    (start-up, evaluation, collection), and how busy the GPU was while they ran (idle time is
+    the host's: data, Python, launches)."""
+    parts = []
+    shares = [r["train_share"] for r in done if r.get("train_share")]
+    if shares:
+        mean = sum(shares) / len(shares)
+        parts.append(f"training steps take {100 * mean:.0f}% of the runs' wall time on average "
+                     f"(the rest: start-up, data, evaluation, checkpoints)")
+    utils = [r["gpu"]["utilisation_pct"] for r in done if r.get("gpu")]
+    if utils:
+        mean = sum(utils) / len(utils)
+        parts.append(f"the GPU was busy {mean:.0f}% of the sampled time"
+                     + ("; the host (data, Python, kernel launches) keeps it waiting" if mean < 60
+                        else "; the kernels (routing, convolutions) set the pace"))
+    return "; ".join(parts) + "." if parts else None
 
 
 # ------------------------------------------------------------------------------ fold

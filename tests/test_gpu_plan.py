@@ -198,3 +198,12 @@ def test_dry_run_and_fold_into_a_copy(tmp_path, plan):
 def test_unknown_plan_suggests_the_closest():
     proc = _cli("seed-paper-ful", "--dry-run")
     assert proc.returncode == 2 and "did you mean 'seed-paper-full'" in proc.stderr
+
+
+def test_the_summary_says_what_limits_the_runs():
+    done = [dict(train_share=0.5, gpu=dict(utilisation_pct=40.0)),
+            dict(train_share=0.7, gpu=dict(utilisation_pct=50.0))]
+    text = gpu_plan.what_limits(done)
+    assert "60% of the runs' wall time" in text and "busy 45%" in text and "host" in text
+    assert "kernels" in gpu_plan.what_limits([dict(gpu=dict(utilisation_pct=95.0))])
+    assert gpu_plan.what_limits([dict()]) is None
