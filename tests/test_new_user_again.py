@@ -294,3 +294,24 @@ def test_replacing_a_run_does_not_name_an_option_the_user_did_not_pass(tmp_path)
     text = stream.getvalue()
     assert f"replacing the earlier run in {out}" in text and "--overwrite" not in text
     assert text.count(f"run folder {out}") == 1
+
+
+def test_no_download_for_train_and_eval(tmp_path, monkeypatch):
+    """`--no-download` never fetches (train and eval), and a resumed run accepts it."""
+    from capsnet_ext.data import files
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(files, "_urlopen", refuse)
+    monkeypatch.setenv("CAPSNET_DATA", str(tmp_path / "empty"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    code = train_cli.main(["--out", str(tmp_path / "run"), "--no-download", *TINY_FLAGS,
+                           "--max-steps", "1"])
+    assert code == 2 and not (tmp_path / "run").exists()
+    from capsnet_ext.training import eval_cli
+
+    out = _first_run(tmp_path)
+    assert eval_cli.main([str(out), "--no-download", "--out", str(tmp_path / "ev")]) == 2
+    cfg = train_cli.config_from_args(_resume_args(out, "--no-download", "--max-steps", "3"))
+    assert cfg.dataset_options["download"] is False and cfg.max_steps == 3

@@ -177,7 +177,7 @@ def _remove_empty_folders(folders: Sequence[pathlib.Path]) -> None:
 
 
 def download(urls: Sequence[str], destination: PathLike, md5: Optional[str] = None,
-             timeout: float = 60.0,
+             timeout: float = 20.0,
              validate: Optional[Callable[[str, str], None]] = None) -> pathlib.Path:
     """Download the first of ``urls`` that works to ``destination``, verified and written atomically.
 

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", help=f"named experiment ({', '.join(sorted(PRESETS))})")
     parser.add_argument("--config", help="JSON file of TrainConfig fields (may name a 'preset')")
     parser.add_argument("--data-dir", help="folder searched first for dataset files")
+    parser.add_argument("--no-download", action="store_true",
+                        help="never download missing data files (docs/data.md: where they come from)")
     parser.add_argument("--out", help="run folder: logs, checkpoints, metrics.json")
     parser.add_argument("--epochs", type=positive_int)
     parser.add_argument("--max-steps", type=positive_int, help="train this many optimizer steps (replaces --epochs)")
@@ -112,6 +114,8 @@ def config_from_args(args) -> TrainConfig:
         options["train_limit"] = args.train_limit
     if args.test_limit is not None:
         options["test_limit"] = args.test_limit
+    if args.no_download:
+        options["download"] = False
     if options:
         overrides["dataset_options"] = options
     if args.no_progress:
@@ -152,8 +156,11 @@ OPTION_OF = dict(data_dir="--data-dir", max_steps="--max-steps", batch_size="--b
                  precision="--precision", seed="--seed", device="--device",
                  num_workers="--num-workers", log_every="--log-every", eval_every="--eval-every",
                  checkpoint_every="--checkpoint-every", epochs="--epochs", out="--out",
-                 progress="--no-progress", tensorboard="--no-tensorboard")
+                 progress="--no-progress", tensorboard="--no-tensorboard",
+                 device_data="--set device_data")
 _DATASET_OPTION = dict(train_limit="--train-limit", test_limit="--test-limit")
+# Dataset options a resumed run may change: they decide how files are found, not the data.
+_DATASET_CHANGEABLE = ("download",)
 
 
 def _changed(saved, given, prefix=""):
@@ -175,13 +182,16 @@ def check_resume_overrides(saved: dict, given: dict) -> None:
     for key, old, new in _changed(saved, {k: v for k, v in given.items()
                                           if k not in RESUME_CHANGEABLE}):
         top, _, rest = key.partition(".")
+        if top == "dataset_options" and rest in _DATASET_CHANGEABLE:
+            continue
         if top == "dataset_options" and rest in _DATASET_OPTION:
             option = _DATASET_OPTION[rest]
         else:
             option = OPTION_OF.get(key) or f"--set {key}"
         refused.append(f"{option} {json.dumps(new)} (the run has {json.dumps(old)})")
     if refused:
-        changeable = ", ".join(OPTION_OF.get(k, k) for k in RESUME_CHANGEABLE if k != "out")
+        changeable = ", ".join([OPTION_OF.get(k, k) for k in RESUME_CHANGEABLE if k != "out"]
+                               + ["--no-download"])
         raise ValueError(f"--resume: {'; '.join(refused)}: a resumed run keeps its model, data, "
                          f"optimiser and seed; it can change only {changeable} (start a new run "
                          f"with another --out, or --overwrite this one)")

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", help="checkpoint files or run folders")
     parser.add_argument("--data-dir", help="folder searched first for dataset files")
+    parser.add_argument("--no-download", action="store_true",
+                        help="never download missing data files (docs/data.md: where they come from)")
     parser.add_argument("--device", default="auto", type=device_option,
                         help="auto (a GPU if present, else the CPU), cpu, cuda, cuda:1, ...")
     parser.add_argument("--backend", choices=BACKENDS, type=choice(*BACKENDS),
@@ -62,11 +64,12 @@ def _run_dir(path: pathlib.Path) -> pathlib.Path:
     return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
-def _bundle_for(ckpt: dict, data_dir, test_limit):
+def _bundle_for(ckpt: dict, data_dir, test_limit, download: bool = True):
     from ..data import build_datasets
 
     config = ckpt["config"]
     options = dict(config.get("dataset_options") or {})
+    options["download"] = download and options.get("download", True)
     options.pop("train_limit", None)
     options["train_limit"] = 1  # only the test split is needed
     if test_limit is not None:
@@ -75,20 +78,22 @@ def _bundle_for(ckpt: dict, data_dir, test_limit):
                           seed=config.get("seed", 0), **options)
 
 
-def _padded_mnist_test(data_dir, test_limit, size: int):
+def _padded_mnist_test(data_dir, test_limit, size: int, download: bool = True):
     from ..data import build_datasets, pad_to
     from ..data.base import ImageDataset
 
-    test = build_datasets("mnist", data_dir, train_limit=1, test_limit=test_limit).test
+    test = build_datasets("mnist", data_dir, train_limit=1, test_limit=test_limit,
+                          download=download).test
     return ImageDataset(pad_to(test.images, size), test.labels, name=f"mnist-test-{size}x{size}")
 
 
 def evaluate_checkpoint(path, *, data_dir=None, device="auto", backend=None, iterations=None,
                         batch_size=256, test_limit=None, precision="fp32", bundle=None,
-                        console=None):
+                        console=None, download: bool = True):
     """Metrics of one checkpoint on its task's test set; returns ``(metrics, model, bundle,
     ckpt)`` with ``metrics["scores"]`` kept for ensembles. ``console`` (a
-    :class:`~capsnet_ext.training.logging_utils.Console`) shows progress while scoring."""
+    :class:`~capsnet_ext.training.logging_utils.Console`) shows progress while scoring;
+    ``download=False`` never fetches missing data files."""
     from .evaluation import evaluation_batches
 
     ckpt = load_checkpoint(path)
@@ -101,7 +106,7 @@ def evaluate_checkpoint(path, *, data_dir=None, device="auto", backend=None, ite
         overrides["iterations"] = iterations
     model = model_from_checkpoint(ckpt, **overrides).to(device)
     if bundle is None:
-        bundle = _bundle_for(ckpt, data_dir, test_limit)
+        bundle = _bundle_for(ckpt, data_dir, test_limit, download)
     config = ckpt["config"]
     transform = BatchAugmenter(0, 0, config.get("crop_size")).evaluation
     common = dict(num_classes=bundle.num_classes, multi_label=bundle.multi_label, device=device,
@@ -121,7 +126,7 @@ def evaluate_checkpoint(path, *, data_dir=None, device="auto", backend=None, ite
     metrics["step"] = ckpt["step"]
     if config["dataset"] == "affnist":
         mnist = _padded_mnist_test(data_dir or config.get("data_dir"), test_limit,
-                                   ckpt["model_config"].get("input_size", 40))
+                                   ckpt["model_config"].get("input_size", 40), download)
         plain = evaluate(model, mnist, progress=progress_for(mnist), **common)
         metrics["affine_accuracy"] = metrics["accuracy"]
         metrics["mnist_padded_accuracy"] = plain["accuracy"]
@@ -178,7 +183,8 @@ def _main(argv: List[str]) -> int:
         metrics, model, bundle, ckpt = evaluate_checkpoint(
             path, data_dir=args.data_dir, device=args.device, backend=args.backend,
             iterations=args.iterations, batch_size=args.batch_size, test_limit=args.test_limit,
-            precision=args.precision, bundle=bundle_cache.get(key), console=console)
+            precision=args.precision, bundle=bundle_cache.get(key), console=console,
+            download=not args.no_download)
         bundle_cache[key] = bundle
         multi_label = bundle.multi_label
         scores.append(metrics.pop("scores"))

@@ -396,6 +396,9 @@ def train(cfg: TrainConfig, callbacks: Optional[List[Any]] = None, *, resume: Op
         keep = {k: getattr(cfg, k) for k in RESUME_CHANGEABLE}
         saved = dict(ckpt["config"])
         saved.update(keep)
+        if "download" in (cfg.dataset_options or {}):  # how files are found, not which data
+            saved["dataset_options"] = dict(saved.get("dataset_options") or {},
+                                            download=cfg.dataset_options["download"])
         cfg = TrainConfig(**saved)
 
     device_type = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" \
