@@ -100,8 +100,8 @@ def atomic_save(path: PathLike, save: Callable[[str], None], suffix: str = ".tmp
 _urlopen = urllib.request.urlopen
 
 # How a user switches downloading on, for messages (the commands download by default).
-DOWNLOAD_HOWTO = ("`capsnet-ext train` and `capsnet-ext eval` download missing files by default, "
-                  "and so does `capsnet-ext demo` for MNIST unless given --no-download; from "
+DOWNLOAD_HOWTO = ("`capsnet-ext train` and `capsnet-ext eval` download missing files unless given "
+                  "--no-download, and so does `capsnet-ext demo` for MNIST; from "
                   "Python, pass download=True to build_datasets")
 
 
