@@ -42,6 +42,8 @@ import traceback
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from capsnet_ext._atomic import atomic_path, atomic_write
+
 SHAPES: Dict[str, tuple] = {  # (B, I, J, Dout, Din)
     "mnist": (128, 1152, 10, 16, 8),
     "b512": (512, 1152, 10, 16, 8),
@@ -235,12 +237,6 @@ def _config_dict(config) -> dict:
     return dict(config._asdict())
 
 
-def _gpu_name(device) -> str:
-    import torch
-
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
 class Sweep:
     def __init__(self, args):
         import torch
@@ -256,9 +252,10 @@ class Sweep:
         self.work = Path(tempfile.mkdtemp(prefix="tune.")) / self.name
         self.work.mkdir(parents=True)
         from benchmarks.report import run_metadata
+        from capsnet_ext.triton_ops import _gemm_core as core
 
         self.data = dict(metadata=run_metadata(self.device, "tune", sys.argv[1:]),
-                         gpu=_gpu_name(self.device), budget_s=args.budget_s,
+                         gpu=core._gpu_name(self.device), budget_s=args.budget_s,
                          iterations=ITERATIONS, grids=dict(fwd=FWD_GRID, bwd=BWD_GRID),
                          results=[], skipped=[], entries=[])
 
@@ -266,20 +263,17 @@ class Sweep:
         return self.deadline - time.monotonic()
 
     def save(self) -> None:
-        path = self.work / "tune.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, path)
+        atomic_write(self.work / "tune.json", json.dumps(self.data, indent=1))
 
     def pack(self) -> Path:
         self.save()
-        (self.work / "summary.md").write_text(render_summary(self.data))
+        summary = render_summary(self.data)
+        atomic_write(self.work / "summary.md", summary)
         archive = self.out / f"{self.name}.tar.gz"
-        tmp = archive.with_suffix(".tmp")
-        with tarfile.open(tmp, "w:gz") as tar:
-            tar.add(self.work, arcname=self.name)
-        os.replace(tmp, archive)
-        shutil.copyfile(self.work / "summary.md", self.out / f"{self.name}-summary.md")
+        with atomic_path(archive, suffix=".tar.gz") as tmp:
+            with tarfile.open(tmp, "w:gz") as tar:
+                tar.add(self.work, arcname=self.name)
+        atomic_write(self.out / f"{self.name}-summary.md", summary)
         return archive
 
     def precompile(self, jobs: list) -> Dict[tuple, str]:
@@ -505,8 +499,8 @@ def fold(archive: str, table: Optional[str], results: str) -> int:
     if not (kept.exists() and kept.samefile(archive_path)):
         shutil.copyfile(archive_path, kept)
     if summary_text is not None:
-        (results_dir / archive_path.name.replace(".tar.gz", "-summary.md")).write_text(
-            summary_text)
+        atomic_write(results_dir / archive_path.name.replace(".tar.gz", "-summary.md"),
+                     summary_text)
     tuning.write_table(merged, table_path)  # last: a failed copy leaves the table as it was
     print(f"fold: {added} entries added, {replaced} replaced in {table_path}; {refused} refused "
           f"(winner check failed or missing); archive kept in {results_dir}")

@@ -105,30 +105,26 @@ def device_option(value: str) -> str:
 
 
 # ------------------------------------------------------------------ argparse types
-def positive_int(value: str) -> int:
-    """``type=`` for counts that must be at least 1 (argparse names the option)."""
+def _int_at_least(value: str, minimum: int, bound: str) -> int:
     import argparse
 
     try:
         number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    if number < minimum:
+        raise argparse.ArgumentTypeError(f"must be {bound}, got {number}")
     return number
+
+
+def positive_int(value: str) -> int:
+    """``type=`` for counts that must be at least 1 (argparse names the option)."""
+    return _int_at_least(value, 1, "at least 1")
 
 
 def non_negative_int(value: str) -> int:
     """``type=`` for counts that may be 0 (worker processes)."""
-    import argparse
-
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {number}")
-    return number
+    return _int_at_least(value, 0, "0 or more")
 
 
 def choice(*choices: str):

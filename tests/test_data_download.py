@@ -131,6 +131,15 @@ def _no_network(monkeypatch) -> list:
     return asked
 
 
+def _cached_mnist(xdg: pathlib.Path, files: dict) -> pathlib.Path:
+    """``files`` written into the user cache's mnist folder under ``xdg``; that folder."""
+    cache = xdg / "capsnet_ext" / "data" / "mnist"
+    cache.mkdir(parents=True)
+    for name, data in files.items():
+        (cache / name).write_bytes(data)
+    return cache
+
+
 def _everything_under(folder: pathlib.Path) -> list:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
 
@@ -295,10 +304,7 @@ def test_found_file_is_not_downloaded_and_corrupt_one_is_not_replaced(isolated, 
                                                                      monkeypatch):
     spec, files = tiny_mnist
     asked = _no_network(monkeypatch)
-    cache = isolated / "capsnet_ext" / "data" / "mnist"
-    cache.mkdir(parents=True)
-    for name, data in files.items():
-        (cache / name).write_bytes(data)
+    cache = _cached_mnist(isolated, files)
     assert len(build_datasets("mnist").test) == COUNTS["test"] and asked == []
     (cache / NAMES[2]).write_bytes(b"damaged")
     mnist_module.clear_cache()
@@ -371,10 +377,7 @@ def test_demo_uses_mnist_it_finds_without_downloading(isolated, tiny_mnist, monk
 
     _, files = tiny_mnist
     asked = _no_network(monkeypatch)
-    cache = isolated / "capsnet_ext" / "data" / "mnist"
-    cache.mkdir(parents=True)
-    for name, data in files.items():
-        (cache / name).write_bytes(data)
+    cache = _cached_mnist(isolated, files)
     _, name, description = demo._load_data(_demo_args())
     assert name == "mnist" and asked == []
     assert "downloading" not in capsys.readouterr().out and "downloaded" not in description

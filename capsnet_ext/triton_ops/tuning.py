@@ -162,10 +162,10 @@ def merge(table: dict, new_entries: list) -> tuple:
 
 
 def write_table(table: dict, path: Optional[Path] = None) -> Path:
-    """Write atomically (a temporary file renamed over the old one)."""
-    path = TABLE_PATH if path is None else Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Write atomically (:func:`capsnet_ext._atomic.atomic_write`)."""
+    from .._atomic import atomic_write
+
+    path = atomic_write(TABLE_PATH if path is None else Path(path),
+                        json.dumps(table, indent=1, sort_keys=True) + "\n")
     _CACHE.clear()
     return path

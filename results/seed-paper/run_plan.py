@@ -40,13 +40,9 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # the package of this checkout, installed or not
 
-
-def depth_order(depths):
-    """Extremes first, then the middle, then the rest: a cut-short sweep still spans the range."""
-    depths = sorted(depths)
-    order = [depths[0], depths[-1], depths[len(depths) // 2]]
-    return list(dict.fromkeys(order + depths))
+from capsnet_ext.gpu_plan import depth_order  # noqa: E402 - the GPU plan's order, shared
 
 
 def jobs(args):
