@@ -15,6 +15,9 @@ What is timed, per shape and dtype, in priority order (MNIST first; the budget s
   input-capsule splits) of :func:`candidates`;
 * ``bwd``: the backward with every gradient (``detach_inner=False``, the API's default) for
   every (``grad_BB``, ``grad_warps``, ``bwd_warps``), the forward winner's tiles kept;
+* then, around each direction's grid winner (:func:`second_pass`): the other kernel design
+  (``Config.design``: ``"batched"`` dots or ``"uhat"`` tiles) and pipelining depths 2 and 3
+  (``Config.stages``; the grid runs at 1);
 * beside them, in the same run: the default configuration and the eager reference.
 
 Timings are ``triton.testing.do_bench`` medians (L2 flushed between calls). Every candidate
@@ -59,6 +62,19 @@ TOLERANCE = {"bfloat16": 5e-2, "float16": 1e-2, "float32": 1e-4, "tf32": 5e-3}
 
 FWD_GRID = dict(BB=(16, 32, 64), warps=(4, 8, 16), max_isplit=(8, 16, 32, 64))
 BWD_GRID = dict(grad_BB=(16, 32, 64), grad_warps=(4, 8, 16), bwd_warps=(4, 8, 16))
+# Timed around the grid's winner in a second pass (instead of a grid six times as large):
+# the other kernel design, and the pipelining depths (the grid itself runs at the default 1).
+STAGES = (2, 3)
+
+
+def second_pass(winner, quick: bool = False) -> list:
+    """The grid's ``winner`` in the other kernel designs (``Config.design``), then at the other
+    pipelining depths (:data:`STAGES`); ``quick``: one of each."""
+    from capsnet_ext.triton_ops._gemm_core import DESIGNS
+
+    designs = [winner._replace(design=d) for d in DESIGNS if d != winner.design]
+    stages = [winner._replace(stages=s) for s in STAGES if s != winner.stages]
+    return designs[:1] + stages[:1] if quick else designs + stages
 
 
 def candidates(direction: str, base, quick: bool = False) -> list:
@@ -296,6 +312,7 @@ class Sweep:
         return errors
 
     def time_candidates(self, direction, shape_name, setting, base, log) -> Optional[dict]:
+        from capsnet_ext.triton_ops import _gemm_core as core
         from capsnet_ext.triton_ops import tuning
 
         shape = SHAPES[shape_name]
@@ -303,20 +320,29 @@ class Sweep:
         large = shape[0] * shape[1] > 500_000
         run = _runner(direction, shape, dtype_name, precision, self.device)
         rows = []
-        for config in candidates(direction, base, quick=self.dry_run):
-            if self.left() < 20:
-                self.data["skipped"].append(dict(shape=shape_name, dtype=setting,
-                                                 direction=direction,
-                                                 config=_config_dict(config),
-                                                 reason="budget"))
-                continue
-            row = dict(config=_config_dict(config))
-            try:
-                with tuning.forced(config):
-                    row["median_us"] = round(_bench(run, self.device, self.dry_run, large), 2)
-            except Exception as exc:  # noqa: BLE001 - recorded per candidate
-                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-            rows.append(row)
+
+        def time_all(configs):
+            for config in configs:
+                if self.left() < 20:
+                    self.data["skipped"].append(dict(shape=shape_name, dtype=setting,
+                                                     direction=direction,
+                                                     config=_config_dict(config),
+                                                     reason="budget"))
+                    continue
+                row = dict(config=_config_dict(config))
+                try:
+                    with tuning.forced(config):
+                        row["median_us"] = round(_bench(run, self.device, self.dry_run, large),
+                                                 2)
+                except Exception as exc:  # noqa: BLE001 - recorded per candidate
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                rows.append(row)
+
+        time_all(candidates(direction, base, quick=self.dry_run))
+        grid_timed = [r for r in rows if "median_us" in r]
+        if grid_timed:
+            grid_best = core.Config(**min(grid_timed, key=lambda r: r["median_us"])["config"])
+            time_all(second_pass(grid_best, quick=self.dry_run))
         timed = [r for r in rows if "median_us" in r]
         result = dict(shape=shape_name, size=list(shape), dtype=setting, direction=direction,
                       candidates=rows)

@@ -18,7 +18,7 @@ import capsnet_ext as ce
 from capsnet_ext import dispatch, reference
 
 triton_ops = pytest.importorskip("capsnet_ext.triton_ops")
-from capsnet_ext.triton_ops import _gemm_core, _routing_core  # noqa: E402
+from capsnet_ext.triton_ops import _gemm_core  # noqa: E402
 
 SHAPES = [  # B, I, J, Din, Dout: odd, not powers of two, B = 1
     (1, 5, 3, 3, 5),
@@ -125,20 +125,19 @@ def test_auto_picks_a_kernel_backend_only_on_cuda(device):
         assert chosen == "reference"
 
 
-def test_uhat_kernels_ignore_tf32_settings(device):
-    """dynamic_routing and predict use no tensor-core dot: allowing TF32 must not change a
-    single bit. (capsule_routing's float32 dots follow the TF32 switch: tests/test_triton_gemm.py.)"""
+def test_dynamic_routing_ignores_tf32_settings(device):
+    """dynamic_routing uses no tensor-core dot: allowing TF32 must not change a single bit.
+    (predict's and capsule_routing's float32 dots follow the TF32 switch:
+    tests/test_triton_predict.py, tests/test_triton_gemm.py.)"""
     require_triton(device)
     (u_hat,), b = make_inputs("dynamic_routing", (2, 7, 3, 5, 3), torch.float32, device, seed=29, bias=True)
-    (u, W), _ = make_inputs("capsule_routing", (2, 7, 3, 5, 3), torch.float32, device, seed=29)
     matmul = torch.backends.cuda.matmul
     old_precision = matmul.fp32_precision
     results = []
     try:
         for allow in (False, True):
             matmul.fp32_precision = "tf32" if allow else "ieee"
-            results.append(outputs_and_grads("dynamic_routing", "triton", [u_hat], b, 3, {})
-                           + outputs_and_grads("predict", "triton", [u, W], None, 0, {}))
+            results.append(outputs_and_grads("dynamic_routing", "triton", [u_hat], b, 3, {}))
     finally:
         matmul.fp32_precision = old_precision
     flat = [[t for part in r for t in part] for r in results]
@@ -291,10 +290,13 @@ def test_routing_reductions_across_programs(device, op, splits, with_prior, monk
     require_triton(device)
     shape = (3, 13, 3, 3, 5)
     if op == "dynamic_routing":
-        monkeypatch.setattr(_routing_core, "TILE_ELEMENTS", 64)
-        monkeypatch.setattr(_routing_core, "FORCE_SPLITS", splits[0])
-        plan = _routing_core._Plan(3, 13, 3, 5, torch.device(device))
-        assert plan.n_isplit > 1 and plan.n_itiles > plan.n_isplit
+        # One sample per tile, so that the prior's and the bias's gradients are summed over
+        # sample splits too.
+        monkeypatch.setattr(_gemm_core, "GIVEN_TILE_ELEMENTS", 8)
+        monkeypatch.setattr(_gemm_core, "FORCE_SPLITS", splits)
+        plan = _gemm_core.Plan(3, 13, 3, 5, 0, torch.device(device),
+                               _gemm_core.default_given_config(3, 13, 3, 5), given=True)
+        assert plan.n_isplit > 1 and plan.n_bsplit > 1 and plan.BB == 1
     else:
         monkeypatch.setattr(_gemm_core, "FORCE_SPLITS", splits)
         plan = _gemm_core.Plan(3, 13, 3, 5, 3, torch.device(device),
@@ -451,7 +453,6 @@ def test_registered_operators_pass_opcheck(device):
     """Schema, fake tensors, autograd registration and AOT dispatch of the operators that
     torch.compile sees."""
     require_triton(device)
-    core = importlib.import_module("capsnet_ext.triton_ops._routing_core")
     gemm = importlib.import_module("capsnet_ext.triton_ops._gemm_core")
     predict_module = importlib.import_module("capsnet_ext.triton_ops.predict")
     (u, W), b = make_inputs("capsule_routing", (2, 5, 3, 3, 4), torch.float64, device, seed=19, bias=True)
@@ -460,8 +461,8 @@ def test_registered_operators_pass_opcheck(device):
     cases = [
         (gemm.routing_forward_op, (u, W, b, prior, 3, True, False, True, 0.7)),
         (gemm.routing_forward_op, (u.detach(), W, None, None, 2, False, True, False, 1.0)),
-        (core.routing_forward_op, (u_hat, b, 3, False, False, True)),
-        (core.routing_forward_op, (u_hat, b, 3, True, False, True, prior, 0.37)),
+        (gemm.given_routing_forward_op, (u_hat, b, None, 3, False, False, True, 1.0)),
+        (gemm.given_routing_forward_op, (u_hat, b, prior, 3, True, False, True, 0.37)),
         (predict_module.predict_op, (u, W)),
     ]
     for op, args in cases:

@@ -183,7 +183,12 @@ def test_tune_dry_run_and_fold(tmp_path):
     directions = sorted(e["direction"] for e in data["entries"])
     assert directions == ["bwd", "fwd"]
     assert all(e["check"]["passed"] and e["gpu"] == "cpu" for e in data["entries"])
-    assert all(len(r["candidates"]) == 2 and "winner" in r for r in data["results"])
+    # Two grid candidates, then the grid's winner in the other design and at one other
+    # pipelining depth.
+    assert all(len(r["candidates"]) == 4 and "winner" in r for r in data["results"])
+    assert all([(c["config"]["design"], c["config"]["stages"]) for c in r["candidates"]]
+               == [("batched", 1), ("batched", 1), ("uhat", 1), ("batched", 2)]
+               for r in data["results"])
     table = tmp_path / "table.json"
     table.write_text(json.dumps(tuning.merge(tuning.empty_table(),
                                              [_entry(128, 1152, _config())])[0]))

@@ -69,6 +69,7 @@ ODD_SHAPES = {
 DTYPES = (("float16", None), ("bfloat16", None), ("float32", "ieee"), ("float32", "tf32"),
           ("float64", None))
 OPS = ("capsule_routing", "dynamic_routing", "predict")
+DESIGNS = ("batched", "uhat")
 BOOLEAN_OPTIONS = ("bias", "leaky", "detach_inner", "return_coupling", "prior", "temperature")
 TEMPERATURE = 0.7
 MIN_K, MIN_M, MIN_N = 16, 16, 8
@@ -89,12 +90,17 @@ class Case:
     precision: Optional[str]
     iterations: int
     options: Dict[str, bool]
+    # capsule_routing's kernel design (``Config.design`` of the Triton backend): both are
+    # compiled, whichever the defaults or the tuning table pick.
+    design: str = "batched"
 
     @property
     def label(self) -> str:
         flags = ",".join(k for k, v in self.options.items() if v) or "plain"
         prec = f"/{self.precision}" if self.precision else ""
-        return f"{self.op} {self.shape_name} {self.dtype}{prec} R={self.iterations} {flags}"
+        design = f" design={self.design}" if self.design != "batched" else ""
+        return (f"{self.op} {self.shape_name} {self.dtype}{prec} R={self.iterations} "
+                f"{flags}{design}")
 
 
 @dataclass
@@ -133,13 +139,29 @@ def cases(quick: bool = False) -> List[Case]:
             if op == "predict":
                 out.append(Case(op, name, shape, dtype, precision, 1, {}))
                 continue
-            for iterations, options in itertools.product((1, 2, 3, 4) if full else (1, 4),
-                                                         _option_sets(full)):
-                out.append(Case(op, name, shape, dtype, precision, iterations, options))
+            designs = DESIGNS if op == "capsule_routing" else ("batched",)
+            for iterations, options, design in itertools.product(
+                    (1, 2, 3, 4) if full else (1, 4), _option_sets(full), designs):
+                out.append(Case(op, name, shape, dtype, precision, iterations, options, design))
     return out
 
 
 REFUSED: List[str] = []  # cases the dispatch refuses before any launch (filled by record)
+
+
+def _design(case: Case):
+    """The Triton backend's default configuration for the case with its ``design``, forced as
+    the tuning sweep forces a candidate; nothing for the default design."""
+    if case.design == "batched":
+        return contextlib.nullcontext()
+    import torch
+
+    from capsnet_ext.triton_ops import _gemm_core, tuning
+
+    s = case.shape
+    config = _gemm_core.default_config(s["B"], s["I"], s["J"], s["Dout"], s["Din"],
+                                       getattr(torch, case.dtype), case.precision)
+    return tuning.forced(config._replace(design=case.design))
 
 
 def record(all_cases: Sequence[Case], gpu) -> Dict[str, Variant]:
@@ -165,7 +187,7 @@ def record(all_cases: Sequence[Case], gpu) -> Dict[str, Variant]:
         if case.op != "predict":
             options["temperature"] = TEMPERATURE if options.pop("temperature") else 1.0
         precision = fp32_matmul_precision(case.precision) if case.precision else contextlib.nullcontext()
-        with precision:
+        with precision, _design(case):
             recording = record_op("triton", case.op, case.shape, getattr(torch, case.dtype),
                                   case.iterations, bias, gpu, options if case.op != "predict" else None)
         for launch in recording.launches:

@@ -19,6 +19,8 @@ from typing import Dict
 
 import torch
 
+from .. import _routing_autograd
+
 SCHEMAS: Dict[str, str] = {
     "predict": "predict(Tensor u, Tensor W) -> Tensor",
     "predict_backward": "predict_backward(Tensor grad_u_hat, Tensor u, Tensor W) -> (Tensor, Tensor)",
@@ -111,38 +113,22 @@ def register(namespace: str) -> None:
     torch.library.register_autograd(qual("predict"), _predict_backward, setup_context=_predict_setup)
 
     # Routing: the couplings and the saved state are outputs without gradient; the backward
-    # runs the reverse sweeps and the final gradient sweep (see docs/cuda-backend.md).
-    def _routing_setup(ctx, inputs, output):
-        u_hat, bias, prior, iterations, leaky, detach_inner, _, temperature = inputs
-        _, c, s_all, V_all = output
-        ctx.mark_non_differentiable(c, s_all, V_all)
-        ctx.save_for_backward(u_hat, prior, s_all, V_all)
-        ctx.options = (iterations, leaky, detach_inner, bias is not None, temperature)
+    # runs the reverse sweeps and the final gradient sweep (see docs/cuda-backend.md). What is
+    # saved and how the gradients map onto the inputs is shared with the Triton backend
+    # (capsnet_ext._routing_autograd); the CUDA backward ops compute every gradient.
+    def _routing_backward(grad_v, sources, prior, s_all, V_all, options, need):
+        o = options
+        has_bias = need.bias  # the bias gradient is [0]-shaped when not asked for
+        if len(sources) == 1:
+            grad_u_hat, grad_bias, grad_prior = ops.routing_backward(
+                grad_v, sources[0], prior, s_all, V_all, o.iterations, o.leaky, o.detach_inner,
+                has_bias, o.temperature)
+            return (grad_u_hat,), grad_bias, grad_prior
+        du, dW, grad_bias, grad_prior = ops.capsule_routing_backward(
+            grad_v, *sources, prior, s_all, V_all, o.iterations, o.leaky, o.detach_inner,
+            has_bias, o.temperature)
+        return (du, dW), grad_bias, grad_prior
 
-    def _routing_backward(ctx, grad_v, *unused):
-        u_hat, prior, s_all, V_all = ctx.saved_tensors
-        has_bias = ctx.options[3]
-        grad_u_hat, grad_bias, grad_prior = ops.routing_backward(grad_v, u_hat, prior, s_all, V_all, *ctx.options)
-        return (grad_u_hat, grad_bias if has_bias else None, grad_prior if prior is not None else None,
-                None, None, None, None, None)
-
-    torch.library.register_autograd(qual("routing_forward"), _routing_backward, setup_context=_routing_setup)
-
-    def _capsule_routing_setup(ctx, inputs, output):
-        u, W, bias, prior, iterations, leaky, detach_inner, _, temperature = inputs
-        _, c, s_all, V_all = output
-        ctx.mark_non_differentiable(c, s_all, V_all)
-        ctx.save_for_backward(u, W, prior, s_all, V_all)
-        ctx.options = (iterations, leaky, detach_inner, bias is not None, temperature)
-
-    def _capsule_routing_backward(ctx, grad_v, *unused):
-        u, W, prior, s_all, V_all = ctx.saved_tensors
-        has_bias = ctx.options[3]
-        du, dW, grad_bias, grad_prior = ops.capsule_routing_backward(grad_v, u, W, prior, s_all, V_all,
-                                                                     *ctx.options)
-        return (du, dW, grad_bias if has_bias else None, grad_prior if prior is not None else None,
-                None, None, None, None, None)
-
-    torch.library.register_autograd(
-        qual("capsule_routing_forward"), _capsule_routing_backward, setup_context=_capsule_routing_setup
-    )
+    for name in ("routing_forward", "capsule_routing_forward"):
+        torch.library.register_autograd(qual(name), _routing_autograd.make_backward_formula(
+            _routing_backward), setup_context=_routing_autograd.setup_context)

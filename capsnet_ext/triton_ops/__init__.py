@@ -1,8 +1,10 @@
 """Triton backend of capsnet_ext (name ``"triton"`` in :mod:`capsnet_ext.dispatch`).
 
-* :mod:`.predict`: ``u_hat = W @ u`` forward, ``du`` and ``dW``.
+* :mod:`.predict`: ``u_hat = W @ u`` forward, ``du`` and ``dW``, as 2-D tensor-core dots per
+  input capsule.
 * :mod:`.routing`: the routing loop over given ``u_hat`` fused into sweeps over the input
-  capsules, with a custom backward (kernels in :mod:`._routing_core`).
+  capsules, with a custom backward: the same sweeps, plan and launchers as the fused op
+  (:mod:`._gemm_core`), with elementwise products where the fused op has dots.
 * :mod:`.capsule_routing`: prediction and routing fused as tensor-core GEMM tiles; ``u_hat`` is
   never formed (kernels in :mod:`._gemm_kernels`, launchers and autograd in :mod:`._gemm_core`).
   ``R + 1`` launches forward, at most ``R + 3`` backward, no atomics.
@@ -10,10 +12,10 @@
 Runs on CUDA tensors, and on CPU tensors only under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before triton is imported), a testing tool. Every option of the API
 is supported for float16, bfloat16, float32 and float64 (the learned ``prior`` and the softmax
-``temperature`` included). Precision: ``capsule_routing`` feeds float16 and
-bfloat16 operands to tensor cores with float32 accumulation; its float32 dots are exact-input
-(``"ieee"``) unless PyTorch allows TF32 for float32 matmuls, then TF32. ``dynamic_routing`` and
-``predict`` use no ``tl.dot``. float32 math elsewhere is the GPU's, not IEEE-exact: ``exp`` and
+``temperature`` included). Precision: ``capsule_routing`` and ``predict`` feed
+float16 and bfloat16 operands to tensor cores with float32 accumulation; their float32 dots are
+exact-input (``"ieee"``) unless PyTorch allows TF32 for float32 matmuls, then TF32.
+``dynamic_routing`` uses no ``tl.dot`` (its products are elementwise). float32 math elsewhere is the GPU's, not IEEE-exact: ``exp`` and
 ``sqrt`` compile to approximate instructions, divisions to ``div.full``, multiply-adds are fused
 (``enable_fp_fusion=True``, passed explicitly). float64 is float64 throughout. The
 interpreter models none of TF32, approximate math or fused multiply-adds.
@@ -95,9 +97,9 @@ def unsupported_reason(op: str, *, dtype: torch.dtype, iterations: int = 1, bias
             from ._gemm_core import capsule_size_limit_reason
 
             return capsule_size_limit_reason(sizes["J"], sizes["Dout"], sizes["Din"], dtype)
-        from ._routing_core import capsule_size_limit_reason
+        from ._gemm_core import given_size_limit_reason
 
-        return capsule_size_limit_reason(sizes["J"], sizes["Dout"])
+        return given_size_limit_reason(sizes["J"], sizes["Dout"])
     return None
 
 

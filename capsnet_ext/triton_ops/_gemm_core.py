@@ -1,6 +1,15 @@
-"""The fused ``capsule_routing`` as tensor-core GEMM tiles: launchers, autotuning, the
-autograd.Function and the registered operators for ``torch.compile``. The kernels and the math
-are in :mod:`._gemm_kernels`.
+"""The Triton routing core: launchers, launch plans, tuning, the autograd.Function and the
+registered operators for ``torch.compile`` of the fused ``capsule_routing`` (tensor-core GEMM
+tiles) and of ``dynamic_routing`` over given prediction vectors (``W = None`` throughout). The
+kernels and the math are in :mod:`._gemm_kernels`; the autograd plumbing shared with the CUDA
+backend in :mod:`capsnet_ext._routing_autograd`.
+
+Two designs of the fused kernels, chosen by :attr:`Config.design` (the tuning table, or the
+default ``"batched"``, the one measured on a GPU so far): ``"batched"`` contracts with dots
+batched over the output capsules and never forms ``u_hat``; ``"uhat"`` forms one input
+capsule's ``u_hat`` tile per step with a 2-D dot and runs the routing math on it, the same
+kernels ``dynamic_routing`` runs with ``u_hat`` loaded. Both keep the launch plan below (the
+``"uhat"`` gradient sweep is one launch for ``du`` and ``dW`` together).
 
 Launches (every kernel counted; PyTorch allocates the workspaces with ``torch.empty`` and runs
 no kernel of its own):
@@ -42,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _routing_autograd as RA
 from . import _gemm_kernels as K
 from . import tuning
 
@@ -131,6 +141,31 @@ def capsule_size_limit_reason(J: int, D: int, Din: int,
             f"{str(dtype).replace('torch.', '')} is {limit} (got J={J}, Dout={D}, Din={Din})")
 
 
+# The two designs of the fused kernels (:class:`Config`).
+DESIGNS = ("batched", "uhat")
+# Routing over given prediction vectors: the widest padded ``[J, Dout]`` slice of one input
+# capsule accepted, and the most elements of a ``[J, BB, Dout]`` tile (samples are taken
+# fewer, down to one, for wide capsules).
+MAX_GIVEN_CAPSULE_ELEMENTS = 1 << 16
+GIVEN_TILE_ELEMENTS = 1 << 13
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(1, x).bit_length() - 1)
+
+
+def given_size_limit_reason(J: int, D: int) -> Optional[str]:
+    """Why one input capsule's ``[J, Dout]`` slice of ``u_hat`` is too large for the routing
+    kernels over given prediction vectors (they hold it in registers, padded to powers of two),
+    or ``None``."""
+    per_capsule = triton.next_power_of_2(J) * triton.next_power_of_2(D)
+    if per_capsule <= MAX_GIVEN_CAPSULE_ELEMENTS:
+        return None
+    return (f"the Triton routing kernels hold one input capsule's [J, Dout] slice in registers, "
+            f"padded to {per_capsule} elements; the limit is {MAX_GIVEN_CAPSULE_ELEMENTS} "
+            f"(got J={J}, Dout={D})")
+
+
 # Smallest K of a ``tl.dot`` for every dtype: Triton 3.6 (the release torch 2.11 pins) refuses
 # K < 16 ("Input shapes should have M >= 1, N >= 1 and K >= 16") even for float32 and float64,
 # which later releases and the interpreter accept.
@@ -145,37 +180,76 @@ class Config(NamedTuple):
     (reduction) sweeps, samples per gradient-sweep tile, warps of the gradient sweeps, and the
     most splits of the input capsules per sweep (more programs, against more partial sums for
     the next sweep to add up). Tiles hold at least 16 samples: the sample axis is the M (and,
-    in the ``dW`` dot, the K) of the tensor-core dots."""
+    in the ``dW`` dot, the K) of the tensor-core dots. ``stages``: the software-pipelining
+    depth (Triton's ``num_stages``) of the loops of the direction's sweeps (forward sweeps for
+    a forward configuration; reduction and gradient sweeps for a backward one). 1, the
+    default, issues each loop step's loads when the step starts; 2 or 3 fetch the next steps'
+    tiles while the current one computes, at the cost of shared memory. Measured on the H200
+    of 2026-12-04: the sweeps wait on their loads (Nsight Compute's top stall of the forward
+    sweep is ``long_scoreboard`` at 25% occupancy), which deeper pipelining addresses; the
+    tuning sweep times 2 and 3 around each winner. ``design``: ``"batched"`` (the kernels
+    of the first half of :mod:`._gemm_kernels`: every contraction a dot batched over the output
+    capsules, ``u_hat`` never formed) or ``"uhat"`` (the u_hat-tile kernels of its second
+    half, which ``dynamic_routing`` always uses: ``u_hat`` of one input capsule formed by one
+    2-D dot per step and never stored; see there). The tuning sweep times the other design
+    at each winner."""
     BB: int
     warps: int
     bwd_warps: int
     grad_BB: int
     grad_warps: int
     max_isplit: int = 16
+    stages: int = 1
+    design: str = "batched"
 
 
 class Plan:
-    """Tile sizes and grids of one call, from the shape and a :class:`Config`."""
+    """Tile sizes and grids of one call, from the shape and a :class:`Config`. ``given``: the
+    routing over given prediction vectors (``dynamic_routing``), whose tiles are one input
+    capsule's ``[J, Dout]`` slice for ``BB`` samples, with no dot and so no 16-sample minimum;
+    ``Din`` is then unused."""
 
-    def __init__(self, B, I, J, D, Din, device, config: Config, dtype=torch.float32):
-        reason = capsule_size_limit_reason(J, D, Din, dtype)
+    def __init__(self, B, I, J, D, Din, device, config: Config, dtype=torch.float32,
+                 given: bool = False):
+        if config.design not in DESIGNS:
+            raise ValueError(f"design must be one of {DESIGNS}, got {config.design!r}")
+        # The u_hat-tile kernels: always for given prediction vectors, by choice otherwise.
+        self.uhat = given or config.design == "uhat"
+        reason = (given_size_limit_reason(J, D) if given
+                  else capsule_size_limit_reason(J, D, Din, dtype))
         if reason is not None:
             raise NotImplementedError(reason + "; use backend='reference'")
-        if min(config.BB, config.grad_BB) < MIN_DOT_K:
+        if not given and min(config.BB, config.grad_BB) < MIN_DOT_K:
             raise ValueError(f"tiles must hold at least {MIN_DOT_K} samples (the M and K of the "
                              f"dots), got BB={config.BB}, grad_BB={config.grad_BB}")
         self.config = config
         self.BLOCK_J = triton.next_power_of_2(J)
-        self.BLOCK_D = max(16, triton.next_power_of_2(D))  # K of the logits dot
-        self.DINP = triton.next_power_of_2(Din)
-        # N = IC * DINP is the K of the weighted-sum dot: input capsules are tiled into it
-        # until it reaches MIN_DOT_K (a padded Din alone is below 16 whenever Din <= 8).
-        self.IC = max(1, MIN_DOT_K // self.DINP)
-        # The gradient sweep holds one input capsule: its dots have N = Din padded to at least
-        # 8, the N of the tensor cores' m16n8k16 (and TF32 m16n8k8) instructions.
-        self.GRAD_DINP = max(MIN_DOT_N, self.DINP)
         target = _target_programs(device)
-        self.n_btiles = triton.cdiv(B, config.BB)
+        if given:
+            self.BLOCK_D = triton.next_power_of_2(D)
+            self.DINP = self.GRAD_DINP = 1
+            self.IC = 1
+            # As many samples as keep a tile within GIVEN_TILE_ELEMENTS (at least one).
+            cap = max(1, _pow2_floor(GIVEN_TILE_ELEMENTS // (self.BLOCK_J * self.BLOCK_D)))
+            self.BB = min(config.BB, cap, triton.next_power_of_2(B))
+            self.grad_BB = min(config.grad_BB, cap, triton.next_power_of_2(B))
+        elif self.uhat:
+            # u_hat = u_i [BB x KP] @ W_i^T [KP x BLOCK_J*BLOCK_D]: K and N at least 16.
+            self.BLOCK_D = max(triton.next_power_of_2(D), triton.cdiv(MIN_DOT_K, self.BLOCK_J))
+            self.DINP = self.GRAD_DINP = max(MIN_DOT_K, triton.next_power_of_2(Din))
+            self.IC = 1
+            self.BB, self.grad_BB = config.BB, config.grad_BB
+        else:
+            self.BLOCK_D = max(16, triton.next_power_of_2(D))  # K of the logits dot
+            self.DINP = triton.next_power_of_2(Din)
+            # N = IC * DINP is the K of the weighted-sum dot: input capsules are tiled into it
+            # until it reaches MIN_DOT_K (a padded Din alone is below 16 whenever Din <= 8).
+            self.IC = max(1, MIN_DOT_K // self.DINP)
+            # The gradient sweep holds one input capsule: its dots have N = Din padded to at
+            # least 8, the N of the tensor cores' m16n8k16 (and TF32 m16n8k8) instructions.
+            self.GRAD_DINP = max(MIN_DOT_N, self.DINP)
+            self.BB, self.grad_BB = config.BB, config.grad_BB
+        self.n_btiles = triton.cdiv(B, self.BB)
         n_chunks = triton.cdiv(I, self.IC)
         n_isplit = (FORCE_SPLITS[0] if FORCE_SPLITS
                     else min(config.max_isplit, triton.cdiv(target, self.n_btiles)))
@@ -183,10 +257,10 @@ class Plan:
         self.i_per_split = triton.cdiv(n_chunks, n_isplit) * self.IC
         self.n_isplit = triton.cdiv(I, self.i_per_split)
         self.n_grad_chunks = I  # one input capsule per gradient-sweep program
-        max_bsplit = triton.cdiv(B, config.grad_BB)
+        max_bsplit = triton.cdiv(B, self.grad_BB)
         n_bsplit = FORCE_SPLITS[1] if FORCE_SPLITS else triton.cdiv(target, self.n_grad_chunks)
         n_bsplit = max(1, min(n_bsplit, max_bsplit))
-        self.b_per_split = triton.cdiv(triton.cdiv(B, n_bsplit), config.grad_BB) * config.grad_BB
+        self.b_per_split = triton.cdiv(triton.cdiv(B, n_bsplit), self.grad_BB) * self.grad_BB
         self.n_bsplit = triton.cdiv(B, self.b_per_split)
 
 
@@ -214,6 +288,16 @@ def default_config(B, I, J, D, Din, dtype: torch.dtype = torch.float32,
         # 232,448); at 8 warps it fits.
         return Config(16, 16, 8, 16, 16, 16)
     return Config(16, 16, 16, 16, 16, 16)
+
+
+def default_given_config(B, I, J, D, dtype: torch.dtype = torch.float32) -> Config:
+    """Routing over given prediction vectors: 16 samples per tile (fewer for wide capsules,
+    see :class:`Plan`) and about 8 tile elements per thread (4 to 16 warps); no dots, so the
+    register budget alone sets the warps."""
+    jd = triton.next_power_of_2(J) * triton.next_power_of_2(D)
+    tile = min(16, _pow2_floor(GIVEN_TILE_ELEMENTS // jd)) * jd
+    warps = min(16, max(4, triton.next_power_of_2(tile) // 256))
+    return Config(16, warps, warps, 16, warps, 16)
 
 
 def candidate_configs(B, I, J, D, Din, dtype: torch.dtype = torch.float32,
@@ -259,6 +343,11 @@ def tuned_config(key: tuple, candidates, run, timer=None) -> Config:
 
 
 def _shape(u, W):
+    """``(B, I, J, D, Din)`` of ``u [B, I, Din]`` and ``W [I, J, D, Din]``, or of a given
+    ``u_hat [B, I, J, D]`` when ``W`` is ``None`` (``Din`` then 0)."""
+    if W is None:
+        B, I, J, D = u.shape
+        return B, I, J, D, 0
     B, I, Din = u.shape
     _, J, D, _ = W.shape
     return B, I, J, D, Din
@@ -267,7 +356,8 @@ def _shape(u, W):
 def config_is_valid(config: Config, B, I, J, D, Din) -> bool:
     """Whether ``config`` can run this shape (the tiles hold at least the smallest dot)."""
     return min(config.BB, config.grad_BB) >= MIN_DOT_K and min(
-        config.warps, config.bwd_warps, config.grad_warps) >= 1 and config.max_isplit >= 1
+        config.warps, config.bwd_warps, config.grad_warps) >= 1 and config.max_isplit >= 1 \
+        and config.stages >= 1 and config.design in DESIGNS
 
 
 def _gpu_name(device: torch.device) -> str:
@@ -289,7 +379,8 @@ def table_config(direction: str, dtype: torch.dtype, device: torch.device, B, I,
 
 def _config_for(u, W, iterations, options, run):
     """Forced (the tuning sweep), else the tuning table, else the default and its split counts
-    timed once per shape (see :mod:`.tuning`)."""
+    timed once per shape (see :mod:`.tuning`). ``W`` is ``None`` for given prediction vectors
+    ``u`` (table directions ``given-fwd``/``given-bwd``)."""
     forced = tuning.forced_config()
     if forced is not None:
         return forced
@@ -299,13 +390,19 @@ def _config_for(u, W, iterations, options, run):
     if config is not None:
         return config
     if u.device.type == "cuda":
-        config = table_config(options[0], u.dtype, u.device, B, I, J, D, Din)
+        direction = options[0] if W is not None else "given-" + options[0]
+        config = table_config(direction, u.dtype, u.device, B, I, J, D, Din)
         if config is not None:
             _TUNED[key] = config
             return config
     autotune = os.environ.get(AUTOTUNE_ENV, "1") not in ("0", "")
     timer = _time_cuda if u.device.type == "cuda" and autotune else None
-    return tuned_config(key, candidate_configs(B, I, J, D, Din, u.dtype), run, timer)
+    if W is None:
+        base = default_given_config(B, I, J, D, u.dtype)
+        candidates = [base, base._replace(max_isplit=8), base._replace(max_isplit=32)]
+    else:
+        candidates = candidate_configs(B, I, J, D, Din, u.dtype)
+    return tuned_config(key, candidates, run, timer)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,9 +417,19 @@ def _common_meta(dtype, plan: Plan, leaky: bool, temperature: float):
                 BLOCK_D=plan.BLOCK_D, enable_fp_fusion=True)
 
 
+def _uhat_source(u, W):
+    """Leading arguments of the u_hat-tile kernels, ``(src, w, s_b, s_i, s_j, s_d)``: the given
+    ``u_hat`` and its strides when ``W`` is ``None``, else ``u`` and ``W`` (both contiguous;
+    the strides are unused)."""
+    if W is None:
+        return (u, u, *u.stride())
+    return (u, W, 0, 0, 0, 0)
+
+
 def _forward(u, W, iterations, bias, prior, leaky, temperature, return_coupling, config):
+    given = W is None
     B, I, J, D, Din = _shape(u, W)
-    plan = Plan(B, I, J, D, Din, u.device, config, u.dtype)
+    plan = Plan(B, I, J, D, Din, u.device, config, u.dtype, given=given)
     acc = acc_dtype(u.dtype)
     R = iterations
     s_all = torch.empty(R, B, J, D, device=u.device, dtype=acc)
@@ -331,33 +438,52 @@ def _forward(u, W, iterations, bias, prior, leaky, temperature, return_coupling,
     v = torch.empty(B, J, D, device=u.device, dtype=u.dtype)
     c = torch.empty(B, I, J, device=u.device, dtype=u.dtype) if return_coupling else parts
     meta = _common_meta(u.dtype, plan, leaky, temperature)
-    tiles = dict(BB=config.BB, DINP=plan.DINP, IC=plan.IC)
+    if plan.uhat:
+        sweep = K._fwd_uhat_sweep_kernel
+        source = _uhat_source(u, W)
+        tiles = dict(BB=plan.BB, KP=plan.DINP, FUSED=not given)
+    else:
+        sweep = K._fwd_sweep_kernel
+        source = (u, W)
+        tiles = dict(BB=plan.BB, DINP=plan.DINP, IC=plan.IC)
     bias_arg = bias if bias is not None else parts
     prior_arg = prior if prior is not None else parts
     with device_guard(u):
         for r in range(R):
-            K._fwd_sweep_kernel[(plan.n_btiles, plan.n_isplit)](
-                u, W, prior_arg, bias_arg, parts[(r + 1) % 2], parts[r % 2], s_all, V_all, c,
+            sweep[(plan.n_btiles, plan.n_isplit)](
+                *source, prior_arg, bias_arg, parts[(r + 1) % 2], parts[r % 2], s_all, V_all, c,
                 r, B, I, J, D, Din, plan.i_per_split, plan.n_isplit,
                 FIRST=r == 0, HAS_PRIOR=prior is not None, HAS_BIAS=bias is not None,
                 STORE_C=return_coupling and r == R - 1 and (r > 0 or prior is not None),
-                num_warps=config.warps, num_stages=1, **tiles, **meta)
+                num_warps=config.warps, num_stages=config.stages, **tiles, **meta)
         uniform_c = return_coupling and R == 1 and prior is None
         K._fwd_final_kernel[(plan.n_btiles,)](
             parts[(R - 1) % 2], plan.n_isplit, bias_arg, s_all, v, c, R - 1, B, I, J, D,
             HAS_BIAS=bias is not None, UNIFORM_C=uniform_c, LEAKY=leaky, ACC=meta["ACC"],
-            TINY=meta["TINY"], BB=config.BB, BLOCK_J=plan.BLOCK_J, BLOCK_D=plan.BLOCK_D,
+            TINY=meta["TINY"], BB=plan.BB, BLOCK_J=plan.BLOCK_J, BLOCK_D=plan.BLOCK_D,
             BLOCK_I=16, num_warps=config.warps, enable_fp_fusion=True)
     return v, s_all, V_all, (c if return_coupling else None)
 
 
 def _backward(u, W, prior, grad_v, s_all, V_all, leaky, detach_inner, temperature, config,
               need_u, need_w, need_bias, need_prior, bias_dtype):
+    """``(du, dW, d_bias, d_prior)``. For given prediction vectors (``W`` is ``None``) ``du``
+    is the gradient wrt ``u_hat`` and ``dW`` is ``None``."""
+    given = W is None
+    need_w = need_w and not given
     B, I, J, D, Din = _shape(u, W)
     R = s_all.shape[0]
-    plan = Plan(B, I, J, D, Din, u.device, config, u.dtype)
+    plan = Plan(B, I, J, D, Din, u.device, config, u.dtype, given=given)
     acc = s_all.dtype
     meta = _common_meta(u.dtype, plan, leaky, temperature)
+    if plan.uhat:
+        sweep = K._bwd_uhat_sweep_kernel
+        source = _uhat_source(u, W)
+        tiles = dict(KP=plan.DINP, FUSED=not given)
+    else:
+        sweep = K._bwd_sweep_kernel
+        source = (u, W)
+        tiles = dict(DINP=plan.DINP, IC=plan.IC)
     has_prior = prior is not None
     grad_v = grad_v.contiguous()
     gs_all = torch.empty(R, B, J, D, device=u.device, dtype=acc)
@@ -366,7 +492,7 @@ def _backward(u, W, prior, grad_v, s_all, V_all, leaky, detach_inner, temperatur
     prior_arg = prior if has_prior else parts
     small = dict(ACC=meta["ACC"], TINY=meta["TINY"], BLOCK_J=plan.BLOCK_J, BLOCK_D=plan.BLOCK_D,
                  enable_fp_fusion=True)
-    du = torch.empty(B, I, Din, device=u.device, dtype=u.dtype) if need_u else None
+    du = torch.empty(u.shape, device=u.device, dtype=u.dtype) if need_u else None
     n_w = I * J * D * Din if need_w else 0
     n_prior = I * J if need_prior else 0
     n_bias = J * D if need_bias else 0
@@ -380,13 +506,13 @@ def _backward(u, W, prior, grad_v, s_all, V_all, leaky, detach_inner, temperatur
         last_partial = None
         if not detach_inner:
             for r in range(R - 1, 0, -1):
-                K._bwd_sweep_kernel[(plan.n_btiles, plan.n_isplit)](
-                    u, W, prior_arg, parts[(r + 1) % 2], parts[r % 2], G[(r + 1) % 2], G[r % 2],
-                    grad_v, s_all[r], V_all[r], gs_all[r],
+                sweep[(plan.n_btiles, plan.n_isplit)](
+                    *source, prior_arg, parts[(r + 1) % 2], parts[r % 2],
+                    G[(r + 1) % 2], G[r % 2], grad_v, s_all[r], V_all[r], gs_all[r],
                     B, I, J, D, Din, plan.i_per_split, plan.n_isplit,
                     HAS_PART=r < R - 1, HAS_G_IN=r < R - 2, HAS_GV=r == R - 1,
-                    HAS_PRIOR=has_prior, BB=config.BB, DINP=plan.DINP, IC=plan.IC,
-                    num_warps=config.bwd_warps, num_stages=1, **meta)
+                    HAS_PRIOR=has_prior, BB=plan.BB, num_warps=config.bwd_warps,
+                    num_stages=config.stages, **tiles, **meta)
                 last_partial = r
         # gs of the first iteration (or of the last alone under detach_inner).
         first = R - 1 if (detach_inner or R == 1) else 0
@@ -395,7 +521,7 @@ def _backward(u, W, prior, grad_v, s_all, V_all, leaky, detach_inner, temperatur
             parts[1] if has_part else parts, plan.n_isplit, G[1] if has_part else parts,
             grad_v, s_all[first], gs_all[first], B, J, D,
             HAS_PART=has_part, HAS_G_IN=has_part and R > 2, HAS_GV=not has_part,
-            BB=config.BB, num_warps=config.bwd_warps, **small)
+            BB=plan.BB, num_warps=config.bwd_warps, **small)
         if need_u or need_w or need_prior or need_bias:
             if plan.n_bsplit > 1:
                 base = split_parts
@@ -405,21 +531,31 @@ def _backward(u, W, prior, grad_v, s_all, V_all, leaky, detach_inner, temperatur
                 targets = (dW, d_prior, d_bias)
                 stride = 0
             targets = [t if t is not None else gs_all for t in targets]
-            # Two launches: du (with d prior and d bias), then dW; one kernel doing both needs
-            # more than 128 registers per thread.
-            grad_args = (u, W, prior_arg, V_all, gs_all, du if du is not None else gs_all,
-                         *targets, stride, B, I, J, D, Din, R, plan.b_per_split)
-            grad_meta = dict(DETACH=detach_inner, HAS_PRIOR=has_prior, BB=config.grad_BB,
-                             DINP=plan.GRAD_DINP, num_warps=config.grad_warps, num_stages=1,
+            grid = (plan.n_grad_chunks, plan.n_bsplit)
+            grad_meta = dict(DETACH=detach_inner, HAS_PRIOR=has_prior, BB=plan.grad_BB,
+                             num_warps=config.grad_warps, num_stages=config.stages,
                              **{k: v for k, v in meta.items() if k != "TINY"})  # no squash here
-            if need_u or need_prior or need_bias:
-                K._grad_sweep_kernel[(plan.n_grad_chunks, plan.n_bsplit)](
-                    *grad_args, NEED_DU=need_u, NEED_DW=False, NEED_DPRIOR=need_prior,
-                    NEED_DBIAS=need_bias, **grad_meta)
-            if need_w:
-                K._grad_sweep_kernel[(plan.n_grad_chunks, plan.n_bsplit)](
-                    *grad_args, NEED_DU=False, NEED_DW=True, NEED_DPRIOR=False,
-                    NEED_DBIAS=False, **grad_meta)
+            if plan.uhat:
+                # One launch: du (or the gradient wrt u_hat), dW, d prior and d bias.
+                K._grad_uhat_sweep_kernel[grid](
+                    *source, prior_arg, V_all, gs_all, du if du is not None else gs_all,
+                    *targets, stride, B, I, J, D, Din, R, plan.b_per_split, FUSED=not given,
+                    NEED_DSRC=need_u, NEED_DW=need_w, NEED_DPRIOR=need_prior,
+                    NEED_DBIAS=need_bias, KP=plan.GRAD_DINP, **grad_meta)
+            else:
+                # Two launches: du (with d prior and d bias), then dW; one kernel doing both
+                # needs more than 128 registers per thread.
+                grad_args = (u, W, prior_arg, V_all, gs_all, du if du is not None else gs_all,
+                             *targets, stride, B, I, J, D, Din, R, plan.b_per_split)
+                grad_meta["DINP"] = plan.GRAD_DINP
+                if need_u or need_prior or need_bias:
+                    K._grad_sweep_kernel[grid](
+                        *grad_args, NEED_DU=need_u, NEED_DW=False, NEED_DPRIOR=need_prior,
+                        NEED_DBIAS=need_bias, **grad_meta)
+                if need_w:
+                    K._grad_sweep_kernel[grid](
+                        *grad_args, NEED_DU=False, NEED_DW=True, NEED_DPRIOR=False,
+                        NEED_DBIAS=False, **grad_meta)
             total = n_w + n_prior + n_bias
             if plan.n_bsplit > 1 and total > 0:
                 block = 1024
@@ -456,16 +592,81 @@ def routing_backward(u, W, prior, grad_v, s_all, V_all, leaky, detach_inner, tem
     return run(_config_for(u, W, s_all.shape[0], ("bwd",) + options, run))
 
 
-class GemmRoutingFunction(torch.autograd.Function):
+# --------------------------------------------------------------------------------------------
+# Routing over given prediction vectors (``dynamic_routing``): the same launchers with
+# ``W = None``; ``u_hat`` is read through its strides and saved as the caller's tensor.
+# --------------------------------------------------------------------------------------------
+def given_routing_forward(u_hat, iterations, bias, prior, leaky, temperature, return_coupling):
+    """``(v, s_all, V_all, c or None)`` over ``u_hat [B, I, J, D]``; ``bias``, ``prior``
+    contiguous."""
+    options = (bias is not None, prior is not None, leaky, float(temperature), return_coupling)
+
+    def run(config):
+        return _forward(u_hat, None, iterations, bias, prior, leaky, temperature,
+                        return_coupling, config)
+
+    return run(_config_for(u_hat, None, iterations, ("fwd",) + options, run))
+
+
+def given_routing_backward(u_hat, prior, grad_v, s_all, V_all, leaky, detach_inner, temperature,
+                           need_src, need_bias, need_prior, bias_dtype):
+    """``(g_u_hat, d_bias, d_prior)``, ``None`` where not needed."""
+    options = (prior is not None, leaky, detach_inner, float(temperature), need_src, need_bias,
+               need_prior)
+
+    def run(config):
+        du, _, d_bias, d_prior = _backward(u_hat, None, prior, grad_v, s_all, V_all, leaky,
+                                           detach_inner, temperature, config, need_src, False,
+                                           need_bias, need_prior, bias_dtype)
+        return du, d_bias, d_prior
+
+    return run(_config_for(u_hat, None, s_all.shape[0], ("bwd",) + options, run))
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd (the plumbing shared with the CUDA backend: :mod:`capsnet_ext._routing_autograd`)
+# --------------------------------------------------------------------------------------------
+def _kernel_forward(sources, bias, prior, options: RA.RoutingOptions, return_coupling):
+    """``(v, c or None, s_all, V_all)`` from the launchers: ``sources`` is ``(u, W)`` or
+    ``(u_hat,)``."""
+    o = options
+    if len(sources) == 2:
+        v, s_all, V_all, c = routing_forward(*sources, o.iterations, bias, prior, o.leaky,
+                                             o.temperature, return_coupling)
+    else:
+        v, s_all, V_all, c = given_routing_forward(sources[0], o.iterations, bias, prior,
+                                                   o.leaky, o.temperature, return_coupling)
+    return v, c, s_all, V_all
+
+
+def _kernel_backward(grad_v, sources, prior, s_all, V_all, options: RA.RoutingOptions,
+                     need: RA.NeededGrads):
+    """The backward of :mod:`capsnet_ext._routing_autograd` over the launchers."""
+    o = options
+    if len(sources) == 2:
+        du, dW, d_bias, d_prior = routing_backward(
+            *sources, prior, grad_v, s_all, V_all, o.leaky, o.detach_inner, o.temperature,
+            *need.sources, need.bias, need.prior, s_all.dtype)
+        return (du, dW), d_bias, d_prior
+    g_u_hat, d_bias, d_prior = given_routing_backward(
+        sources[0], prior, grad_v, s_all, V_all, o.leaky, o.detach_inner, o.temperature,
+        need.sources[0], need.bias, need.prior, s_all.dtype)
+    return (g_u_hat,), d_bias, d_prior
+
+
+class RoutingFunction(torch.autograd.Function):
+    """Eager autograd over the launchers (the least per-call overhead) for both ops: inputs
+    ``*sources, bias, prior, iterations, leaky, detach_inner, return_coupling, temperature``
+    with ``sources`` ``(u, W)`` or ``(u_hat,)``."""
+
     @staticmethod
-    def forward(ctx, u, W, bias, prior, iterations, leaky, detach_inner, return_coupling,
-                temperature):
-        v, s_all, V_all, c = routing_forward(u, W, iterations, bias, prior, leaky, temperature,
-                                             return_coupling)
-        ctx.save_for_backward(u, W, prior, s_all, V_all)
-        ctx.options = (leaky, detach_inner, temperature)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        if c is not None:
+    def forward(ctx, *inputs):
+        n_sources = len(inputs) - 2 - RA.N_OPTIONS
+        sources, bias, prior, options = RA.split_inputs(inputs, n_sources)
+        return_coupling = bool(inputs[-2])
+        v, c, s_all, V_all = _kernel_forward(sources, bias, prior, options, return_coupling)
+        RA.save(ctx, sources, bias, prior, s_all, V_all, options)
+        if return_coupling:
             ctx.mark_non_differentiable(c)
             return v, c
         return v
@@ -473,21 +674,29 @@ class GemmRoutingFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_v, grad_c=None):
-        u, W, prior, s_all, V_all = ctx.saved_tensors
-        leaky, detach_inner, temperature = ctx.options
-        need = ctx.needs_input_grad
-        du, dW, d_bias, d_prior = routing_backward(
-            u, W, prior, grad_v, s_all, V_all, leaky, detach_inner, temperature, need[0],
-            need[1], ctx.bias_dtype is not None and need[2], prior is not None and need[3],
-            ctx.bias_dtype)
-        return du, dW, d_bias, d_prior, None, None, None, None, None
+        return RA.run_backward(ctx, grad_v, _kernel_backward)
 
 
 # --------------------------------------------------------------------------------------------
-# Registered operators for torch.compile (opaque to Dynamo, with fake implementations).
+# Registered operators for torch.compile (opaque to Dynamo, with fake implementations). The
+# forward ops return ``(v, c, s_all, V_all)``, ``c`` empty unless ``return_coupling``.
 # --------------------------------------------------------------------------------------------
 def _empty(ref: torch.Tensor) -> torch.Tensor:
     return ref.new_empty(0)
+
+
+def _fake_forward(ref, B, I, J, D, iterations, return_coupling):
+    acc = acc_dtype(ref.dtype)
+    c = ref.new_empty(B, I, J) if return_coupling else ref.new_empty(0)
+    return (ref.new_empty(B, J, D), c, ref.new_empty(iterations, B, J, D, dtype=acc),
+            ref.new_empty(iterations, B, J, D, dtype=acc))
+
+
+def _op_forward(sources, bias, prior, iterations, leaky, detach_inner, return_coupling,
+                temperature):
+    options = RA.RoutingOptions(iterations, leaky, detach_inner, temperature)
+    v, c, s_all, V_all = _kernel_forward(sources, bias, prior, options, return_coupling)
+    return v, (c if c is not None else _empty(sources[0])), s_all, V_all
 
 
 @torch.library.custom_op("capsnet_ext_triton::gemm_routing_forward", mutates_args=())
@@ -495,19 +704,32 @@ def routing_forward_op(u: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Te
                        prior: Optional[torch.Tensor], iterations: int, leaky: bool,
                        detach_inner: bool, return_coupling: bool, temperature: float
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(v, s_all, V_all, c)``; ``c`` is empty unless ``return_coupling``."""
-    v, s_all, V_all, c = routing_forward(u, W, iterations, bias, prior, leaky, temperature,
-                                         return_coupling)
-    return v, s_all, V_all, (c if c is not None else _empty(u))
+    """``capsule_routing``: ``(v, c, s_all, V_all)``. ``detach_inner`` only matters to the
+    registered backward."""
+    return _op_forward((u, W), bias, prior, iterations, leaky, detach_inner, return_coupling,
+                       temperature)
 
 
 @routing_forward_op.register_fake
 def _(u, W, bias, prior, iterations, leaky, detach_inner, return_coupling, temperature):
     B, I, J, D, _ = _shape(u, W)
-    acc = acc_dtype(u.dtype)
-    c = u.new_empty(B, I, J) if return_coupling else u.new_empty(0)
-    return (u.new_empty(B, J, D), u.new_empty(iterations, B, J, D, dtype=acc),
-            u.new_empty(iterations, B, J, D, dtype=acc), c)
+    return _fake_forward(u, B, I, J, D, iterations, return_coupling)
+
+
+@torch.library.custom_op("capsnet_ext_triton::routing_forward", mutates_args=())
+def given_routing_forward_op(u_hat: torch.Tensor, bias: Optional[torch.Tensor],
+                             prior: Optional[torch.Tensor], iterations: int, leaky: bool,
+                             detach_inner: bool, return_coupling: bool, temperature: float
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dynamic_routing``: ``(v, c, s_all, V_all)``."""
+    return _op_forward((u_hat,), bias, prior, iterations, leaky, detach_inner, return_coupling,
+                       temperature)
+
+
+@given_routing_forward_op.register_fake
+def _(u_hat, bias, prior, iterations, leaky, detach_inner, return_coupling, temperature):
+    B, I, J, D = u_hat.shape
+    return _fake_forward(u_hat, B, I, J, D, iterations, return_coupling)
 
 
 @torch.library.custom_op("capsnet_ext_triton::gemm_routing_backward", mutates_args=())
@@ -518,9 +740,10 @@ def routing_backward_op(grad_v: torch.Tensor, u: torch.Tensor, W: torch.Tensor,
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(du, dW, d_bias, d_prior)``; gradients not asked for are empty. ``d_bias`` is in the
     accumulation dtype (the caller casts it to the bias dtype)."""
-    du, dW, d_bias, d_prior = routing_backward(
-        u, W, prior, grad_v, s_all, V_all, leaky, detach_inner, temperature, need_u, need_w,
-        need_bias, need_prior, s_all.dtype)
+    (du, dW), d_bias, d_prior = _kernel_backward(
+        grad_v, (u, W), prior, s_all, V_all,
+        RA.RoutingOptions(s_all.shape[0], leaky, detach_inner, temperature),
+        RA.NeededGrads((need_u, need_w), need_bias, need_prior))
     return tuple(t if t is not None else _empty(u) for t in (du, dW, d_bias, d_prior))
 
 
@@ -534,43 +757,78 @@ def _(grad_v, u, W, prior, s_all, V_all, leaky, detach_inner, temperature, need_
             prior.new_empty(prior.shape) if need_prior else u.new_empty(0))
 
 
-def _setup_context(ctx, inputs, output):
-    u, W, bias, prior, iterations, leaky, detach_inner, return_coupling, temperature = inputs
-    _, s_all, V_all, c = output
-    ctx.save_for_backward(u, W, prior, s_all, V_all)
-    ctx.options = (leaky, detach_inner, temperature)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.mark_non_differentiable(s_all, V_all, c)
+@torch.library.custom_op("capsnet_ext_triton::routing_backward", mutates_args=())
+def given_routing_backward_op(grad_v: torch.Tensor, u_hat: torch.Tensor,
+                              prior: Optional[torch.Tensor], s_all: torch.Tensor,
+                              V_all: torch.Tensor, leaky: bool, detach_inner: bool,
+                              temperature: float, need_src: bool, need_bias: bool,
+                              need_prior: bool
+                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(g_u_hat, d_bias, d_prior)``; gradients not asked for are empty."""
+    (g_u_hat,), d_bias, d_prior = _kernel_backward(
+        grad_v, (u_hat,), prior, s_all, V_all,
+        RA.RoutingOptions(s_all.shape[0], leaky, detach_inner, temperature),
+        RA.NeededGrads((need_src,), need_bias, need_prior))
+    return tuple(t if t is not None else _empty(u_hat) for t in (g_u_hat, d_bias, d_prior))
 
 
-def _backward_formula(ctx, grad_v, grad_s_all, grad_V_all, grad_c):
-    u, W, prior, s_all, V_all = ctx.saved_tensors
-    leaky, detach_inner, temperature = ctx.options
-    need = ctx.needs_input_grad
-    need_bias = ctx.bias_dtype is not None and need[2]
-    need_prior = prior is not None and need[3]
-    du, dW, d_bias, d_prior = routing_backward_op(
-        grad_v, u, W, prior, s_all, V_all, leaky, detach_inner, temperature, need[0], need[1],
-        need_bias, need_prior)
-    return (du if need[0] else None, dW if need[1] else None,
-            d_bias.to(ctx.bias_dtype) if need_bias else None,
-            d_prior if need_prior else None, None, None, None, None, None)
+@given_routing_backward_op.register_fake
+def _(grad_v, u_hat, prior, s_all, V_all, leaky, detach_inner, temperature, need_src, need_bias,
+      need_prior):
+    J, D = u_hat.shape[2], u_hat.shape[3]
+    return (u_hat.new_empty(u_hat.shape) if need_src else u_hat.new_empty(0),
+            s_all.new_empty(J, D) if need_bias else u_hat.new_empty(0),
+            prior.new_empty(prior.shape) if need_prior else u_hat.new_empty(0))
 
 
-routing_forward_op.register_autograd(_backward_formula, setup_context=_setup_context)
+def _op_backward(grad_v, sources, prior, s_all, V_all, options: RA.RoutingOptions,
+                 need: RA.NeededGrads):
+    """The backward of the registered forward ops: the registered backward ops, so that
+    compiled graphs keep them opaque too."""
+    o = options
+    if len(sources) == 2:
+        du, dW, d_bias, d_prior = routing_backward_op(
+            grad_v, *sources, prior, s_all, V_all, o.leaky, o.detach_inner, o.temperature,
+            *need.sources, need.bias, need.prior)
+        return (du, dW), d_bias, d_prior
+    g_u_hat, d_bias, d_prior = given_routing_backward_op(
+        grad_v, sources[0], prior, s_all, V_all, o.leaky, o.detach_inner, o.temperature,
+        need.sources[0], need.bias, need.prior)
+    return (g_u_hat,), d_bias, d_prior
 
 
-def run_capsule_routing(u, W, iterations, bias, leaky, detach_inner, return_coupling,
-                        prior=None, temperature=1.0):
-    """Entry of :func:`capsnet_ext.triton_ops.capsule_routing`: contiguous inputs (re-read in
-    every pass), then the autograd.Function (eager) or the registered operator (compiled)."""
-    u, W = u.contiguous(), W.contiguous()
+for _forward_op in (routing_forward_op, given_routing_forward_op):
+    _forward_op.register_autograd(RA.make_backward_formula(_op_backward),
+                                  setup_context=RA.setup_context)
+del _forward_op
+
+
+def _run(sources, iterations, bias, leaky, detach_inner, return_coupling, prior, temperature):
+    """Contiguous bias and prior, then the autograd.Function (eager) or the registered
+    operator (compiled)."""
     bias = bias.contiguous() if bias is not None else None
     prior = prior.contiguous() if prior is not None else None
     temperature = float(temperature)
     if torch.compiler.is_compiling():
-        v, _, _, c = routing_forward_op(u, W, bias, prior, iterations, leaky, detach_inner,
-                                        return_coupling, temperature)
+        op = routing_forward_op if len(sources) == 2 else given_routing_forward_op
+        v, c, _, _ = op(*sources, bias, prior, iterations, leaky, detach_inner, return_coupling,
+                        temperature)
         return (v, c) if return_coupling else v
-    return GemmRoutingFunction.apply(u, W, bias, prior, iterations, leaky, detach_inner,
-                                     return_coupling, temperature)
+    return RoutingFunction.apply(*sources, bias, prior, iterations, leaky, detach_inner,
+                                 return_coupling, temperature)
+
+
+def run_capsule_routing(u, W, iterations, bias, leaky, detach_inner, return_coupling,
+                        prior=None, temperature=1.0):
+    """Entry of :func:`capsnet_ext.triton_ops.capsule_routing`: contiguous ``u`` and ``W``
+    (re-read in every pass)."""
+    return _run((u.contiguous(), W.contiguous()), iterations, bias, leaky, detach_inner,
+                return_coupling, prior, temperature)
+
+
+def run_routing(u_hat, iterations, bias, leaky, detach_inner, return_coupling, prior=None,
+                temperature=1.0):
+    """Entry of :func:`capsnet_ext.triton_ops.dynamic_routing`: ``u_hat`` read through its
+    strides (no copy; saved as the caller's tensor)."""
+    return _run((u_hat,), iterations, bias, leaky, detach_inner, return_coupling, prior,
+                temperature)

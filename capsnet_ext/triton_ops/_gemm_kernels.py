@@ -227,6 +227,30 @@ def _logits(V, Wc, U, prior_ptr, i0, I, J, HAS_V: tl.constexpr, HAS_PRIOR: tl.co
 # Forward
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _begin_iteration(part_in_ptr, bias_ptr, s_all_ptr, V_all_ptr, r, b0, split, B, J, D,
+                     n_isplit, FIRST: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+                     TINY: tl.constexpr, BB: tl.constexpr, BLOCK_J: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """``V^r`` of samples ``b0 .. b0 + BB`` at the start of forward sweep ``r``, finishing
+    iteration ``r - 1``: the previous sweep's partials summed in a fixed order, the bias added,
+    ``s^(r-1)`` saved and ``V^r = V^(r-1) + squash(s^(r-1))`` formed (every split of the input
+    capsules does this; split 0 writes the saved tensors). ``V^0 = 0``."""
+    writer = (split == 0).to(tl.int32)
+    if FIRST:
+        V = tl.zeros([BLOCK_J, BB, BLOCK_D], dtype=ACC)
+        _store_jbd(V_all_ptr, V, b0, B, J, D, BB, BLOCK_J, BLOCK_D, writer)
+    else:
+        s = _sum_partials(part_in_ptr, n_isplit, b0, B, J, D, ACC, BB, BLOCK_J, BLOCK_D)
+        if HAS_BIAS:
+            s += _load_jd(bias_ptr, J, D, ACC, BLOCK_J, BLOCK_D)
+        _store_jbd(s_all_ptr + (r - 1) * B * J * D, s, b0, B, J, D, BB, BLOCK_J, BLOCK_D, writer)
+        V = _load_jbd(V_all_ptr + (r - 1) * B * J * D, b0, B, J, D, ACC, BB, BLOCK_J, BLOCK_D)
+        V += _squash(s, TINY)
+        _store_jbd(V_all_ptr + r * B * J * D, V, b0, B, J, D, BB, BLOCK_J, BLOCK_D, writer)
+    return V
+
+
+@triton.jit
 def _fwd_sweep_kernel(
     u_ptr, w_ptr, prior_ptr, bias_ptr,
     part_in_ptr,  # [n_isplit, B, J, D]: the previous sweep's partial sums over i (not FIRST)
@@ -247,18 +271,8 @@ def _fwd_sweep_kernel(
     ``partial_j = sum_i c_ij u_hat_ij`` over its input capsules, with ``u_hat`` never formed."""
     b0 = tl.program_id(0) * BB
     split = tl.program_id(1)
-    writer = (split == 0).to(tl.int32)
-    if FIRST:
-        V = tl.zeros([BLOCK_J, BB, BLOCK_D], dtype=ACC)
-        _store_jbd(V_all_ptr, V, b0, B, J, D, BB, BLOCK_J, BLOCK_D, writer)
-    else:
-        s = _sum_partials(part_in_ptr, n_isplit, b0, B, J, D, ACC, BB, BLOCK_J, BLOCK_D)
-        if HAS_BIAS:
-            s += _load_jd(bias_ptr, J, D, ACC, BLOCK_J, BLOCK_D)
-        _store_jbd(s_all_ptr + (r - 1) * B * J * D, s, b0, B, J, D, BB, BLOCK_J, BLOCK_D, writer)
-        V = _load_jbd(V_all_ptr + (r - 1) * B * J * D, b0, B, J, D, ACC, BB, BLOCK_J, BLOCK_D)
-        V += _squash(s, TINY)
-        _store_jbd(V_all_ptr + r * B * J * D, V, b0, B, J, D, BB, BLOCK_J, BLOCK_D, writer)
+    V = _begin_iteration(part_in_ptr, bias_ptr, s_all_ptr, V_all_ptr, r, b0, split, B, J, D,
+                         n_isplit, FIRST, HAS_BIAS, ACC, TINY, BB, BLOCK_J, BLOCK_D)
     acc = tl.zeros([BLOCK_J, BB, BLOCK_D], dtype=ACC)
     i_begin = split * i_per_split
     i_end = tl.minimum(i_begin + i_per_split, I)
@@ -506,3 +520,279 @@ def _sum_splits_kernel(
     in_bias = (n >= n_w + n_prior) & mask
     tl.store(dbias_ptr + tl.where(in_bias, n - n_w - n_prior, 0),
              total.to(dbias_ptr.dtype.element_ty), mask=in_bias)
+
+
+# --------------------------------------------------------------------------------------------
+# The u_hat-tile design: sweeps over one input capsule's prediction vectors at a time
+# --------------------------------------------------------------------------------------------
+# The same sweeps, launch plan, partial sums, squash and softmax as above, written on the
+# ``[BLOCK_J, BB, BLOCK_D]`` tile of prediction vectors ``u_hat_bij`` of one input capsule
+# ``i`` and ``BB`` samples: the logits ``<u_hat_ij, V_j>``, the sums ``sum_i c_ij u_hat_ij`` and
+# the backward's ``g_u_hat`` are elementwise products and short sums over that tile. Where the
+# tile comes from:
+#
+# * ``dynamic_routing`` (``FUSED`` false): loaded from the given ``u_hat [B, I, J, Dout]``,
+#   read through its strides;
+# * ``capsule_routing`` (``FUSED``, the ``"uhat"`` design of :class:`._gemm_core.Config`):
+#   formed in registers by one 2-D tensor-core dot per step, ``u_bi [BB x KP] @ W_i^T
+#   [KP x BLOCK_J*BLOCK_D]`` (``KP``: Din padded to at least 16), and never stored. The
+#   gradient sweep's ``du = g_u_hat @ W_i`` and ``dW_i += g_u_hat^T @ u_i`` are 2-D dots too.
+#
+# Compared with the batched-dot design above (one small dot per output capsule, several per
+# step, and sums over each capsule's Din), each step of the fused sweeps is one dot with
+# N = J * Dout, and the gradient sweep forms ``u_hat`` once per sample tile instead of two
+# dots per iteration.
+@triton.jit
+def _load_uhat(src_ptr, s_b, s_i, s_j, s_d, b0, b_limit, i, J, D, ACC: tl.constexpr,
+               BB: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``[BLOCK_J, BB, BLOCK_D]``: element ``(j, b, d)`` is ``u_hat[b0 + b, i, j, d]``, zero
+    outside and for samples from ``b_limit`` on. The sample offset is 64-bit."""
+    j = tl.arange(0, BLOCK_J)[:, None, None]
+    b = tl.arange(0, BB)[None, :, None]
+    d = tl.arange(0, BLOCK_D)[None, None, :]
+    base = tl.cast(b0, tl.int64) * s_b + tl.cast(i, tl.int64) * s_i
+    offs = tl.cast(b, tl.int64) * s_b + j * s_j + d * s_d
+    mask = (j < J) & (b < b_limit - b0) & (d < D)
+    return tl.load(src_ptr + base + offs, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _load_u_capsule(u_ptr, b0, b_limit, i, I, Din, BB: tl.constexpr, KP: tl.constexpr):
+    """``[BB, KP]``: ``u[b0 + b, i, k]`` (u contiguous), zero outside."""
+    b = tl.arange(0, BB)[:, None]
+    k = tl.arange(0, KP)[None, :]
+    return tl.load(u_ptr + row_offset(b0, I * Din) + i * Din + b * (I * Din) + k,
+                   mask=(b < b_limit - b0) & (k < Din), other=0.0)
+
+
+@triton.jit
+def _load_w_capsule_t(w_ptr, i, J, D, Din, DT: tl.constexpr, DOT_DT: tl.constexpr,
+                      KP: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``[KP, BLOCK_J * BLOCK_D]``: element ``(k, j * BLOCK_D + d)`` is ``W[i, j, d, k]`` (W
+    contiguous), zero outside: ``W_i`` transposed, as the right operand of the u_hat dot."""
+    k = tl.arange(0, KP)[:, None]
+    n = tl.arange(0, BLOCK_J * BLOCK_D)[None, :]
+    j = n // BLOCK_D
+    d = n % BLOCK_D
+    return _op(tl.load(w_ptr + row_offset(i, J * D * Din) + (j * D + d) * Din + k,
+                       mask=(j < J) & (d < D) & (k < Din), other=0.0), DT, DOT_DT)
+
+
+@triton.jit
+def _to_jbd(x, BB: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``[BB, BLOCK_J * BLOCK_D]`` -> ``[BLOCK_J, BB, BLOCK_D]``."""
+    return tl.permute(tl.reshape(x, (BB, BLOCK_J, BLOCK_D)), (1, 0, 2))
+
+
+@triton.jit
+def _from_jbd(x, BB: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``[BLOCK_J, BB, BLOCK_D]`` -> ``[BB, BLOCK_J * BLOCK_D]``."""
+    return tl.reshape(tl.permute(x, (1, 0, 2)), (BB, BLOCK_J * BLOCK_D))
+
+
+@triton.jit
+def _uhat_tile(src_ptr, w_ptr, s_b, s_i, s_j, s_d, b0, b_limit, i, I, J, D, Din,
+               FUSED: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr, DOT_DT: tl.constexpr,
+               PRECISION: tl.constexpr, BB: tl.constexpr, BLOCK_J: tl.constexpr,
+               BLOCK_D: tl.constexpr, KP: tl.constexpr):
+    """The ``[BLOCK_J, BB, BLOCK_D]`` prediction vectors of input capsule ``i`` for samples
+    ``b0 ..`` (below ``b_limit``): loaded (``dynamic_routing``) or formed by the dot
+    ``u_bi @ W_i^T`` (``FUSED``)."""
+    if FUSED:
+        U = _op(_load_u_capsule(src_ptr, b0, b_limit, i, I, Din, BB, KP), DT, DOT_DT)
+        Wt = _load_w_capsule_t(w_ptr, i, J, D, Din, DT, DOT_DT, KP, BLOCK_J, BLOCK_D)
+        uh = tl.dot(U, Wt, input_precision=PRECISION, out_dtype=ACC)
+        return _to_jbd(uh, BB, BLOCK_J, BLOCK_D)
+    return _load_uhat(src_ptr, s_b, s_i, s_j, s_d, b0, b_limit, i, J, D, ACC, BB, BLOCK_J,
+                      BLOCK_D)
+
+
+@triton.jit
+def _uhat_logits(Uh, V, prior_ptr, i, J, HAS_V: tl.constexpr, HAS_PRIOR: tl.constexpr,
+                 INV_T: tl.constexpr, ACC: tl.constexpr, BB: tl.constexpr,
+                 BLOCK_J: tl.constexpr):
+    """``(p_ij + <u_hat_bij, V_bj>) / T`` of one input capsule, ``[BLOCK_J, BB, 1]``."""
+    if HAS_V:
+        logits = tl.sum(Uh * V, axis=2, keep_dims=True)
+    else:
+        logits = tl.zeros([BLOCK_J, BB, 1], dtype=ACC)
+    if HAS_PRIOR:
+        j = tl.arange(0, BLOCK_J)[:, None, None]
+        logits += tl.load(prior_ptr + i * J + j, mask=j < J, other=0.0).to(ACC)
+    if INV_T != 1.0:
+        logits = logits * tl.full((), INV_T, ACC)
+    return logits
+
+
+@triton.jit
+def _fwd_uhat_sweep_kernel(
+    src_ptr, w_ptr, s_b, s_i, s_j, s_d,  # u_hat [B, I, J, D] and its strides, or u and W
+    prior_ptr, bias_ptr, part_in_ptr, part_out_ptr, s_all_ptr, V_all_ptr, c_ptr,
+    r, B, I, J, D, Din, i_per_split, n_isplit,
+    FUSED: tl.constexpr, FIRST: tl.constexpr, HAS_PRIOR: tl.constexpr, HAS_BIAS: tl.constexpr,
+    LEAKY: tl.constexpr, STORE_C: tl.constexpr, INV_T: tl.constexpr, ACC: tl.constexpr,
+    DT: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr, TINY: tl.constexpr,
+    BB: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr,
+):
+    """:func:`_fwd_sweep_kernel` on u_hat tiles: finish iteration ``r - 1``
+    (:func:`_begin_iteration`), then ``partial_j = sum_i c_ij u_hat_ij`` over this split's
+    input capsules."""
+    b0 = tl.program_id(0) * BB
+    split = tl.program_id(1)
+    V = _begin_iteration(part_in_ptr, bias_ptr, s_all_ptr, V_all_ptr, r, b0, split, B, J, D,
+                         n_isplit, FIRST, HAS_BIAS, ACC, TINY, BB, BLOCK_J, BLOCK_D)
+    acc = tl.zeros([BLOCK_J, BB, BLOCK_D], dtype=ACC)
+    i_begin = split * i_per_split
+    i_end = tl.minimum(i_begin + i_per_split, I)
+    for i in range(i_begin, i_end):
+        Uh = _uhat_tile(src_ptr, w_ptr, s_b, s_i, s_j, s_d, b0, B, i, I, J, D, Din, FUSED, ACC,
+                        DT, DOT_DT, PRECISION, BB, BLOCK_J, BLOCK_D, KP)
+        if FIRST and not HAS_PRIOR:
+            # All logits zero: uniform couplings (leaky: one more zero logit).
+            acc += Uh / (J + LEAKY)
+        else:
+            logits = _uhat_logits(Uh, V, prior_ptr, i, J, not FIRST, HAS_PRIOR, INV_T, ACC, BB,
+                                  BLOCK_J)
+            c = _softmax_j(logits, J, LEAKY, BLOCK_J)
+            if STORE_C:
+                j = tl.arange(0, BLOCK_J)[:, None, None]
+                b = tl.arange(0, BB)[None, :, None]
+                tl.store(c_ptr + row_offset(b0, I * J) + i * J + row_offset(b, I * J) + j,
+                         c.to(c_ptr.dtype.element_ty), mask=(j < J) & (b < B - b0))
+            acc += c * Uh
+    _store_jbd(part_out_ptr + split * B * J * D, acc, b0, B, J, D, BB, BLOCK_J, BLOCK_D, 1)
+
+
+@triton.jit
+def _bwd_uhat_sweep_kernel(
+    src_ptr, w_ptr, s_b, s_i, s_j, s_d, prior_ptr,
+    part_in_ptr, part_out_ptr, G_in_ptr, G_out_ptr, grad_v_ptr, s_ptr, V_ptr, gs_ptr,
+    B, I, J, D, Din, i_per_split, n_isplit,
+    FUSED: tl.constexpr, HAS_PART: tl.constexpr, HAS_G_IN: tl.constexpr, HAS_GV: tl.constexpr,
+    HAS_PRIOR: tl.constexpr, LEAKY: tl.constexpr, INV_T: tl.constexpr, ACC: tl.constexpr,
+    DT: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr, TINY: tl.constexpr,
+    BB: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr,
+):
+    """:func:`_bwd_sweep_kernel` on u_hat tiles: ``gs^r``, then
+    ``D_j = sum_i gl_ij u_hat_ij`` with ``gc_ij = <gs_j, u_hat_ij>``,
+    ``gl = c (gc - sum_j c gc) / T``."""
+    b0 = tl.program_id(0) * BB
+    split = tl.program_id(1)
+    gs = _gs_of_iteration(part_in_ptr, n_isplit, G_in_ptr, G_out_ptr, grad_v_ptr, s_ptr, gs_ptr,
+                          b0, (split == 0).to(tl.int32), B, J, D, HAS_PART, HAS_G_IN, HAS_GV,
+                          ACC, TINY, BB, BLOCK_J, BLOCK_D)
+    V = _load_jbd(V_ptr, b0, B, J, D, ACC, BB, BLOCK_J, BLOCK_D)
+    acc = tl.zeros([BLOCK_J, BB, BLOCK_D], dtype=ACC)
+    i_begin = split * i_per_split
+    i_end = tl.minimum(i_begin + i_per_split, I)
+    for i in range(i_begin, i_end):
+        Uh = _uhat_tile(src_ptr, w_ptr, s_b, s_i, s_j, s_d, b0, B, i, I, J, D, Din, FUSED, ACC,
+                        DT, DOT_DT, PRECISION, BB, BLOCK_J, BLOCK_D, KP)
+        logits = _uhat_logits(Uh, V, prior_ptr, i, J, True, HAS_PRIOR, INV_T, ACC, BB, BLOCK_J)
+        c = _softmax_j(logits, J, LEAKY, BLOCK_J)
+        gc = tl.sum(Uh * gs, axis=2, keep_dims=True)
+        gl = c * (gc - tl.sum(c * gc, axis=0)[None, :, :])
+        if INV_T != 1.0:
+            gl = gl * tl.full((), INV_T, ACC)
+        acc += gl * Uh
+    _store_jbd(part_out_ptr + split * B * J * D, acc, b0, B, J, D, BB, BLOCK_J, BLOCK_D, 1)
+
+
+@triton.jit
+def _grad_uhat_sweep_kernel(
+    src_ptr, w_ptr, s_b, s_i, s_j, s_d, prior_ptr,
+    V_all_ptr, gs_all_ptr,  # [R, B, J, D]
+    dsrc_ptr,  # [B, I, J, D] contiguous: the gradient wrt u_hat; FUSED: du [B, I, Din]
+    dw_ptr, dprior_ptr, dbias_ptr,  # outputs, or this split's partials (rows split_stride apart)
+    split_stride,
+    B, I, J, D, Din, R, b_per_split,
+    FUSED: tl.constexpr, DETACH: tl.constexpr, HAS_PRIOR: tl.constexpr, LEAKY: tl.constexpr,
+    INV_T: tl.constexpr, NEED_DSRC: tl.constexpr, NEED_DW: tl.constexpr,
+    NEED_DPRIOR: tl.constexpr, NEED_DBIAS: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr,
+    DOT_DT: tl.constexpr, PRECISION: tl.constexpr, BB: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr, KP: tl.constexpr,
+):
+    """:func:`_grad_sweep_kernel` on u_hat tiles, for input capsule ``program_id(0)`` and one
+    split of the samples: per sample tile, with ``u_hat`` loaded or formed once,
+    ``g_u_hat_bij = sum_r c^r_bij gs^r_bj + gl^r_bij V^r_bj`` (``DETACH``: the last
+    iteration's first term only); ``dp_ij = sum_b sum_r gl^r_bij``; in the program of the
+    first capsule ``d bias = sum_b sum_r gs^r_b``. ``FUSED``: ``du_bi = g_u_hat_bi @ W_i`` and
+    ``dW_i += g_u_hat_i^T @ u_i`` (2-D dots; the ``dW`` accumulator stays in registers over
+    the program's samples), else ``g_u_hat`` itself is the gradient written."""
+    i = tl.program_id(0)
+    split = tl.program_id(1)
+    dp = tl.zeros([BLOCK_J, 1], dtype=ACC)
+    db = tl.zeros([BLOCK_J, BLOCK_D], dtype=ACC)
+    if FUSED:
+        Wt = _load_w_capsule_t(w_ptr, i, J, D, Din, DT, DOT_DT, KP, BLOCK_J, BLOCK_D)
+        dWt = tl.zeros([BLOCK_J * BLOCK_D, KP], dtype=ACC)
+    if DETACH:
+        r_begin = R - 1
+    else:
+        r_begin = 0
+    b_begin = split * b_per_split
+    b_end = tl.minimum(b_begin + b_per_split, B)
+    for b0 in range(b_begin, b_end, BB):
+        if FUSED:
+            U = _op(_load_u_capsule(src_ptr, b0, b_end, i, I, Din, BB, KP), DT, DOT_DT)
+            Uh = _to_jbd(tl.dot(U, Wt, input_precision=PRECISION, out_dtype=ACC), BB, BLOCK_J,
+                         BLOCK_D)
+        else:
+            Uh = _load_uhat(src_ptr, s_b, s_i, s_j, s_d, b0, b_end, i, J, D, ACC, BB, BLOCK_J,
+                            BLOCK_D)
+        g = tl.zeros([BLOCK_J, BB, BLOCK_D], dtype=ACC)
+        for r in range(r_begin, R):
+            V = _load_jbd(V_all_ptr + r * B * J * D, b0, b_end, J, D, ACC, BB, BLOCK_J, BLOCK_D)
+            gs = _load_jbd(gs_all_ptr + r * B * J * D, b0, b_end, J, D, ACC, BB, BLOCK_J,
+                           BLOCK_D)
+            if NEED_DBIAS:
+                db += tl.sum(gs, axis=1)
+            logits = _uhat_logits(Uh, V, prior_ptr, i, J, True, HAS_PRIOR, INV_T, ACC, BB,
+                                  BLOCK_J)
+            c = _softmax_j(logits, J, LEAKY, BLOCK_J)
+            g += c * gs
+            if (not DETACH) or NEED_DPRIOR:
+                gc = tl.sum(Uh * gs, axis=2, keep_dims=True)
+                gl = c * (gc - tl.sum(c * gc, axis=0)[None, :, :])
+                if INV_T != 1.0:
+                    gl = gl * tl.full((), INV_T, ACC)
+                if NEED_DPRIOR:
+                    dp += tl.sum(gl, axis=1)
+                if not DETACH:
+                    g += gl * V
+        if FUSED:
+            if NEED_DSRC or NEED_DW:
+                g2 = _op(_from_jbd(g, BB, BLOCK_J, BLOCK_D), DT, DOT_DT)  # [BB, BLOCK_J*BLOCK_D]
+            if NEED_DSRC:
+                du = tl.dot(g2, tl.trans(Wt), input_precision=PRECISION, out_dtype=ACC)
+                b = tl.arange(0, BB)[:, None]
+                k = tl.arange(0, KP)[None, :]
+                tl.store(dsrc_ptr + row_offset(b0, I * Din) + i * Din + b * (I * Din) + k,
+                         du.to(dsrc_ptr.dtype.element_ty), mask=(b < b_end - b0) & (k < Din))
+            if NEED_DW:
+                dWt = tl.dot(tl.trans(g2), U, dWt, input_precision=PRECISION, out_dtype=ACC)
+        elif NEED_DSRC:
+            j = tl.arange(0, BLOCK_J)[:, None, None]
+            b = tl.arange(0, BB)[None, :, None]
+            d = tl.arange(0, BLOCK_D)[None, None, :]
+            base = row_offset(b0, I * J * D) + row_offset(i, J * D)
+            tl.store(dsrc_ptr + base + row_offset(b, I * J * D) + j * D + d,
+                     g.to(dsrc_ptr.dtype.element_ty), mask=(j < J) & (b < b_end - b0) & (d < D))
+    if FUSED:
+        if NEED_DW:
+            n = tl.arange(0, BLOCK_J * BLOCK_D)[:, None]
+            k = tl.arange(0, KP)[None, :]
+            j = n // BLOCK_D
+            d = n % BLOCK_D
+            tl.store(dw_ptr + row_offset(split, split_stride) + row_offset(i, J * D * Din)
+                     + (j * D + d) * Din + k, dWt.to(dw_ptr.dtype.element_ty),
+                     mask=(j < J) & (d < D) & (k < Din))
+    if NEED_DPRIOR:
+        j = tl.arange(0, BLOCK_J)[:, None]
+        tl.store(dprior_ptr + row_offset(split, split_stride) + i * J + j,
+                 dp.to(dprior_ptr.dtype.element_ty), mask=j < J)
+    if NEED_DBIAS:
+        j = tl.arange(0, BLOCK_J)[:, None]
+        d = tl.arange(0, BLOCK_D)[None, :]
+        tl.store(dbias_ptr + row_offset(split, split_stride) + j * D + d,
+                 db.to(dbias_ptr.dtype.element_ty), mask=(j < J) & (d < D) & ((j * 0 + i) == 0))

@@ -1,26 +1,27 @@
 """Routing by agreement over given prediction vectors ``u_hat [B, I, J, Dout]`` in Triton.
 
-Every iteration (softmax over j, weighted sum over i, bias, squash, agreement) runs in the
-fused kernels of :mod:`._routing_core`; this file is the functional wrapper.
+The same design as the fused :mod:`.capsule_routing` (kernels in :mod:`._gemm_kernels`,
+launchers, plan, tuning and autograd in :mod:`._gemm_core`), with ``u_hat`` read instead of
+formed from ``u`` and ``W``:
 
-Design (details in :mod:`._routing_core`)
------------------------------------------
-* Forward: per iteration r, ``_sweep_kernel`` on grid ``(cdiv(B, BLOCK_B), n_isplit)``:
-  a program holds ``V^r = v^1 + ... + v^(r-1)`` of its ``BLOCK_B`` samples ([J, Dout] each)
-  and walks its input capsules in ``[BLOCK_B, BLOCK_I, J, Dout]`` tiles of ``u_hat``: logits
-  ``prior_ij + <u_hat_ij, V^r_j>``, softmax over j of the logits divided by the temperature,
-  partial ``s_j``. The sum over i crosses programs through a ``[n_isplit, B, J, Dout]``
-  workspace, reduced (with bias and squash) by ``_finalize_fwd_kernel`` on grid ``(B,)``.
-  The logits are never stored: the identity
-  ``l^r_ij = prior_ij + <u_hat_ij, V^r_j>`` recomputes them.
-* Backward: iterations in reverse. The squash backward gives ``gs^r``; for ``r > 1`` one sweep
-  computes ``D_j = sum_i gl_ij u_hat_ij`` (gradient reaching ``V^r``, hence every earlier
-  ``v``); a last kernel on grid ``(cdiv(I, GRAD_BLOCK_I), B)`` writes
-  ``g_u_hat_ij = sum_r c^r_ij gs^r_j + gl^r_ij V^r_j`` and, with a prior, each sample's
-  ``sum_r gl^r_ij``, summed over samples afterwards (no atomics: deterministic).
-  ``detach_inner``: only the last iteration's ``c^R_ij gs^R_j`` (and ``gl^R`` for the prior).
-* Saved for backward: ``u_hat`` and the prior (the caller's tensors, no copies) and ``s^r``, ``V^r``
-  (``2*R*B*J*Dout`` elements in the accumulation dtype): nothing of size ``I*J`` per iteration.
+* Forward, ``R + 1`` launches: sweep ``r`` on grid ``(cdiv(B, BB), n_isplit)`` first finishes
+  iteration ``r - 1`` for its samples (partials of the previous sweep summed in a fixed order,
+  bias, squash, ``V^r``), then walks its input capsules: logits ``prior_ij + <u_hat_ij, V^r_j>``
+  divided by the temperature, softmax over j, partial ``s_j = sum_i c_ij u_hat_ij``. A last
+  kernel finishes the last iteration.
+* Backward, at most ``R + 2`` launches: ``R - 1`` reduction sweeps for the gradient reaching
+  ``V^r`` (``D_j = sum_i gl_ij u_hat_ij``), one kernel for the first iteration's ``gs``, then
+  one gradient sweep per input capsule and split of the samples writing
+  ``g_u_hat_ij = sum_r c^r_ij gs^r_j + gl^r_ij V^r_j`` (with the prior's and the bias's
+  gradients), and a kernel summing the prior/bias partials over sample splits when there are
+  several. ``detach_inner``: only the last iteration's ``c^R_ij gs^R_j`` (and ``gl^R`` for the
+  prior). No atomics: bitwise reproducible.
+* The tiles are one input capsule's ``[J, Dout]`` slice for ``BB`` samples; the products are
+  elementwise (no contraction for a tensor core), in float32 for float16/bfloat16/float32
+  inputs and float64 for float64.
+* Saved for backward: ``u_hat`` and the prior (the caller's tensors, no copies) and ``s^r``,
+  ``V^r`` (``2*R*B*J*Dout`` elements in the accumulation dtype): nothing of size ``I*J`` per
+  iteration.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from ._routing_core import run_routing
+from ._gemm_core import run_routing
 
 
 def dynamic_routing(
