@@ -46,7 +46,11 @@ def cuda_extensions():
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
         # The binding needs the C++ standard of torch's headers; the kernels include no torch.
-        extra_compile_args={"cxx": ["-O3", "-std=c++20"],
+        # The libstdc++ ABI is torch's, stated explicitly: torch 2.11's build passed no
+        # _GLIBCXX_USE_CXX11_ABI (install log of 2026-12-04), and the GPU machine compiles
+        # with its own /opt/gcc, whose default need not be torch's.
+        extra_compile_args={"cxx": ["-O3", "-std=c++20",
+                                    f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"],
                             "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -4,11 +4,12 @@ and the verdict and one-page summary of a results folder.
 The verdict (:func:`evaluate`) is computed from the raw files a run leaves (``steps.tsv``, the
 pytest JUnit report, the sanitizer logs and the benchmark JSON), never from the summary, and
 the fold-back (:mod:`benchmarks.fold_gpu_check`) recomputes it the same way. Everything here
-but the ``env`` and ``extension`` subcommands uses the standard library only, so the summary
+but the ``env``, ``extension`` and ``crash-probe`` subcommands uses the standard library only, so the summary
 is written even when torch or the package fail to import.
 
     python3 -m benchmarks.gpu_check env RESULTS_DIR [--mode gpu|dry-run]
     python3 -m benchmarks.gpu_check extension RESULTS_DIR
+    python3 -m benchmarks.gpu_check crash-probe [RESULTS_DIR]
     python3 -m benchmarks.gpu_check summarize RESULTS_DIR [--out SUMMARY.md]
 """
 from __future__ import annotations
@@ -207,6 +208,147 @@ def check_extension() -> int:
     if not failures:
         print("the CUDA extension is built, loaded, registered and runs")
     return 1 if failures else 0
+
+
+# --------------------------------------------------------------------------- crash probes
+
+# Small reproducers of the host crash of 2026-12-04 (a refused capsule_routing_forward on the
+# CUDA backend killed its process with SIGSEGV instead of raising RuntimeError), each in its own
+# process, all at once. Which of them crash tells the hypotheses apart:
+#   torch-error             torch's own CUDA error: baseline, torch's exceptions after the
+#                           extension is loaded
+#   ext-error-cpu-tensors   the extension's CUDA kernel called (redispatch) with CPU tensors: its
+#                           first check throws, through its frames only, with no device touched
+#   ext-error-redispatch    CUDA tensors, wrong bias shape, straight to the CUDA kernel
+#   ext-error-autograd      the same through the Python autograd registration (the GPU test's path)
+#   ext-good-then-error     a successful call first, then the refused one
+#   ext-error-cpp-stacktraces / ext-error-no-cpp-stacktraces
+#                           the refused call with TORCH_SHOW_CPP_STACKTRACES=1 / =0 (torch's own
+#                           unwinder captures the C++ stack of every c10::Error when it is 1)
+# A crash in ext-error-cpu-tensors points at exception propagation through the library's own
+# frames (its toolchain: see the compiler and runtime lines printed first); torch-error too
+# points at the environment; only the CUDA-tensor probes crashing points at device state
+# during the throw.
+_PROBE_PRELUDE = r"""
+import os, sys
+import torch
+from capsnet_ext.cuda_ops import _build
+reason = _build.load()
+if reason is not None:
+    print("PROBE-RESULT unavailable:", reason, flush=True)
+    sys.exit(3)
+ops = torch.ops.capsnet_ext
+CUDA = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+g = torch.Generator().manual_seed(0)
+u, W, bias = torch.randn(2, 5, 3, generator=g), torch.randn(5, 3, 4, 3, generator=g), torch.randn(3, 4, generator=g)
+uc, Wc, bc = u.cuda(), W.cuda(), bias.cuda()
+torch.cuda.synchronize()
+def attempt(fn):
+    print("PROBE-CALL", flush=True)
+    try:
+        fn()
+        torch.cuda.synchronize()
+        print("PROBE-RESULT returned", flush=True)
+    except Exception as exc:
+        print(f"PROBE-RESULT raised {type(exc).__name__}: {str(exc).splitlines()[0]}", flush=True)
+"""
+CRASH_PROBES = {
+    # name: (environment, code, what the result line must say)
+    "torch-error": ({}, "attempt(lambda: torch.mm(torch.ones(2, 3, device='cuda'), torch.ones(2, 3, device='cuda')))",
+                    "raised RuntimeError"),
+    "ext-error-cpu-tensors": ({}, "attempt(lambda: ops.capsule_routing_forward.default.redispatch("
+                                  "CUDA, u, W, None, None, 3, False, False, False, 1.0))", "must be a CUDA tensor"),
+    "ext-error-redispatch": ({}, "attempt(lambda: ops.capsule_routing_forward.default.redispatch("
+                                 "CUDA, uc, Wc, bc[:, :2], None, 3, False, False, False, 1.0))", "bias must have shape"),
+    "ext-error-autograd": ({}, "attempt(lambda: ops.capsule_routing_forward(uc, Wc, bc[:, :2], None, 3, False, False, "
+                               "False, 1.0))", "bias must have shape"),
+    "ext-good-then-error": ({}, "ops.capsule_routing_forward(uc, Wc, bc, None, 3, False, False, False, 1.0)\n"
+                                "attempt(lambda: ops.capsule_routing_forward(uc, Wc, bc[:, :2], None, 3, False, False, "
+                                "False, 1.0))", "bias must have shape"),
+    "ext-error-cpp-stacktraces": ({"TORCH_SHOW_CPP_STACKTRACES": "1"},
+                                  "attempt(lambda: ops.capsule_routing_forward(uc, Wc, bc[:, :2], None, 3, False, "
+                                  "False, False, 1.0))", "bias must have shape"),
+    "ext-error-no-cpp-stacktraces": ({"TORCH_SHOW_CPP_STACKTRACES": "0"},
+                                     "attempt(lambda: ops.capsule_routing_forward(uc, Wc, bc[:, :2], None, 3, False, "
+                                     "False, False, 1.0))", "bias must have shape"),
+}
+
+
+def _toolchain_lines() -> List[str]:
+    """The compiler that built capsnet_ext._C and the runtime it loads against (for the
+    toolchain hypothesis of the host crash)."""
+    import importlib.util
+
+    lines = []
+    spec = importlib.util.find_spec("capsnet_ext._C")
+    lib = spec.origin if spec and spec.origin and os.path.exists(spec.origin) else None
+    lines.append(f"library: {lib}")
+    try:
+        from torch.utils import cpp_extension
+        cxx = cpp_extension.get_cxx_compiler()
+        lines.append(f"torch's C++ compiler: {cxx}: {(_cmd(cxx, '--version') or '?').splitlines()[0]}")
+    except Exception as exc:  # noqa: BLE001 - a diagnostic
+        lines.append(f"torch's C++ compiler: unknown ({exc})")
+    for var in ("TORCH_SHOW_CPP_STACKTRACES", "LD_LIBRARY_PATH", "LD_PRELOAD", "CXX", "CC"):
+        lines.append(f"{var}={os.environ.get(var, '')}")
+    if lib:
+        comment = _cmd("readelf", "-p", ".comment", lib) or ""
+        lines.append("compilers recorded in the library: " + "; ".join(
+            sorted({m.strip() for m in re.findall(r"\]\s+(.*)", comment)})))
+        dynamic = _cmd("readelf", "-d", lib) or ""
+        lines.append("NEEDED: " + ", ".join(re.findall(r"Shared library: \[(.*?)\]", dynamic)))
+        lines.append("RUNPATH/RPATH: " + ", ".join(re.findall(r"R(?:UN)?PATH\).*?\[(.*?)\]", dynamic)))
+        # Functions (not the usual DW.ref.__gxx_personality_v0 data reference) of the unwinder or
+        # the C++ runtime defined in the library itself.
+        symbols = [line.split() for line in (_cmd("nm", "--defined-only", lib) or "").splitlines()]
+        own = sorted({f[2] for f in symbols if len(f) == 3 and f[1] in "Tt" and re.fullmatch(
+            r"_Unwind_\w+|__gxx_personality_v0|__cxa_throw|__cxa_begin_catch", f[2])})
+        lines.append("C++ runtime or unwinder defined inside the library (a private static copy): "
+                     + (", ".join(own) if own else "none"))
+        lines.append("ldd: " + " ".join((_cmd("ldd", lib) or "?").split()))
+    return lines
+
+
+def crash_probe(results: Optional[str] = None, timeout: float = 120) -> int:
+    """Runs CRASH_PROBES, all at once, each in its own interpreter (with whatever LD_PRELOAD
+    the caller set: the GPU check preloads benchmarks/segv_trace.c); prints one line per probe
+    and the output of each probe that did not end as expected. Exit 1 when any did not."""
+    for line in _toolchain_lines():
+        print(f"toolchain: {line}", flush=True)
+    procs = {}
+    for name, (env_extra, code, _) in CRASH_PROBES.items():
+        # No faulthandler: the preloaded tracer then handles the fault itself and prints the
+        # faulting pc and address (behind faulthandler it sees only faulthandler's raise()).
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
+        env.update(CAPSNET_EXT_CUDA_UNVERIFIED="1", **env_extra)
+        procs[name] = subprocess.Popen([sys.executable, "-c", _PROBE_PRELUDE + code], cwd=REPO_ROOT, env=env,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    failed = 0
+    for name, proc in procs.items():
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        expected = CRASH_PROBES[name][2]
+        results_lines = [line for line in out.splitlines() if line.startswith("PROBE-RESULT")]
+        if proc.returncode is not None and proc.returncode < 0:
+            verdict = f"CRASHED with signal {-proc.returncode}" + (
+                " during the call" if "PROBE-CALL" in out else " before the call")
+        elif results_lines and expected in results_lines[-1] and proc.returncode == 0:
+            verdict = "ok: " + results_lines[-1][len("PROBE-RESULT "):]
+        else:
+            verdict = f"UNEXPECTED (exit {proc.returncode}): " + (results_lines[-1] if results_lines else "no result")
+        print(f"probe {name}: {verdict}", flush=True)
+        if not verdict.startswith("ok"):
+            failed = 1
+            print(f"---- output of probe {name} (last 150 lines) ----")
+            print("\n".join(out.splitlines()[-150:]))
+            print(f"---- end of probe {name} ----", flush=True)
+        if results:
+            with open(os.path.join(results, f"crash-probe-{name}.log"), "w") as f:
+                f.write(out)
+    return failed
 
 
 # --------------------------------------------------------------------------- verdict
@@ -575,6 +717,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     s = sub.add_parser("summarize", help="write RESULTS/summary.md and RESULTS/verdict.json")
     s.add_argument("results")
     s.add_argument("--out", default=None, help="also write the summary here")
+    c = sub.add_parser("crash-probe", help="run the host-crash reproducers, each in its own process")
+    c.add_argument("results", nargs="?", help="also write each probe's output here")
     d = sub.add_parser("digest", help="print the source digest of this checkout")
     d.add_argument("root", nargs="?", default=REPO_ROOT)
     args = p.parse_args(argv)
@@ -590,6 +734,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.command == "extension":
         return check_extension()
+    if args.command == "crash-probe":
+        return crash_probe(args.results)
     if args.command == "digest":
         print(source_digest(args.root))
         return 0

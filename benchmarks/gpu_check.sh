@@ -225,7 +225,7 @@ done
 NCU_ARGS=(--csv --page details --nvtx --nvtx-include "capsnet_profile/" --launch-count 16
           --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
           --metrics "regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio$")
-WHAT[crash-trace]="LD_PRELOAD=segv_trace.so: pytest tests/test_cuda.py::test_gpu_errors_name_the_argument; PYTORCH_NO_CUDA_MEMORY_CACHING=1 sanitize_driver --backends cuda --profile full (native stacks, addr2line)"
+WHAT[crash-trace]="LD_PRELOAD=segv_trace.so: pytest tests/test_cuda.py::test_gpu_errors_name_the_argument; PYTORCH_NO_CUDA_MEMORY_CACHING=1 sanitize_driver --backends cuda --profile full; benchmarks.gpu_check crash-probe (native stacks, addr2line)"
 WHAT[profile]="$PYTHON -m benchmarks.gpu_profile torch RESULTS (torch.profiler kernel tables, every backend and dtype)"
 WHAT[ncu]="ncu ${NCU_ARGS[*]} $PYTHON -m benchmarks.gpu_profile ncu-target --backend cuda|triton --dtype float32|bfloat16"
 WHAT[bench-mnist]="capsnet-ext bench --ops $MNIST_OPS --sweeps mnist --dtypes float32,bfloat16 --contenders reference,triton,cuda --skip-e2e"
@@ -303,7 +303,7 @@ if [[ $DRY_RUN -eq 1 ]]; then
   step gpu-tests-collect -- "$PYTHON" -m pytest -m gpu --collect-only -q -p no:cacheprovider tests
   dry crash-trace
   # The tracer itself builds and names a native crash on any machine.
-  step crash-trace-cpu -- bash -c 'gcc -shared -fPIC -O0 -o "$0/segv_trace.so" benchmarks/segv_trace.c &&
+  step crash-trace-cpu -- bash -c 'gcc -shared -fPIC -O0 -o "$0/segv_trace.so" benchmarks/segv_trace.c -ldl &&
     ! LD_PRELOAD="$0/segv_trace.so" "$PYTHON" -c "import ctypes; ctypes.string_at(0)" 2>"$0/crash-cpu.log" &&
     grep -q "^\[native\] signal 11" "$0/crash-cpu.log"' "$RESULTS"
   for tool in memcheck racecheck initcheck synccheck; do dry "$tool"; done
@@ -321,24 +321,38 @@ else
   # Host crashes (2026-12-04: a CUDA error-path test and the memcheck driver died with SIGSEGV
   # on the host): the native stack of each reproducer, through benchmarks/segv_trace.c, with the
   # project library's frames resolved to functions and lines. A diagnostic: it verifies nothing.
+  # segv_trace.c prints the faulting pc, every frame as OBJECT 0xOFFSET (relative to the
+  # object's load bias, return addresses minus 1) and the C++ runtime objects loaded; here
+  # the frames in the project's library and in the C++ runtime and unwinder are resolved by
+  # addr2line. The two reproducers run behind Python's faulthandler (both stacks); the probes
+  # of `benchmarks.gpu_check crash-probe` run without it (the fault's own pc and address) and
+  # tell the hypotheses apart (see CRASH_PROBES there).
   step crash-trace -- bash -c '
     set -u; results="$0"; status=0
-    gcc -shared -fPIC -O0 -o "$results/segv_trace.so" benchmarks/segv_trace.c || exit 1
-    trace() {  # trace NAME COMMAND...: run with the tracer; resolve the project frames
+    gcc -shared -fPIC -O0 -o "$results/segv_trace.so" benchmarks/segv_trace.c -ldl || exit 1
+    resolve() {  # resolve LOG: the native frames of interest, through addr2line
+      grep -E "^\[native-(pc|ret|offset)\]" "$1" | grep -E "capsnet|libstdc\+\+|libgcc_s|libc10\.so" |
+        while read -r tag lib off _rest; do
+          echo "$tag $lib $off ${_rest:-}: $(addr2line -f -C -e "$lib" "$off" 2>/dev/null | tr "\n" " ")"
+        done
+    }
+    trace() {  # trace NAME COMMAND...: run with the tracer; resolve the frames of interest
       local name="$1"; shift
       echo "### $name: $*"
       LD_PRELOAD="$results/segv_trace.so" "$@" >"$results/crash-$name.log" 2>&1
       local rc=$?
-      echo "exit $rc"; tail -n 40 "$results/crash-$name.log"
-      grep "^\[native-offset\]" "$results/crash-$name.log" | grep capsnet_ext | while read -r _ lib off; do
-        echo "frame $lib $off: $(addr2line -f -C -e "$lib" "$off" | tr "\n" " ")"
-      done
+      echo "exit $rc"; tail -n 120 "$results/crash-$name.log"
+      resolve "$results/crash-$name.log"
       [[ $rc -eq 0 ]] || status=1
     }
     trace error-path "$PYTHON" -X faulthandler -m pytest -q -p no:cacheprovider -p no:xdist \
       tests/test_cuda.py::test_gpu_errors_name_the_argument
     trace driver-no-caching env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$PYTHON" -X faulthandler \
       -m benchmarks.sanitize_driver --backends cuda --profile full --out "$results/crash-driver.json"
+    trace probes "$PYTHON" -m benchmarks.gpu_check crash-probe "$results"
+    for log in "$results"/crash-probe-*.log; do
+      [[ -e "$log" ]] && grep -q "^\[native\] signal" "$log" && { echo "### $(basename "$log")"; resolve "$log"; }
+    done
     exit $status' "$RESULTS"
   if command -v compute-sanitizer >/dev/null 2>&1; then
     for tool in memcheck racecheck initcheck synccheck; do

@@ -8,6 +8,21 @@
 // Only device-generic torch headers are used (c10::DeviceGuard, c10::Stream::native_handle),
 // so this file also compiles against a CPU-only torch, which lacks the c10/cuda headers'
 // generated configuration; continuous integration checks it that way.
+//
+// Order of work in every op (the error paths are pinned by tests/test_cuda_host_checks.py):
+//   1. every argument check (TORCH_CHECK) that needs no device: shapes, dtypes, devices,
+//      options; then the split plan, whose only device query is the shared-memory limit;
+//   2. only then the device guard, contiguous copies, allocations, stream and launches.
+// A refused call therefore throws its c10::Error from plain host frames, before any device
+// state is touched, with nothing allocated and no device guard to restore while unwinding.
+// (On the H200 of 2026-12-04, torch 2.11, a refused capsule_routing_forward killed its process
+// with SIGSEGV instead of raising RuntimeError; its device guard was alive during the throw.
+// The same checks raise cleanly on a CPU-only torch. The cause is not established: the
+// crash-trace step of benchmarks/gpu_check.sh takes the native stack of that reproducer.)
+//
+// CAPSNET_EXT_HOST_TEST (defined only by tests/test_cuda_host_checks.py): CPU tensors stand
+// in for CUDA tensors and no stream is asked for, so that this file, linked with stub
+// launchers, runs every check, plan and allocation on a CPU-only torch.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
@@ -24,6 +39,12 @@ namespace {
 
 using at::Tensor;
 
+#ifdef CAPSNET_EXT_HOST_TEST
+constexpr bool kHostTest = true;
+#else
+constexpr bool kHostTest = false;
+#endif
+
 #define CAPSNET_CHECK_STATUS(status)                                                            \
   TORCH_CHECK((status).ok(), "capsnet_ext: CUDA kernel ", (status).kernel, " failed: ",         \
               cuda_error_string((status).cuda_error))
@@ -38,12 +59,17 @@ DType dtype_of(const Tensor& t, const char* name) {
       TORCH_CHECK(false, "capsnet_ext: ", name, " must be float16, bfloat16, float32 or float64, got ",
                   t.scalar_type());
   }
+  // Not reached (TORCH_CHECK(false) throws). Without this return, a torch whose check-failure
+  // function were not declared [[noreturn]] would leave the end of a non-void function
+  // reachable, which -O3 may compile into a fall-through into whatever code follows.
+  return DType::kFloat32;
 }
 
 at::ScalarType acc_type(const Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_tensor(const Tensor& t, const char* name, int64_t dim, const char* layout) {
-  TORCH_CHECK(t.is_cuda(), "capsnet_ext: ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.is_cuda() || (kHostTest && t.is_cpu()), "capsnet_ext: ", name, " must be a CUDA tensor, got device ",
+              t.device());
   TORCH_CHECK(t.dim() == dim, "capsnet_ext: ", name, " must have ", dim, " dimensions ", layout, ", got shape ",
               t.sizes());
   TORCH_CHECK(t.numel() > 0, "capsnet_ext: ", name, " must not be empty, got shape ", t.sizes());
@@ -71,12 +97,14 @@ void check_u_W(const Tensor& u, const Tensor& W) {
 }
 
 void check_iterations(int64_t iterations) {
-  TORCH_CHECK(iterations >= 1 && iterations <= (1 << 20), "capsnet_ext: iterations must be >= 1, got ", iterations);
+  TORCH_CHECK(iterations >= 1 && iterations <= (1 << 20), "capsnet_ext: iterations must be >= 1 and at most 2^20, got ",
+              iterations);
 }
 
 // The current CUDA stream of t's device as a cudaStream_t (through the device-generic
 // guard interface, which the CUDA build of torch implements).
 void* stream_of(const Tensor& t) {
+  if constexpr (kHostTest) return nullptr;  // the stub launchers take no stream
   return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(t.device()).native_handle();
 }
 
@@ -108,19 +136,30 @@ RoutingPlan plan_for(const Tensor& ref, const RoutingShape& shape, bool recomput
   return plan;
 }
 
-Tensor check_prior(const c10::optional<Tensor>& prior_in, const Tensor& ref, const char* ref_name, int64_t I,
-                   int64_t J) {
-  if (!prior_in.has_value() || !prior_in->defined()) return Tensor();
-  check_tensor(*prior_in, "prior", 2, "[I, J]");
-  check_like(ref, ref_name, *prior_in, "prior");
-  check_shape(*prior_in, "prior", {I, J}, "[I, J]");
-  return prior_in->contiguous();
+bool has_tensor(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+// Checks an optional [J, Dout] bias or [I, J] prior against the reference input (device, dtype, shape).
+void check_bias(const c10::optional<Tensor>& bias, const Tensor& ref, const char* ref_name, const RoutingShape& shape) {
+  if (!has_tensor(bias)) return;
+  check_tensor(*bias, "bias", 2, "[J, Dout]");
+  check_like(ref, ref_name, *bias, "bias");
+  check_shape(*bias, "bias", {shape.J, shape.D}, "[J, Dout]");
 }
+
+void check_prior(const c10::optional<Tensor>& prior, const Tensor& ref, const char* ref_name, const RoutingShape& shape) {
+  if (!has_tensor(prior)) return;
+  check_tensor(*prior, "prior", 2, "[I, J]");
+  check_like(ref, ref_name, *prior, "prior");
+  check_shape(*prior, "prior", {shape.I, shape.J}, "[I, J]");
+}
+
+Tensor contiguous_or_undefined(const c10::optional<Tensor>& t) { return has_tensor(t) ? t->contiguous() : Tensor(); }
 
 // ---- predict ----------------------------------------------------------------------------
 
 Tensor predict_op(const Tensor& u_in, const Tensor& W_in) {
   check_u_W(u_in, W_in);
+  // Every check has passed: from here on the device is used.
   const c10::DeviceGuard guard(u_in.device());
   const Tensor u = u_in.contiguous(), W = W_in.contiguous();
   const int64_t B = u.size(0), I = u.size(1), K = u.size(2), J = W.size(1), D = W.size(2);
@@ -137,6 +176,7 @@ std::tuple<Tensor, Tensor> predict_backward_op(const Tensor& grad_in, const Tens
   check_like(u_in, "u", grad_in, "grad_u_hat");
   const int64_t B = u_in.size(0), I = u_in.size(1), K = u_in.size(2), J = W_in.size(1), D = W_in.size(2);
   check_shape(grad_in, "grad_u_hat", {B, I, J, D}, "[B, I, J, Dout]");
+  // Every check has passed: from here on the device is used.
   const c10::DeviceGuard guard(u_in.device());
   const Tensor g = grad_in.contiguous(), u = u_in.contiguous(), W = W_in.contiguous();
   Tensor du = at::empty(u.sizes(), u.options()), dW = at::empty(W.sizes(), W.options());
@@ -148,26 +188,27 @@ std::tuple<Tensor, Tensor> predict_backward_op(const Tensor& grad_in, const Tens
 
 // ---- routing ------------------------------------------------------------------------------
 
-// Shared by both forms: allocates outputs and saved states and runs the forward.
-// Given form: u_hat defined, u/W undefined. Fused form: the other way round.
-std::tuple<Tensor, Tensor, Tensor, Tensor> routing_forward_common(const Tensor& u_hat, const Tensor& u,
-                                                                  const Tensor& W, const Tensor& ref,
+// Shared by both forms: checks the options, plans, then (and only then) takes the device,
+// allocates outputs and saved states and runs the forward.
+// Given form: u_hat_in defined, u_in/W_in undefined. Fused form: the other way round. The
+// tensors are the caller's (possibly non-contiguous) inputs, already checked by the caller.
+std::tuple<Tensor, Tensor, Tensor, Tensor> routing_forward_common(const Tensor& u_hat_in, const Tensor& u_in,
+                                                                  const Tensor& W_in, const Tensor& ref,
                                                                   const char* ref_name,
                                                                   const c10::optional<Tensor>& bias_in,
                                                                   const c10::optional<Tensor>& prior_in,
                                                                   const RoutingShape& shape, bool leaky,
                                                                   bool return_coupling, double temperature) {
-  Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    check_tensor(*bias_in, "bias", 2, "[J, Dout]");
-    check_like(ref, ref_name, *bias_in, "bias");
-    check_shape(*bias_in, "bias", {shape.J, shape.D}, "[J, Dout]");
-    bias = bias_in->contiguous();
-  }
-  const Tensor prior = check_prior(prior_in, ref, ref_name, shape.I, shape.J);
+  check_bias(bias_in, ref, ref_name, shape);
+  check_prior(prior_in, ref, ref_name, shape);
   check_temperature(temperature);
-  const bool recompute = !u_hat.defined();
-  const RoutingPlan plan = plan_for(ref, shape, recompute, prior.defined());
+  const bool recompute = !u_hat_in.defined();
+  const RoutingPlan plan = plan_for(ref, shape, recompute, has_tensor(prior_in));
+  // Every check has passed: from here on the device is used.
+  const c10::DeviceGuard guard(ref.device());
+  const Tensor u_hat = recompute ? Tensor() : u_hat_in.contiguous();
+  const Tensor u = recompute ? u_in.contiguous() : Tensor(), W = recompute ? W_in.contiguous() : Tensor();
+  const Tensor bias = contiguous_or_undefined(bias_in), prior = contiguous_or_undefined(prior_in);
   const auto acc_opts = ref.options().dtype(acc_type(ref));
   const int64_t R = shape.iterations;
   Tensor v = at::empty({shape.B, shape.J, shape.D}, ref.options());
@@ -203,19 +244,22 @@ void check_saved(const Tensor& ref, const Tensor& grad_v, const Tensor& s_all, c
   }
 }
 
-// Shared by both backward forms: allocates gradients and scratch and runs the backward.
+// Shared by both backward forms: checks, plans, then (and only then) takes the device,
+// allocates gradients and scratch and runs the backward.
 // Returns (grad_u_hat or du, dW or undefined, grad_bias ([0] without bias), grad_prior ([0] without prior)).
 std::tuple<Tensor, Tensor, Tensor, Tensor> routing_backward_common(
     const Tensor& grad_v_in, const Tensor& u_hat_in, const Tensor& u_in, const Tensor& W_in, const Tensor& ref,
     const char* ref_name, const c10::optional<Tensor>& prior_in, const Tensor& s_all_in, const Tensor& V_all_in,
     const RoutingShape& shape, bool leaky, bool detach_inner, bool has_bias, double temperature) {
   check_saved(ref, grad_v_in, s_all_in, V_all_in, shape);
-  const Tensor prior = check_prior(prior_in, ref, ref_name, shape.I, shape.J);
+  check_prior(prior_in, ref, ref_name, shape);
   check_temperature(temperature);
   const bool recompute = !u_hat_in.defined();
-  const RoutingPlan plan = plan_for(ref, shape, recompute, prior.defined());
+  const RoutingPlan plan = plan_for(ref, shape, recompute, has_tensor(prior_in));
+  // Every check has passed: from here on the device is used.
   const c10::DeviceGuard guard(ref.device());
   const Tensor grad_v = grad_v_in.contiguous(), s_all = s_all_in.contiguous(), V_all = V_all_in.contiguous();
+  const Tensor prior = contiguous_or_undefined(prior_in);
   const Tensor u_hat = recompute ? Tensor() : u_hat_in.contiguous();
   const Tensor u = recompute ? u_in.contiguous() : Tensor(), W = recompute ? W_in.contiguous() : Tensor();
   const auto acc_opts = ref.options().dtype(acc_type(ref));
@@ -243,19 +287,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> routing_backward_common(
   return {first, dW, grad_bias, grad_prior};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> routing_forward_op(const Tensor& u_hat_in,
-                                                              const c10::optional<Tensor>& bias,
+RoutingShape given_shape(const Tensor& u_hat, int64_t iterations) {
+  return RoutingShape{u_hat.size(0), u_hat.size(1), u_hat.size(2), u_hat.size(3), 1, static_cast<int>(iterations)};
+}
+
+RoutingShape fused_shape(const Tensor& u, const Tensor& W, int64_t iterations) {
+  return RoutingShape{u.size(0), u.size(1), W.size(1), W.size(2), u.size(2), static_cast<int>(iterations)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> routing_forward_op(const Tensor& u_hat, const c10::optional<Tensor>& bias,
                                                               const c10::optional<Tensor>& prior, int64_t iterations,
                                                               bool leaky, bool detach_inner, bool return_coupling,
                                                               double temperature) {
   (void)detach_inner;  // changes only the backward
-  check_tensor(u_hat_in, "u_hat", 4, "[B, I, J, Dout]");
+  check_tensor(u_hat, "u_hat", 4, "[B, I, J, Dout]");
   check_iterations(iterations);
-  const c10::DeviceGuard guard(u_hat_in.device());
-  const Tensor u_hat = u_hat_in.contiguous();
-  const RoutingShape shape{u_hat.size(0), u_hat.size(1), u_hat.size(2), u_hat.size(3), 1, static_cast<int>(iterations)};
-  return routing_forward_common(u_hat, Tensor(), Tensor(), u_hat, "u_hat", bias, prior, shape, leaky,
-                                return_coupling, temperature);
+  return routing_forward_common(u_hat, Tensor(), Tensor(), u_hat, "u_hat", bias, prior,
+                                given_shape(u_hat, iterations), leaky, return_coupling, temperature);
 }
 
 std::tuple<Tensor, Tensor, Tensor> routing_backward_op(const Tensor& grad_v, const Tensor& u_hat,
@@ -264,28 +312,24 @@ std::tuple<Tensor, Tensor, Tensor> routing_backward_op(const Tensor& grad_v, con
                                                        bool detach_inner, bool has_bias, double temperature) {
   check_tensor(u_hat, "u_hat", 4, "[B, I, J, Dout]");
   check_iterations(iterations);
-  const RoutingShape shape{u_hat.size(0), u_hat.size(1), u_hat.size(2), u_hat.size(3), 1,
-                           static_cast<int>(iterations)};
-  auto [grad_u_hat, unused, grad_bias, grad_prior] = routing_backward_common(
-      grad_v, u_hat, Tensor(), Tensor(), u_hat, "u_hat", prior, s_all, V_all, shape, leaky, detach_inner, has_bias,
-      temperature);
+  auto [grad_u_hat, unused, grad_bias, grad_prior] =
+      routing_backward_common(grad_v, u_hat, Tensor(), Tensor(), u_hat, "u_hat", prior, s_all, V_all,
+                              given_shape(u_hat, iterations), leaky, detach_inner, has_bias, temperature);
   (void)unused;
   return {grad_u_hat, grad_bias, grad_prior};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> capsule_routing_forward_op(const Tensor& u_in, const Tensor& W_in,
+std::tuple<Tensor, Tensor, Tensor, Tensor> capsule_routing_forward_op(const Tensor& u, const Tensor& W,
                                                                       const c10::optional<Tensor>& bias,
                                                                       const c10::optional<Tensor>& prior,
                                                                       int64_t iterations, bool leaky,
                                                                       bool detach_inner, bool return_coupling,
                                                                       double temperature) {
   (void)detach_inner;  // changes only the backward
-  check_u_W(u_in, W_in);
+  check_u_W(u, W);
   check_iterations(iterations);
-  const c10::DeviceGuard guard(u_in.device());
-  const Tensor u = u_in.contiguous(), W = W_in.contiguous();
-  const RoutingShape shape{u.size(0), u.size(1), W.size(1), W.size(2), u.size(2), static_cast<int>(iterations)};
-  return routing_forward_common(Tensor(), u, W, u, "u", bias, prior, shape, leaky, return_coupling, temperature);
+  return routing_forward_common(Tensor(), u, W, u, "u", bias, prior, fused_shape(u, W, iterations), leaky,
+                                return_coupling, temperature);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> capsule_routing_backward_op(
@@ -293,9 +337,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> capsule_routing_backward_op(
     const Tensor& V_all, int64_t iterations, bool leaky, bool detach_inner, bool has_bias, double temperature) {
   check_u_W(u, W);
   check_iterations(iterations);
-  const RoutingShape shape{u.size(0), u.size(1), W.size(1), W.size(2), u.size(2), static_cast<int>(iterations)};
-  return routing_backward_common(grad_v, Tensor(), u, W, u, "u", prior, s_all, V_all, shape, leaky, detach_inner,
-                                 has_bias, temperature);
+  return routing_backward_common(grad_v, Tensor(), u, W, u, "u", prior, s_all, V_all, fused_shape(u, W, iterations),
+                                 leaky, detach_inner, has_bias, temperature);
 }
 
 }  // namespace
@@ -310,11 +353,18 @@ TORCH_LIBRARY(capsnet_ext, m) {
   m.def("capsule_routing_backward(Tensor grad_v, Tensor u, Tensor W, Tensor? prior, Tensor s_all, Tensor V_all, int iterations, bool leaky, bool detach_inner, bool has_bias, float temperature) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(capsnet_ext, CUDA, m) {
-  m.impl("predict", &capsnet::predict_op);
-  m.impl("predict_backward", &capsnet::predict_backward_op);
-  m.impl("routing_forward", &capsnet::routing_forward_op);
-  m.impl("routing_backward", &capsnet::routing_backward_op);
-  m.impl("capsule_routing_forward", &capsnet::capsule_routing_forward_op);
-  m.impl("capsule_routing_backward", &capsnet::capsule_routing_backward_op);
-}
+#define CAPSNET_REGISTER_KERNELS(m)                                           \
+  m.impl("predict", &capsnet::predict_op);                                    \
+  m.impl("predict_backward", &capsnet::predict_backward_op);                  \
+  m.impl("routing_forward", &capsnet::routing_forward_op);                    \
+  m.impl("routing_backward", &capsnet::routing_backward_op);                  \
+  m.impl("capsule_routing_forward", &capsnet::capsule_routing_forward_op);    \
+  m.impl("capsule_routing_backward", &capsnet::capsule_routing_backward_op)
+
+TORCH_LIBRARY_IMPL(capsnet_ext, CUDA, m) { CAPSNET_REGISTER_KERNELS(m); }
+
+#ifdef CAPSNET_EXT_HOST_TEST
+// The test build also serves CPU tensors, so that a call takes the path the GPU tests take
+// (the Python autograd registration, then a redispatch to the kernel) on a CPU-only torch.
+TORCH_LIBRARY_IMPL(capsnet_ext, CPU, m) { CAPSNET_REGISTER_KERNELS(m); }
+#endif

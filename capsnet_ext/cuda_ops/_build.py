@@ -85,7 +85,8 @@ def _load_jit() -> Optional[str]:
             name="capsnet_ext_cuda",
             sources=srcs,
             extra_include_paths=[_CSRC],
-            extra_cflags=["-O3", "-std=c++20"],
+            # torch's libstdc++ ABI stated explicitly, as in setup.py
+            extra_cflags=["-O3", "-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"],
             extra_cuda_cflags=["-O3", "-std=c++17", "-lineinfo"],
             build_directory=build_dir,
             is_python_module=False,
