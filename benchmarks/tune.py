@@ -72,7 +72,10 @@ def second_pass(winner, quick: bool = False) -> list:
     pipelining depths (:data:`STAGES`); ``quick``: one of each."""
     from capsnet_ext.triton_ops._gemm_core import DESIGNS
 
-    designs = [winner._replace(design=d) for d in DESIGNS if d != winner.design]
+    # The u_hat-tile gradient sweep needs at most 8 warps (see _gemm_core.default_config).
+    designs = [winner._replace(design=d, grad_warps=min(winner.grad_warps, 8) if d == "uhat"
+                               else winner.grad_warps)
+               for d in DESIGNS if d != winner.design]
     stages = [winner._replace(stages=s) for s in STAGES if s != winner.stages]
     return designs[:1] + stages[:1] if quick else designs + stages
 

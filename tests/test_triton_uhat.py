@@ -26,7 +26,7 @@ from test_triton_gemm import (PRIOR_CASES, SIZES, count_launches, forward_backwa
 def uhat_design(shape, dtype, **changes):
     """Run the fused op with the u_hat-tile design (the default configuration otherwise)."""
     B, I, J, Din, D = shape
-    config = _gemm_core.default_config(B, I, J, D, Din, dtype)._replace(design="uhat", **changes)
+    config = _gemm_core.default_config(B, I, J, D, Din, dtype, design="uhat")._replace(**changes)
     with tuning.forced(config):
         yield config
 

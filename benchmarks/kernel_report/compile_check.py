@@ -150,8 +150,8 @@ REFUSED: List[str] = []  # cases the dispatch refuses before any launch (filled 
 
 
 def _design(case: Case):
-    """The Triton backend's default configuration for the case with its ``design``, forced as
-    the tuning sweep forces a candidate; nothing for the default design."""
+    """The Triton backend's default configuration of the case's ``design``, forced as the
+    tuning sweep forces a candidate; nothing for the default design."""
     if case.design == "batched":
         return contextlib.nullcontext()
     import torch
@@ -160,8 +160,9 @@ def _design(case: Case):
 
     s = case.shape
     config = _gemm_core.default_config(s["B"], s["I"], s["J"], s["Dout"], s["Din"],
-                                       getattr(torch, case.dtype), case.precision)
-    return tuning.forced(config._replace(design=case.design))
+                                       getattr(torch, case.dtype), case.precision,
+                                       design=case.design)
+    return tuning.forced(config)
 
 
 def record(all_cases: Sequence[Case], gpu) -> Dict[str, Variant]:

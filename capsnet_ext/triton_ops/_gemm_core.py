@@ -265,7 +265,7 @@ class Plan:
 
 
 def default_config(B, I, J, D, Din, dtype: torch.dtype = torch.float32,
-                   precision: Optional[str] = None) -> Config:
+                   precision: Optional[str] = None, design: str = "batched") -> Config:
     """16 samples per tile (the smallest dot M and K) and as many warps as keep every kernel
     free of register spills, compiled for sm_90 with Triton 3.6 (checked for every launch by
     ``python -m benchmarks.kernel_report.compile_check``, a CI test):
@@ -278,8 +278,15 @@ def default_config(B, I, J, D, Din, dtype: torch.dtype = torch.float32,
 
     At most 16 splits of the input capsules: every program of the next sweep re-sums all of
     its samples' partials. ``precision`` is the float32 dot precision (default: PyTorch's
-    current TF32 switch, :func:`dot_precision`)."""
+    current TF32 switch, :func:`dot_precision`). ``design``: :attr:`Config.design`."""
     precision = precision or dot_precision(dtype)
+    if design == "uhat":
+        # The u_hat-tile gradient sweep holds u_hat, the gradient tile, V, gs, W_i and the dW_i
+        # accumulator at once: at 16 warps (128 registers at most) it spilled 28-452 bytes
+        # per thread at the MNIST shape in float16/bfloat16/TF32 (compile check, sm_90,
+        # Triton 3.6); at 8 warps (up to 255 registers) it does not. The sweeps keep the batched design's warps.
+        base = default_config(B, I, J, D, Din, dtype, precision)
+        return base._replace(grad_warps=min(base.grad_warps, 8), design="uhat")
     if dtype == torch.float64 or (dtype == torch.float32 and precision == "ieee"):
         return Config(16, 8, 8, 16, 8, 16)
     if dtype == torch.float32 and _tile_elements(J, D, Din) > 8192:
