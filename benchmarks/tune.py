@@ -67,15 +67,16 @@ BWD_GRID = dict(grad_BB=(16, 32, 64), grad_warps=(4, 8, 16), bwd_warps=(4, 8, 16
 STAGES = (2, 3)
 
 
-def second_pass(winner, quick: bool = False) -> list:
+def second_pass(winner, quick: bool = False, precision: str = "ieee") -> list:
     """The grid's ``winner`` in the other kernel designs (``Config.design``), then at the other
     pipelining depths (:data:`STAGES`); ``quick``: one of each."""
     from capsnet_ext.triton_ops._gemm_core import DESIGNS
 
     # The u_hat-tile gradient sweep needs at most 8 warps (see _gemm_core.default_config).
+    # TF32 runs the batched design whatever the configuration says (see _gemm_core.Plan).
     designs = [winner._replace(design=d, grad_warps=min(winner.grad_warps, 8) if d == "uhat"
                                else winner.grad_warps)
-               for d in DESIGNS if d != winner.design]
+               for d in DESIGNS if d != winner.design and precision != "tf32"]
     stages = [winner._replace(stages=s) for s in STAGES if s != winner.stages]
     return designs[:1] + stages[:1] if quick else designs + stages
 
@@ -345,7 +346,7 @@ class Sweep:
         grid_timed = [r for r in rows if "median_us" in r]
         if grid_timed:
             grid_best = core.Config(**min(grid_timed, key=lambda r: r["median_us"])["config"])
-            time_all(second_pass(grid_best, quick=self.dry_run))
+            time_all(second_pass(grid_best, quick=self.dry_run, precision=precision))
         timed = [r for r in rows if "median_us" in r]
         result = dict(shape=shape_name, size=list(shape), dtype=setting, direction=direction,
                       candidates=rows)

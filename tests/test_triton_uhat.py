@@ -172,3 +172,23 @@ def test_low_precision_error(device, dtype, floor):
     for a, e in zip(actual, expected):
         error = (a.double() - e).abs().max() / e.abs().max()
         assert error < floor, (dtype, error.item())
+
+
+def test_tf32_runs_the_batched_design(device):
+    """TF32 float32 takes the batched kernels whatever the design (the u_hat-tile gradient
+    sweep spills in TF32 on sm_90); exact float32 and the other dtypes take the u_hat tiles."""
+    require_triton(device)
+    config = _gemm_core.Config(16, 8, 8, 16, 8, design="uhat")
+    matmul = torch.backends.cuda.matmul
+    old = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert not _gemm_core.Plan(32, 8, 10, 16, 8, torch.device(device), config,
+                                   torch.float32).uhat
+        assert _gemm_core.Plan(32, 8, 10, 16, 8, torch.device(device), config,
+                               torch.bfloat16).uhat
+        matmul.fp32_precision = "ieee"
+        assert _gemm_core.Plan(32, 8, 10, 16, 8, torch.device(device), config,
+                               torch.float32).uhat
+    finally:
+        matmul.fp32_precision = old

@@ -96,6 +96,11 @@ def dot_precision(dtype: torch.dtype) -> str:
     return fp32_dot_precision() if dtype == torch.float32 else "ieee"
 
 
+def _is_tf32(dtype: torch.dtype) -> bool:
+    """Whether float32 dots of ``dtype`` inputs run in TF32 (PyTorch's switch, now)."""
+    return dtype == torch.float32 and dot_precision(dtype) != "ieee"
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -213,8 +218,13 @@ class Plan:
                  given: bool = False):
         if config.design not in DESIGNS:
             raise ValueError(f"design must be one of {DESIGNS}, got {config.design!r}")
-        # The u_hat-tile kernels: always for given prediction vectors, by choice otherwise.
-        self.uhat = given or config.design == "uhat"
+        # The u_hat-tile kernels: always for given prediction vectors, by choice otherwise,
+        # except for TF32 float32, which runs the batched design whatever the configuration
+        # says: compiled for sm_90 with Triton 3.6, the u_hat-tile gradient sweep's TF32 dots
+        # (float32 W_i, dW_i and gradient tiles in the MMA layouts) spill 40-568 bytes per
+        # thread at 8 warps (255 registers), and still 32-100 with du and dW in separate
+        # launches; the other dtypes do not spill.
+        self.uhat = given or (config.design == "uhat" and not _is_tf32(dtype))
         reason = (given_size_limit_reason(J, D) if given
                   else capsule_size_limit_reason(J, D, Din, dtype))
         if reason is not None:
