@@ -184,11 +184,13 @@ def test_tune_dry_run_and_fold(tmp_path):
     assert directions == ["bwd", "fwd"]
     assert all(e["check"]["passed"] and e["gpu"] == "cpu" for e in data["entries"])
     # Two grid candidates, then the grid's winner in the other design and at one other
-    # pipelining depth.
+    # pipelining depth (the backward's grid starts from the forward's winner, either design).
     assert all(len(r["candidates"]) == 4 and "winner" in r for r in data["results"])
-    assert all([(c["config"]["design"], c["config"]["stages"]) for c in r["candidates"]]
-               == [("batched", 1), ("batched", 1), ("uhat", 1), ("batched", 2)]
-               for r in data["results"])
+    for r in data["results"]:
+        designs = [c["config"]["design"] for c in r["candidates"]]
+        stages = [c["config"]["stages"] for c in r["candidates"]]
+        assert designs[0] == designs[1] == designs[3] != designs[2], designs
+        assert stages == [1, 1, 1, 2], stages
     table = tmp_path / "table.json"
     table.write_text(json.dumps(tuning.merge(tuning.empty_table(),
                                              [_entry(128, 1152, _config())])[0]))
