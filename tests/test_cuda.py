@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 import torch
 
+from build_cache import build_cache_dir
 from capsnet_ext import dispatch, ops, reference
 from capsnet_ext.cuda_ops import _build, _schema
 from capsnet_ext.cuda_ops import availability as cuda_availability
@@ -457,14 +458,6 @@ def _sanitizer_flags(cxx):
     return ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
 
 
-def _emulation_cache_dir():
-    root = os.environ.get("CAPSNET_EXT_EMULATION_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "capsnet_ext",
-        "emulation")
-    os.makedirs(root, exist_ok=True)
-    return root
-
-
 @pytest.fixture(scope="module")
 def emulated_kernels():
     """Paths of the driver executables built from the kernel sources, by dtype: one build per
@@ -481,7 +474,7 @@ def emulated_kernels():
     csrc = os.path.join(ROOT, "csrc")
     sources = sorted(glob.glob(os.path.join(csrc, "*.cu")) + glob.glob(os.path.join(csrc, "*.cuh"))
                      + glob.glob(os.path.join(csrc, "*.h")) + glob.glob(os.path.join(csrc, "emulation", "*")))
-    cache = _emulation_cache_dir()
+    cache = build_cache_dir("CAPSNET_EXT_EMULATION_CACHE", "emulation")
     builds, exes = {}, {}
     for dtype, bits in ((torch.float32, 32), (torch.float64, 64)):
         cmd = [cxx, "-std=c++20", "-O0", "-g", "-pthread", "-DCAPSNET_HOST_EMULATION",

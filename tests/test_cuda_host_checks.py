@@ -39,6 +39,8 @@ import textwrap
 import pytest
 import torch
 
+from build_cache import build_cache_dir
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 
@@ -120,14 +122,6 @@ FLAG_BITS = {"u_hat": 0, "u": 1, "W": 2, "bias": 3, "prior": 4, "c": 5, "dbias":
              "dW": 9, "grad_u_hat": 10, "grad": 11, "required": 12}
 
 
-def _cache_dir():
-    root = os.environ.get("CAPSNET_EXT_HOST_CHECK_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "capsnet_ext",
-        "host_checks")
-    os.makedirs(root, exist_ok=True)
-    return root
-
-
 def _torch_build_flags():
     from torch.utils import cpp_extension
 
@@ -145,7 +139,7 @@ def host_binding():
     if shutil.which(cxx) is None:
         pytest.skip(f"no host C++ compiler ({cxx}) to build the binding")
     includes, lib, abi = _torch_build_flags()
-    cache = _cache_dir()
+    cache = build_cache_dir("CAPSNET_EXT_HOST_CHECK_CACHE", "host_checks")
     digest = hashlib.sha256(STUB_SOURCE.encode())
     for name in sorted(os.listdir(CSRC)):
         if name.endswith((".cpp", ".h")):

@@ -318,10 +318,12 @@ def default_given_config(B, I, J, D, dtype: torch.dtype = torch.float32) -> Conf
 
 
 def candidate_configs(B, I, J, D, Din, dtype: torch.dtype = torch.float32,
-                      precision: Optional[str] = None):
+                      precision: Optional[str] = None, given: bool = False):
     """The default and two other split counts of the input capsules (the tile sizes and warps
-    are fixed by the register budget)."""
-    base = default_config(B, I, J, D, Din, dtype, precision)
+    are fixed by the register budget). ``given``: routing over given prediction vectors
+    (:func:`default_given_config`; ``Din`` and ``precision`` unused)."""
+    base = (default_given_config(B, I, J, D, dtype) if given
+            else default_config(B, I, J, D, Din, dtype, precision))
     return [base, base._replace(max_isplit=8), base._replace(max_isplit=32)]
 
 
@@ -414,24 +416,27 @@ def _config_for(u, W, iterations, options, run):
             return config
     autotune = os.environ.get(AUTOTUNE_ENV, "1") not in ("0", "")
     timer = _time_cuda if u.device.type == "cuda" and autotune else None
-    if W is None:
-        base = default_given_config(B, I, J, D, u.dtype)
-        candidates = [base, base._replace(max_isplit=8), base._replace(max_isplit=32)]
-    else:
-        candidates = candidate_configs(B, I, J, D, Din, u.dtype)
-    return tuned_config(key, candidates, run, timer)
+    return tuned_config(key, candidate_configs(B, I, J, D, Din, u.dtype, given=W is None), run,
+                        timer)
 
 
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-def _common_meta(dtype, plan: Plan, leaky: bool, temperature: float):
+def dot_meta(dtype) -> dict:
+    """The dot constexprs of every Triton kernel with a ``tl.dot`` (the routing sweeps and
+    ``predict``): accumulation dtype ``ACC``, operand dtype ``DT``, the dtype ``DOT_DT`` the
+    dot is given (see :func:`._gemm_kernels._op`) and the float32 ``PRECISION``."""
     dot_dt = _TL[dtype]
     if dtype == torch.bfloat16 and _interpreting():
         dot_dt = tl.float32  # the interpreter's bfloat16 dot is wrong; see _gemm_kernels._op
-    return dict(LEAKY=leaky, INV_T=1.0 / temperature, ACC=_TL[acc_dtype(dtype)], DT=_TL[dtype],
-                DOT_DT=dot_dt, PRECISION=dot_precision(dtype), TINY=_tiny(dtype), BLOCK_J=plan.BLOCK_J,
-                BLOCK_D=plan.BLOCK_D, enable_fp_fusion=True)
+    return dict(ACC=_TL[acc_dtype(dtype)], DT=_TL[dtype], DOT_DT=dot_dt,
+                PRECISION=dot_precision(dtype))
+
+
+def _common_meta(dtype, plan: Plan, leaky: bool, temperature: float):
+    return dict(LEAKY=leaky, INV_T=1.0 / temperature, **dot_meta(dtype), TINY=_tiny(dtype),
+                BLOCK_J=plan.BLOCK_J, BLOCK_D=plan.BLOCK_D, enable_fp_fusion=True)
 
 
 def _uhat_source(u, W):
@@ -586,7 +591,8 @@ def _backward(u, W, prior, grad_v, s_all, V_all, leaky, detach_inner, temperatur
 
 
 def routing_forward(u, W, iterations, bias, prior, leaky, temperature, return_coupling):
-    """``(v, s_all, V_all, c or None)``; ``u``, ``W``, ``bias``, ``prior`` contiguous."""
+    """``(v, s_all, V_all, c or None)``; ``u``, ``W``, ``bias``, ``prior`` contiguous. ``W``
+    ``None``: ``u`` is a given ``u_hat [B, I, J, D]``, read through its strides."""
     options = (bias is not None, prior is not None, leaky, float(temperature), return_coupling)
 
     def run(config):
@@ -598,7 +604,8 @@ def routing_forward(u, W, iterations, bias, prior, leaky, temperature, return_co
 
 def routing_backward(u, W, prior, grad_v, s_all, V_all, leaky, detach_inner, temperature,
                      need_u, need_w, need_bias, need_prior, bias_dtype):
-    """``(du, dW, d_bias, d_prior)``, ``None`` where not needed."""
+    """``(du, dW, d_bias, d_prior)``, ``None`` where not needed. ``W`` ``None``: ``du`` is the
+    gradient wrt the given ``u_hat`` (and ``dW`` ``None``)."""
     options = (prior is not None, leaky, detach_inner, float(temperature), need_u, need_w,
                need_bias, need_prior)
 
@@ -610,49 +617,20 @@ def routing_backward(u, W, prior, grad_v, s_all, V_all, leaky, detach_inner, tem
 
 
 # --------------------------------------------------------------------------------------------
-# Routing over given prediction vectors (``dynamic_routing``): the same launchers with
-# ``W = None``; ``u_hat`` is read through its strides and saved as the caller's tensor.
-# --------------------------------------------------------------------------------------------
-def given_routing_forward(u_hat, iterations, bias, prior, leaky, temperature, return_coupling):
-    """``(v, s_all, V_all, c or None)`` over ``u_hat [B, I, J, D]``; ``bias``, ``prior``
-    contiguous."""
-    options = (bias is not None, prior is not None, leaky, float(temperature), return_coupling)
-
-    def run(config):
-        return _forward(u_hat, None, iterations, bias, prior, leaky, temperature,
-                        return_coupling, config)
-
-    return run(_config_for(u_hat, None, iterations, ("fwd",) + options, run))
-
-
-def given_routing_backward(u_hat, prior, grad_v, s_all, V_all, leaky, detach_inner, temperature,
-                           need_src, need_bias, need_prior, bias_dtype):
-    """``(g_u_hat, d_bias, d_prior)``, ``None`` where not needed."""
-    options = (prior is not None, leaky, detach_inner, float(temperature), need_src, need_bias,
-               need_prior)
-
-    def run(config):
-        du, _, d_bias, d_prior = _backward(u_hat, None, prior, grad_v, s_all, V_all, leaky,
-                                           detach_inner, temperature, config, need_src, False,
-                                           need_bias, need_prior, bias_dtype)
-        return du, d_bias, d_prior
-
-    return run(_config_for(u_hat, None, s_all.shape[0], ("bwd",) + options, run))
-
-
-# --------------------------------------------------------------------------------------------
 # Autograd (the plumbing shared with the CUDA backend: :mod:`capsnet_ext._routing_autograd`)
 # --------------------------------------------------------------------------------------------
+def _split_sources(sources):
+    """``(u, W)`` of the fused op's sources, ``(u_hat, None)`` of given prediction vectors:
+    the launchers take ``W = None`` for ``dynamic_routing``."""
+    return (sources[0], sources[1]) if len(sources) == 2 else (sources[0], None)
+
+
 def _kernel_forward(sources, bias, prior, options: RA.RoutingOptions, return_coupling):
     """``(v, c or None, s_all, V_all)`` from the launchers: ``sources`` is ``(u, W)`` or
     ``(u_hat,)``."""
     o = options
-    if len(sources) == 2:
-        v, s_all, V_all, c = routing_forward(*sources, o.iterations, bias, prior, o.leaky,
-                                             o.temperature, return_coupling)
-    else:
-        v, s_all, V_all, c = given_routing_forward(sources[0], o.iterations, bias, prior,
-                                                   o.leaky, o.temperature, return_coupling)
+    v, s_all, V_all, c = routing_forward(*_split_sources(sources), o.iterations, bias, prior,
+                                         o.leaky, o.temperature, return_coupling)
     return v, c, s_all, V_all
 
 
@@ -660,15 +638,11 @@ def _kernel_backward(grad_v, sources, prior, s_all, V_all, options: RA.RoutingOp
                      need: RA.NeededGrads):
     """The backward of :mod:`capsnet_ext._routing_autograd` over the launchers."""
     o = options
-    if len(sources) == 2:
-        du, dW, d_bias, d_prior = routing_backward(
-            *sources, prior, grad_v, s_all, V_all, o.leaky, o.detach_inner, o.temperature,
-            *need.sources, need.bias, need.prior, s_all.dtype)
-        return (du, dW), d_bias, d_prior
-    g_u_hat, d_bias, d_prior = given_routing_backward(
-        sources[0], prior, grad_v, s_all, V_all, o.leaky, o.detach_inner, o.temperature,
-        need.sources[0], need.bias, need.prior, s_all.dtype)
-    return (g_u_hat,), d_bias, d_prior
+    need_w = len(sources) == 2 and need.sources[1]
+    du, dW, d_bias, d_prior = routing_backward(
+        *_split_sources(sources), prior, grad_v, s_all, V_all, o.leaky, o.detach_inner,
+        o.temperature, need.sources[0], need_w, need.bias, need.prior, s_all.dtype)
+    return (du, dW)[:len(sources)], d_bias, d_prior
 
 
 class RoutingFunction(torch.autograd.Function):

@@ -182,6 +182,32 @@ def _softmax_j(logits, J, LEAKY: tl.constexpr, BLOCK_J: tl.constexpr):
 
 
 @triton.jit
+def _logit_grad(c, gc, INV_T: tl.constexpr, ACC: tl.constexpr):
+    """Gradient wrt the logits of the softmax over axis 0 (the output capsules) at temperature
+    ``T``, given the couplings ``c`` and the gradient ``gc`` wrt them:
+    ``gl = c (gc - sum_j c gc) / T`` (a leaky logit is a constant: no term of its own)."""
+    gl = c * (gc - tl.sum(c * gc, axis=0)[None, :, :])
+    if INV_T != 1.0:
+        gl = gl * tl.full((), INV_T, ACC)
+    return gl
+
+
+@triton.jit
+def _prior_and_temperature(logits, prior_ptr, i0, I, J, HAS_PRIOR: tl.constexpr,
+                           INV_T: tl.constexpr, ACC: tl.constexpr, BLOCK_J: tl.constexpr,
+                           IC: tl.constexpr):
+    """``(logits + p_ij) / T`` for the ``[BLOCK_J, BB, IC]`` logits of input capsules
+    ``i0 .. i0 + IC``."""
+    if HAS_PRIOR:
+        j = tl.arange(0, BLOCK_J)[:, None, None]
+        i = i0 + tl.arange(0, IC)[None, None, :]
+        logits += tl.load(prior_ptr + i * J + j, mask=(j < J) & (i < I), other=0.0).to(ACC)
+    if INV_T != 1.0:
+        logits = logits * tl.full((), INV_T, ACC)
+    return logits
+
+
+@triton.jit
 def _per_capsule_sum(x, BLOCK_J: tl.constexpr, BB: tl.constexpr, IC: tl.constexpr,
                      DINP: tl.constexpr):
     """``[BLOCK_J, BB, IC * DINP]`` -> ``[BLOCK_J, BB, IC]``: sum over each capsule's k."""
@@ -214,13 +240,8 @@ def _logits(V, Wc, U, prior_ptr, i0, I, J, HAS_V: tl.constexpr, HAS_PRIOR: tl.co
     else:
         TV = tl.zeros([BLOCK_J, BB, IC * DINP], dtype=ACC)
         logits = tl.zeros([BLOCK_J, BB, IC], dtype=ACC)
-    if HAS_PRIOR:
-        j = tl.arange(0, BLOCK_J)[:, None, None]
-        i = i0 + tl.arange(0, IC)[None, None, :]
-        logits += tl.load(prior_ptr + i * J + j, mask=(j < J) & (i < I), other=0.0).to(ACC)
-    if INV_T != 1.0:
-        logits = logits * tl.full((), INV_T, ACC)
-    return logits, TV
+    return _prior_and_temperature(logits, prior_ptr, i0, I, J, HAS_PRIOR, INV_T, ACC, BLOCK_J,
+                                  IC), TV
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,9 +408,7 @@ def _bwd_sweep_kernel(
         c = _softmax_j(logits, J, LEAKY, BLOCK_J)
         TG = tl.dot(_op(gs, DT, DOT_DT), Wc, input_precision=PRECISION, out_dtype=ACC)
         gc = _per_capsule_sum(TG * U[None, :, :], BLOCK_J, BB, IC, DINP)
-        gl = c * (gc - tl.sum(c * gc, axis=0)[None, :, :])
-        if INV_T != 1.0:
-            gl = gl * tl.full((), INV_T, ACC)
+        gl = _logit_grad(c, gc, INV_T, ACC)
         X = _per_element(gl, BLOCK_J, BB, IC, DINP) * U[None, :, :]
         acc = tl.dot(_op(X, DT, DOT_DT), tl.trans(Wc, (0, 2, 1)), acc, input_precision=PRECISION,
                      out_dtype=ACC)
@@ -407,6 +426,24 @@ def _bwd_first_kernel(
     b0 = tl.program_id(0) * BB
     _gs_of_iteration(part_ptr, n_isplit, G_in_ptr, G_in_ptr, grad_v_ptr, s_ptr, gs_ptr, b0,
                      1, B, J, D, HAS_PART, HAS_G_IN, HAS_GV, ACC, TINY, BB, BLOCK_J, BLOCK_D)
+
+
+@triton.jit
+def _store_prior_bias_grads(dprior_ptr, dbias_ptr, dp, db, i, split, split_stride, J, D,
+                            NEED_DPRIOR: tl.constexpr, NEED_DBIAS: tl.constexpr,
+                            BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A gradient-sweep program's share of the prior gradient (``dp [BLOCK_J, 1]``, row ``i``)
+    and, from the program of the first input capsule only, of the bias gradient
+    (``db [BLOCK_J, BLOCK_D]``), into this split's rows (``split_stride`` apart)."""
+    if NEED_DPRIOR:
+        j = tl.arange(0, BLOCK_J)[:, None]
+        tl.store(dprior_ptr + row_offset(split, split_stride) + i * J + j,
+                 dp.to(dprior_ptr.dtype.element_ty), mask=j < J)
+    if NEED_DBIAS:
+        j = tl.arange(0, BLOCK_J)[:, None]
+        d = tl.arange(0, BLOCK_D)[None, :]
+        tl.store(dbias_ptr + row_offset(split, split_stride) + j * D + d,
+                 db.to(dbias_ptr.dtype.element_ty), mask=(j < J) & (d < D) & ((j * 0 + i) == 0))
 
 
 @triton.jit
@@ -465,9 +502,7 @@ def _grad_sweep_kernel(
             if (not DETACH) or NEED_DPRIOR:
                 TG = tl.dot(_op(gs, DT, DOT_DT), Wc, input_precision=PRECISION, out_dtype=ACC)
                 gc = tl.sum(TG * U[None, :, :], axis=2, keep_dims=True)
-                gl = c * (gc - tl.sum(c * gc, axis=0)[None, :, :])
-                if INV_T != 1.0:
-                    gl = gl * tl.full((), INV_T, ACC)
+                gl = _logit_grad(c, gc, INV_T, ACC)
                 if NEED_DPRIOR:
                     dp += tl.sum(gl, axis=1)
                 if not DETACH:
@@ -490,15 +525,8 @@ def _grad_sweep_kernel(
         tl.store(dw_ptr + row_offset(split, split_stride) + row_offset(i0, J * D * Din)
                  + (j * D + d) * Din + k, dW.to(dw_ptr.dtype.element_ty),
                  mask=(j < J) & (d < D) & (k < Din))
-    if NEED_DPRIOR:
-        j = tl.arange(0, BLOCK_J)[:, None]
-        tl.store(dprior_ptr + row_offset(split, split_stride) + i0 * J + j,
-                 dp.to(dprior_ptr.dtype.element_ty), mask=j < J)
-    if NEED_DBIAS:
-        j = tl.arange(0, BLOCK_J)[:, None]
-        d = tl.arange(0, BLOCK_D)[None, :]
-        tl.store(dbias_ptr + row_offset(split, split_stride) + j * D + d,
-                 db.to(dbias_ptr.dtype.element_ty), mask=(j < J) & (d < D) & ((j * 0 + i0) == 0))
+    _store_prior_bias_grads(dprior_ptr, dbias_ptr, dp, db, i0, split, split_stride, J, D,
+                            NEED_DPRIOR, NEED_DBIAS, BLOCK_J, BLOCK_D)
 
 
 @triton.jit
@@ -608,7 +636,7 @@ def _uhat_tile(src_ptr, w_ptr, s_b, s_i, s_j, s_d, b0, b_limit, i, I, J, D, Din,
 
 
 @triton.jit
-def _uhat_logits(Uh, V, prior_ptr, i, J, HAS_V: tl.constexpr, HAS_PRIOR: tl.constexpr,
+def _uhat_logits(Uh, V, prior_ptr, i, I, J, HAS_V: tl.constexpr, HAS_PRIOR: tl.constexpr,
                  INV_T: tl.constexpr, ACC: tl.constexpr, BB: tl.constexpr,
                  BLOCK_J: tl.constexpr):
     """``(p_ij + <u_hat_bij, V_bj>) / T`` of one input capsule, ``[BLOCK_J, BB, 1]``."""
@@ -616,12 +644,7 @@ def _uhat_logits(Uh, V, prior_ptr, i, J, HAS_V: tl.constexpr, HAS_PRIOR: tl.cons
         logits = tl.sum(Uh * V, axis=2, keep_dims=True)
     else:
         logits = tl.zeros([BLOCK_J, BB, 1], dtype=ACC)
-    if HAS_PRIOR:
-        j = tl.arange(0, BLOCK_J)[:, None, None]
-        logits += tl.load(prior_ptr + i * J + j, mask=j < J, other=0.0).to(ACC)
-    if INV_T != 1.0:
-        logits = logits * tl.full((), INV_T, ACC)
-    return logits
+    return _prior_and_temperature(logits, prior_ptr, i, I, J, HAS_PRIOR, INV_T, ACC, BLOCK_J, 1)
 
 
 @triton.jit
@@ -651,7 +674,7 @@ def _fwd_uhat_sweep_kernel(
             # All logits zero: uniform couplings (leaky: one more zero logit).
             acc += Uh / (J + LEAKY)
         else:
-            logits = _uhat_logits(Uh, V, prior_ptr, i, J, not FIRST, HAS_PRIOR, INV_T, ACC, BB,
+            logits = _uhat_logits(Uh, V, prior_ptr, i, I, J, not FIRST, HAS_PRIOR, INV_T, ACC, BB,
                                   BLOCK_J)
             c = _softmax_j(logits, J, LEAKY, BLOCK_J)
             if STORE_C:
@@ -688,12 +711,11 @@ def _bwd_uhat_sweep_kernel(
     for i in range(i_begin, i_end):
         Uh = _uhat_tile(src_ptr, w_ptr, s_b, s_i, s_j, s_d, b0, B, i, I, J, D, Din, FUSED, ACC,
                         DT, DOT_DT, PRECISION, BB, BLOCK_J, BLOCK_D, KP)
-        logits = _uhat_logits(Uh, V, prior_ptr, i, J, True, HAS_PRIOR, INV_T, ACC, BB, BLOCK_J)
+        logits = _uhat_logits(Uh, V, prior_ptr, i, I, J, True, HAS_PRIOR, INV_T, ACC, BB,
+                              BLOCK_J)
         c = _softmax_j(logits, J, LEAKY, BLOCK_J)
         gc = tl.sum(Uh * gs, axis=2, keep_dims=True)
-        gl = c * (gc - tl.sum(c * gc, axis=0)[None, :, :])
-        if INV_T != 1.0:
-            gl = gl * tl.full((), INV_T, ACC)
+        gl = _logit_grad(c, gc, INV_T, ACC)
         acc += gl * Uh
     _store_jbd(part_out_ptr + split * B * J * D, acc, b0, B, J, D, BB, BLOCK_J, BLOCK_D, 1)
 
@@ -747,15 +769,13 @@ def _grad_uhat_sweep_kernel(
                            BLOCK_D)
             if NEED_DBIAS:
                 db += tl.sum(gs, axis=1)
-            logits = _uhat_logits(Uh, V, prior_ptr, i, J, True, HAS_PRIOR, INV_T, ACC, BB,
+            logits = _uhat_logits(Uh, V, prior_ptr, i, I, J, True, HAS_PRIOR, INV_T, ACC, BB,
                                   BLOCK_J)
             c = _softmax_j(logits, J, LEAKY, BLOCK_J)
             g += c * gs
             if (not DETACH) or NEED_DPRIOR:
                 gc = tl.sum(Uh * gs, axis=2, keep_dims=True)
-                gl = c * (gc - tl.sum(c * gc, axis=0)[None, :, :])
-                if INV_T != 1.0:
-                    gl = gl * tl.full((), INV_T, ACC)
+                gl = _logit_grad(c, gc, INV_T, ACC)
                 if NEED_DPRIOR:
                     dp += tl.sum(gl, axis=1)
                 if not DETACH:
@@ -787,12 +807,5 @@ def _grad_uhat_sweep_kernel(
             tl.store(dw_ptr + row_offset(split, split_stride) + row_offset(i, J * D * Din)
                      + (j * D + d) * Din + k, dWt.to(dw_ptr.dtype.element_ty),
                      mask=(j < J) & (d < D) & (k < Din))
-    if NEED_DPRIOR:
-        j = tl.arange(0, BLOCK_J)[:, None]
-        tl.store(dprior_ptr + row_offset(split, split_stride) + i * J + j,
-                 dp.to(dprior_ptr.dtype.element_ty), mask=j < J)
-    if NEED_DBIAS:
-        j = tl.arange(0, BLOCK_J)[:, None]
-        d = tl.arange(0, BLOCK_D)[None, :]
-        tl.store(dbias_ptr + row_offset(split, split_stride) + j * D + d,
-                 db.to(dbias_ptr.dtype.element_ty), mask=(j < J) & (d < D) & ((j * 0 + i) == 0))
+    _store_prior_bias_grads(dprior_ptr, dbias_ptr, dp, db, i, split, split_stride, J, D,
+                            NEED_DPRIOR, NEED_DBIAS, BLOCK_J, BLOCK_D)

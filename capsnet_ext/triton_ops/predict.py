@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._gemm_core import _TL, _interpreting, acc_dtype, device_guard, dot_precision
+from ._gemm_core import device_guard, dot_meta
 from ._gemm_kernels import _op, row_offset
 
 # Smallest M, N and K of every dot (Triton 3.6 refuses K < 16 for every dtype; 16 is also the
@@ -106,12 +106,8 @@ def _flat_n(stride_j: int, stride_d: int, J: int, D: int) -> bool:
 
 def _meta(dtype: torch.dtype, config: PredictConfig) -> dict:
     check_config(config)
-    dot_dt = _TL[dtype]
-    if dtype == torch.bfloat16 and _interpreting():
-        dot_dt = tl.float32  # the interpreter's bfloat16 dot is wrong; see _gemm_kernels._op
-    return dict(ACC=_TL[acc_dtype(dtype)], DT=_TL[dtype], DOT_DT=dot_dt,
-                PRECISION=dot_precision(dtype), num_warps=config.warps,
-                num_stages=config.stages, enable_fp_fusion=True)
+    return dict(**dot_meta(dtype), num_warps=config.warps, num_stages=config.stages,
+                enable_fp_fusion=True)
 
 
 @triton.jit
