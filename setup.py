@@ -64,7 +64,8 @@ setup(
     description="Fast capsule networks with dynamic routing for PyTorch: reference, Triton and CUDA backends",
     packages=find_packages(include=["capsnet_ext", "capsnet_ext.*", "benchmarks", "benchmarks.*"]),
     package_data={"capsnet_ext": ["configs/*.json", "cuda_ops/verified.json",
-                                  "triton_ops/tuning_table.json"]},
+                                  "triton_ops/tuning_table.json",
+                                  "cuda_ops/tuning_table.json"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
     extras_require={

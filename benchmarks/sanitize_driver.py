@@ -52,6 +52,15 @@ SHAPES = {
         (33, 37, 5, 7, 3),
     ],
 }
+# The CUDA backend's specialised kernel instances (Din 8, Dout 16: the MNIST layer's), once with
+# one and once with two samples per lane (capsnet_ext.cuda_ops.tuning.forced), B odd so that a
+# tile's last pass is half empty: the shapes above all take the generic instance.
+SPECIALISED_SHAPE = (19, 37, 10, 8, 16)
+SPECIALISED_OPTIONS = [
+    dict(iterations=3, bias=True, leaky=True, detach_inner=False, return_coupling=True, prior=True,
+         temperature=0.5),
+    dict(iterations=2, bias=False, leaky=False, detach_inner=True, return_coupling=False),
+]
 DTYPES = {
     "full": ("float32", "float64", "float16", "bfloat16"),
     "light": ("float32", "bfloat16"),
@@ -124,6 +133,12 @@ def run_backend(backend: str, device: str, profile: str, log=print) -> Dict[str,
         return t.detach().requires_grad_(True)
 
     def call(op: str, dtype_name: str, shape: Tuple[int, ...], opts: Dict[str, object]) -> None:
+        if "lane_samples" in opts:
+            from capsnet_ext.cuda_ops import tuning
+
+            rest = {k: v for k, v in opts.items() if k != "lane_samples"}
+            with tuning.forced(opts["lane_samples"]):
+                return call(op, dtype_name, shape, rest)
         dtype = dtypes[dtype_name]
         B, I, J, Din, Dout = shape
         u = leaf(randn(B, I, Din, dtype=dtype))
@@ -169,6 +184,11 @@ def run_backend(backend: str, device: str, profile: str, log=print) -> Dict[str,
             for op in ("dynamic_routing", "capsule_routing"):
                 for opts in option_grid(dtype_name, profile):
                     cases.append((op, dtype_name, shape, opts))
+        if backend == "cuda" and dtype_name in ("float32", "bfloat16"):
+            for op in ("dynamic_routing", "capsule_routing"):
+                for opts in SPECIALISED_OPTIONS[:1 if profile in ("race", "tiny") else None]:
+                    for lanes in (1, 2):
+                        cases.append((op, dtype_name, SPECIALISED_SHAPE, dict(opts, lane_samples=lanes)))
     for op, dtype_name, shape, opts in cases:
         try:
             call(op, dtype_name, shape, opts)

@@ -505,10 +505,13 @@ def render_summary(data: dict) -> str:
 
 
 # ------------------------------------------------------------------------------ fold
-def fold(archive: str, table: Optional[str], results: str) -> int:
+def fold(archive: str, table: Optional[str], results: str, tuning_module=None) -> int:
     """Merge the checked winners of a sweep archive into the tuning table; keep the archive and
-    its summary under ``results``."""
-    from capsnet_ext.triton_ops import tuning
+    its summary under ``results``. ``tuning_module``: the table's module (default the Triton
+    one; ``benchmarks.tune_cuda`` passes :mod:`capsnet_ext.cuda_ops.tuning`)."""
+    from capsnet_ext.triton_ops import tuning as triton_tuning
+
+    tuning = tuning_module or triton_tuning
 
     archive_path = Path(archive)
     with tarfile.open(archive_path) as tar:

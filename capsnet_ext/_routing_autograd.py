@@ -70,11 +70,13 @@ def save(ctx, sources: Sequence[torch.Tensor], bias: Optional[torch.Tensor],
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def setup_context(ctx, inputs, output) -> None:
+def setup_context(ctx, inputs, output, n_options: int = N_OPTIONS) -> None:
     """``setup_context`` of a registered routing forward op (see the module docstring for
-    the input and output order)."""
-    n_sources = len(inputs) - 2 - N_OPTIONS
-    sources, bias, prior, options = split_inputs(inputs, n_sources)
+    the input and output order). A backend whose ops take further non-tensor inputs after
+    ``temperature`` (the CUDA ops' ``lane_samples``) passes their total as ``n_options``."""
+    n_sources = len(inputs) - 2 - n_options
+    sources, bias, prior, options = split_inputs(inputs[:len(inputs) - n_options + N_OPTIONS], n_sources)
+    ctx.n_options = n_options
     _, c, s_all, V_all = output
     ctx.mark_non_differentiable(c, s_all, V_all)
     save(ctx, sources, bias, prior, s_all, V_all, options)
@@ -107,7 +109,7 @@ def run_backward(ctx, grad_v: torch.Tensor, backward: Backward) -> tuple:
     grads = [g if wanted else None for g, wanted in zip(source_grads, need.sources)]
     grads.append(d_bias.to(ctx.bias_dtype) if need.bias else None)
     grads.append(d_prior if need.prior else None)
-    return tuple(grads) + (None,) * N_OPTIONS
+    return tuple(grads) + (None,) * getattr(ctx, "n_options", N_OPTIONS)
 
 
 def make_backward_formula(backward: Backward):

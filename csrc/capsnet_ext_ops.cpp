@@ -117,12 +117,16 @@ void check_temperature(double temperature) {
 // on every GPU). The kernels keep the W slices of a chunk (fused form) and, in the generic
 // kernel, per-lane state in shared memory; sizes beyond the device's limit are refused with the
 // numbers before anything launches.
-RoutingPlan plan_for(const Tensor& ref, const RoutingShape& shape, bool recompute, bool prior) {
+RoutingPlan plan_for(const Tensor& ref, const RoutingShape& shape, bool recompute, bool prior, int64_t lane_samples) {
+  TORCH_CHECK(lane_samples >= 0 && lane_samples <= 2, "capsnet_ext: lane_samples must be 0 (the default), 1 or 2, got ",
+              lane_samples);
   const DType dtype = dtype_of(ref, "input");
   TORCH_CHECK(shape.J * shape.D <= (1 << 20) && shape.K <= (1 << 20) && shape.J * shape.D * shape.K <= (1 << 24),
               "capsnet_ext: J * Dout = ", shape.J * shape.D, " and Din = ", shape.K, " must be at most 2^20 (and J * Dout * Din at most 2^24)");
   TORCH_CHECK(shape.I < (int64_t{1} << 40), "capsnet_ext: at most 2^40 input capsules are supported, got ", shape.I);
-  const RoutingPlan plan = plan_routing(shape, recompute, prior, dtype == DType::kFloat64 ? 8 : 4);
+  // lane_samples is a speed choice (bitwise equal results); sizes without a two-sample instance get one.
+  const RoutingPlan plan = plan_routing(shape, recompute, prior, dtype == DType::kFloat64 ? 8 : 4,
+                                        lane_samples == 0 ? 1 : static_cast<int>(lane_samples));
   TORCH_CHECK(plan.sample_tiles < (int64_t{1} << 31) && plan.num_chunks <= 65535,
               "capsnet_ext: the routing grid (", plan.sample_tiles, " sample tiles x ", plan.num_chunks,
               " capsule chunks) exceeds the CUDA grid limits");
@@ -198,12 +202,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> routing_forward_common(const Tensor& 
                                                                   const c10::optional<Tensor>& bias_in,
                                                                   const c10::optional<Tensor>& prior_in,
                                                                   const RoutingShape& shape, bool leaky,
-                                                                  bool return_coupling, double temperature) {
+                                                                  bool return_coupling, double temperature,
+                                                                  int64_t lane_samples) {
   check_bias(bias_in, ref, ref_name, shape);
   check_prior(prior_in, ref, ref_name, shape);
   check_temperature(temperature);
   const bool recompute = !u_hat_in.defined();
-  const RoutingPlan plan = plan_for(ref, shape, recompute, has_tensor(prior_in));
+  const RoutingPlan plan = plan_for(ref, shape, recompute, has_tensor(prior_in), lane_samples);
   // Every check has passed: from here on the device is used.
   const c10::DeviceGuard guard(ref.device());
   const Tensor u_hat = recompute ? Tensor() : u_hat_in.contiguous();
@@ -250,12 +255,13 @@ void check_saved(const Tensor& ref, const Tensor& grad_v, const Tensor& s_all, c
 std::tuple<Tensor, Tensor, Tensor, Tensor> routing_backward_common(
     const Tensor& grad_v_in, const Tensor& u_hat_in, const Tensor& u_in, const Tensor& W_in, const Tensor& ref,
     const char* ref_name, const c10::optional<Tensor>& prior_in, const Tensor& s_all_in, const Tensor& V_all_in,
-    const RoutingShape& shape, bool leaky, bool detach_inner, bool has_bias, double temperature) {
+    const RoutingShape& shape, bool leaky, bool detach_inner, bool has_bias, double temperature,
+    int64_t lane_samples) {
   check_saved(ref, grad_v_in, s_all_in, V_all_in, shape);
   check_prior(prior_in, ref, ref_name, shape);
   check_temperature(temperature);
   const bool recompute = !u_hat_in.defined();
-  const RoutingPlan plan = plan_for(ref, shape, recompute, has_tensor(prior_in));
+  const RoutingPlan plan = plan_for(ref, shape, recompute, has_tensor(prior_in), lane_samples);
   // Every check has passed: from here on the device is used.
   const c10::DeviceGuard guard(ref.device());
   const Tensor grad_v = grad_v_in.contiguous(), s_all = s_all_in.contiguous(), V_all = V_all_in.contiguous();
@@ -298,23 +304,25 @@ RoutingShape fused_shape(const Tensor& u, const Tensor& W, int64_t iterations) {
 std::tuple<Tensor, Tensor, Tensor, Tensor> routing_forward_op(const Tensor& u_hat, const c10::optional<Tensor>& bias,
                                                               const c10::optional<Tensor>& prior, int64_t iterations,
                                                               bool leaky, bool detach_inner, bool return_coupling,
-                                                              double temperature) {
+                                                              double temperature, int64_t lane_samples) {
   (void)detach_inner;  // changes only the backward
   check_tensor(u_hat, "u_hat", 4, "[B, I, J, Dout]");
   check_iterations(iterations);
   return routing_forward_common(u_hat, Tensor(), Tensor(), u_hat, "u_hat", bias, prior,
-                                given_shape(u_hat, iterations), leaky, return_coupling, temperature);
+                                given_shape(u_hat, iterations), leaky, return_coupling, temperature, lane_samples);
 }
 
 std::tuple<Tensor, Tensor, Tensor> routing_backward_op(const Tensor& grad_v, const Tensor& u_hat,
                                                        const c10::optional<Tensor>& prior, const Tensor& s_all,
                                                        const Tensor& V_all, int64_t iterations, bool leaky,
-                                                       bool detach_inner, bool has_bias, double temperature) {
+                                                       bool detach_inner, bool has_bias, double temperature,
+                                                       int64_t lane_samples) {
   check_tensor(u_hat, "u_hat", 4, "[B, I, J, Dout]");
   check_iterations(iterations);
   auto [grad_u_hat, unused, grad_bias, grad_prior] =
       routing_backward_common(grad_v, u_hat, Tensor(), Tensor(), u_hat, "u_hat", prior, s_all, V_all,
-                              given_shape(u_hat, iterations), leaky, detach_inner, has_bias, temperature);
+                              given_shape(u_hat, iterations), leaky, detach_inner, has_bias, temperature,
+                              lane_samples);
   (void)unused;
   return {grad_u_hat, grad_bias, grad_prior};
 }
@@ -324,21 +332,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> capsule_routing_forward_op(const Tens
                                                                       const c10::optional<Tensor>& prior,
                                                                       int64_t iterations, bool leaky,
                                                                       bool detach_inner, bool return_coupling,
-                                                                      double temperature) {
+                                                                      double temperature, int64_t lane_samples) {
   (void)detach_inner;  // changes only the backward
   check_u_W(u, W);
   check_iterations(iterations);
   return routing_forward_common(Tensor(), u, W, u, "u", bias, prior, fused_shape(u, W, iterations), leaky,
-                                return_coupling, temperature);
+                                return_coupling, temperature, lane_samples);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> capsule_routing_backward_op(
     const Tensor& grad_v, const Tensor& u, const Tensor& W, const c10::optional<Tensor>& prior, const Tensor& s_all,
-    const Tensor& V_all, int64_t iterations, bool leaky, bool detach_inner, bool has_bias, double temperature) {
+    const Tensor& V_all, int64_t iterations, bool leaky, bool detach_inner, bool has_bias, double temperature,
+    int64_t lane_samples) {
   check_u_W(u, W);
   check_iterations(iterations);
   return routing_backward_common(grad_v, Tensor(), u, W, u, "u", prior, s_all, V_all, fused_shape(u, W, iterations),
-                                 leaky, detach_inner, has_bias, temperature);
+                                 leaky, detach_inner, has_bias, temperature, lane_samples);
 }
 
 }  // namespace
@@ -347,10 +356,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> capsule_routing_backward_op(
 TORCH_LIBRARY(capsnet_ext, m) {
   m.def("predict(Tensor u, Tensor W) -> Tensor");
   m.def("predict_backward(Tensor grad_u_hat, Tensor u, Tensor W) -> (Tensor, Tensor)");
-  m.def("routing_forward(Tensor u_hat, Tensor? bias, Tensor? prior, int iterations, bool leaky, bool detach_inner, bool return_coupling, float temperature) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("routing_backward(Tensor grad_v, Tensor u_hat, Tensor? prior, Tensor s_all, Tensor V_all, int iterations, bool leaky, bool detach_inner, bool has_bias, float temperature) -> (Tensor, Tensor, Tensor)");
-  m.def("capsule_routing_forward(Tensor u, Tensor W, Tensor? bias, Tensor? prior, int iterations, bool leaky, bool detach_inner, bool return_coupling, float temperature) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("capsule_routing_backward(Tensor grad_v, Tensor u, Tensor W, Tensor? prior, Tensor s_all, Tensor V_all, int iterations, bool leaky, bool detach_inner, bool has_bias, float temperature) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("routing_forward(Tensor u_hat, Tensor? bias, Tensor? prior, int iterations, bool leaky, bool detach_inner, bool return_coupling, float temperature, int lane_samples=0) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("routing_backward(Tensor grad_v, Tensor u_hat, Tensor? prior, Tensor s_all, Tensor V_all, int iterations, bool leaky, bool detach_inner, bool has_bias, float temperature, int lane_samples=0) -> (Tensor, Tensor, Tensor)");
+  m.def("capsule_routing_forward(Tensor u, Tensor W, Tensor? bias, Tensor? prior, int iterations, bool leaky, bool detach_inner, bool return_coupling, float temperature, int lane_samples=0) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("capsule_routing_backward(Tensor grad_v, Tensor u, Tensor W, Tensor? prior, Tensor s_all, Tensor V_all, int iterations, bool leaky, bool detach_inner, bool has_bias, float temperature, int lane_samples=0) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 #define CAPSNET_REGISTER_KERNELS(m)                                           \

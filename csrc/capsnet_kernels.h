@@ -109,8 +109,17 @@ inline bool routing_is_specialised(int64_t J, int64_t D, int64_t K, bool recompu
   return J <= 32 && d_ok && k_ok;
 }
 
+// Samples a lane carries at once (RoutingPlan::lane_samples): 2 is built for the specialised
+// sizes with Dout <= 16 and float accumulation (float16, bfloat16, float32); everything else
+// has 1. The choice changes only the speed: each sample's arithmetic is the same sequence of
+// operations, so the results are bitwise equal.
+inline int routing_max_lane_samples(int64_t J, int64_t D, int64_t K, bool recompute, int acc_bytes) {
+  return routing_is_specialised(J, D, K, recompute) && D <= 16 && acc_bytes == 4 ? 2 : 1;
+}
+
 struct RoutingPlan {
   bool specialised = false;
+  int lane_samples = 1;     // samples per lane and group pass: 1 or 2 (routing_max_lane_samples)
   int group = 32;           // lanes per sample: 16 (specialised, J <= 16) or 32
   int generic_slots = 1;    // output capsules per lane: 1, or ceil(J / 32) in the generic kernel
   int tile_samples = 0;     // samples per block, a multiple of the groups per block
@@ -126,9 +135,13 @@ struct RoutingPlan {
 
 // The plan of a problem: a function of the shape and of the options that change what the
 // kernels reduce (recompute: capsule_routing; prior: dprior), never of the device.
-inline RoutingPlan plan_routing(const RoutingShape& s, bool recompute, bool prior, int acc_bytes) {
+// lane_samples asks for that many samples per lane (a speed choice with bitwise equal results);
+// sizes without such an instance get 1.
+inline RoutingPlan plan_routing(const RoutingShape& s, bool recompute, bool prior, int acc_bytes,
+                                int lane_samples = 1) {
   RoutingPlan p;
   p.specialised = routing_is_specialised(s.J, s.D, s.K, recompute);
+  p.lane_samples = lane_samples == 2 && routing_max_lane_samples(s.J, s.D, s.K, recompute, acc_bytes) >= 2 ? 2 : 1;
   p.group = (p.specialised && s.J <= 16) ? 16 : 32;
   p.generic_slots = p.specialised ? 1 : static_cast<int>((s.J + 31) / 32);
   const int groups = kRoutingThreads / p.group;

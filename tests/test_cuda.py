@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import glob
 import itertools
+import json
 import os
 import re
 import shutil
@@ -146,7 +147,9 @@ def _emulated_impls():
     def predict_backward(g, u, W):
         return torch.einsum("ijdk,bijd->bik", W, g), torch.einsum("bijd,bik->ijdk", g, u)
 
-    def routing_forward(u_hat, bias, prior, iterations, leaky, detach_inner, return_coupling, temperature):
+    # lane_samples chooses a kernel instance with bitwise equal results: nothing to emulate.
+    def routing_forward(u_hat, bias, prior, iterations, leaky, detach_inner, return_coupling, temperature,
+                        lane_samples=0):
         uh = u_hat.to(_schema.acc_dtype(u_hat.dtype))
         return _emul_forward(uh, bias, prior, iterations, leaky, temperature, return_coupling, u_hat.dtype)
 
@@ -155,18 +158,19 @@ def _emulated_impls():
                 gp.to(ref.dtype) if prior is not None else ref.new_empty((0,)))
 
     def routing_backward(grad_v, u_hat, prior, s_all, V_all, iterations, leaky, detach_inner, has_bias,
-                         temperature):
+                         temperature, lane_samples=0):
         uh = u_hat.to(s_all.dtype)
         gu, gb, gp = _emul_backward(grad_v, uh, prior, s_all, V_all, iterations, leaky, detach_inner, temperature)
         return (gu.to(u_hat.dtype), *_optional(u_hat, has_bias, gb, prior, gp))
 
-    def capsule_routing_forward(u, W, bias, prior, iterations, leaky, detach_inner, return_coupling, temperature):
+    def capsule_routing_forward(u, W, bias, prior, iterations, leaky, detach_inner, return_coupling, temperature,
+                                lane_samples=0):
         acc = _schema.acc_dtype(u.dtype)
         uh = torch.einsum("ijdk,bik->bijd", W.to(acc), u.to(acc))
         return _emul_forward(uh, bias, prior, iterations, leaky, temperature, return_coupling, u.dtype)
 
     def capsule_routing_backward(grad_v, u, W, prior, s_all, V_all, iterations, leaky, detach_inner, has_bias,
-                                 temperature):
+                                 temperature, lane_samples=0):
         acc = s_all.dtype
         uh = torch.einsum("ijdk,bik->bijd", W.to(acc), u.to(acc))
         gu, gb, gp = _emul_backward(grad_v, uh, prior, s_all, V_all, iterations, leaky, detach_inner, temperature)
@@ -479,7 +483,8 @@ def emulated_kernels():
     for dtype, bits in ((torch.float32, 32), (torch.float64, 64)):
         cmd = [cxx, "-std=c++20", "-O0", "-g", "-pthread", "-DCAPSNET_HOST_EMULATION",
                f"-DCAPSNET_EMULATION_DTYPE={bits}", f"-I{csrc}", *_sanitizer_flags(cxx), "-x", "c++",
-               os.path.join(csrc, "routing.cu"), os.path.join(csrc, "predict.cu"), "-x", "none",
+               os.path.join(csrc, "routing.cu"), os.path.join(csrc, "routing_lanes2.cu"),
+               os.path.join(csrc, "predict.cu"), "-x", "none",
                os.path.join(csrc, "emulation", "driver.cpp")]
         digest = hashlib.sha256(" ".join(cmd).encode())
         for path in sources:
@@ -694,6 +699,91 @@ def test_results_are_bitwise_independent_of_block_order(emulation_runs):
     assert compared >= 2 * (len(EMULATION_CASES) // 3)
 
 
+def _lane_sample_cases():
+    """float32 versions of the emulation cases (two samples per lane needs float accumulation),
+    plus sizes where a group's second sample falls outside the tile or the batch: J = 20 (a
+    group of 32 lanes, 8 groups) at B = 20 and 19 makes tiles of 24 samples, so the second pass
+    of groups 4-7 has no rows to stage."""
+    cases = [dict(c, dtype=torch.float32) for c in EMULATION_CASES]
+    cases += [_case((20, 3, 20, 16, 8), 3, True, torch.float32, bias=True, prior=True),
+              _case((19, 3, 20, 16, 8), 2, True, torch.float32, leaky=True),
+              _case((19, 4, 20, 8, 1), 3, False, torch.float32, prior=True, temperature=0.9),
+              _case((5, 4, 10, 16, 8), 3, True, torch.float32, bias=True, leaky=True, prior=True)]
+    return cases
+
+
+LANE_SAMPLE_CASES = _lane_sample_cases()
+
+
+@pytest.fixture(scope="module")
+def lane_sample_runs(emulated_kernels, tmp_path_factory):
+    """Every LANE_SAMPLE_CASES case run with one and with two samples per lane (plan request)."""
+    root = tmp_path_factory.mktemp("lane_samples")
+    runs = {}
+    for lanes in (1, 2):
+        entries = []
+        for index, case in enumerate(LANE_SAMPLE_CASES):
+            workdir = root / f"lanes{lanes}" / str(index)
+            arrays, meta = _case_inputs(case, index)
+            _write_problem(workdir, arrays, dict(meta, lane_samples=lanes), torch.float32)
+            entries.append((index, workdir, set(arrays)))
+        _run_driver(emulated_kernels[torch.float32], [w for _, w, _ in entries], "shuffle:3")
+        for index, workdir, inputs in entries:
+            plan = dict(line.split() for line in (workdir / "launches.txt").read_text().splitlines())
+            runs[lanes, index] = (_read_outputs(workdir, inputs, torch.float32), {k: int(v) for k, v in plan.items()})
+    return runs
+
+
+def test_two_samples_per_lane_are_bitwise_equal(lane_sample_runs):
+    """RoutingPlan::lane_samples = 2 (each lane carries two samples, reading every staged W element
+    once for both) runs the same operations per sample: values, couplings and every gradient
+    equal the one-sample kernels' bit for bit, at every instance with Dout <= 16 and at tiles
+    whose last group pass is half outside the tile. Sizes without a two-sample instance (the
+    generic kernel, Dout = 32) fall back to one sample per lane."""
+    two = 0
+    for index, case in enumerate(LANE_SAMPLE_CASES):
+        B, I, J, D, K = case["shape"]
+        one_out, one_plan = lane_sample_runs[1, index]
+        out, plan = lane_sample_runs[2, index]
+        expect = 2 if plan["specialised"] and D <= 16 else 1
+        assert one_plan["lane_samples"] == 1 and plan["lane_samples"] == expect, (index, plan)
+        two += expect == 2
+        assert out.keys() == one_out.keys() and {"v", "c", "s_all", "V_all"} <= set(out)
+        for name, x in out.items():
+            assert not torch.isnan(x).any(), f"case {index} {name}: unwritten entries"
+            assert torch.equal(x, one_out[name]), f"case {index} ({_case_id(case)}) {name} differs"
+    assert two >= 20
+
+
+def test_two_samples_per_lane_match_the_reference(lane_sample_runs):
+    """The added cases (not covered by the float64 runs) against the float64 reference."""
+    first = len(EMULATION_CASES)
+    for index in range(first, len(LANE_SAMPLE_CASES)):
+        case = LANE_SAMPLE_CASES[index]
+        B, I, J, D, K = case["shape"]
+        out, plan = lane_sample_runs[2, index]
+        assert plan["lane_samples"] == 2
+        u, W, bias, grad_v = _inputs(B, I, J, D, K, seed=100 + index)
+        prior = _prior(I, J, seed=200 + index)
+        leaves = [u.requires_grad_(True), W.requires_grad_(True)] if case["fused"] else \
+            [reference.predict(u, W).detach().requires_grad_(True)]
+        b = bias.requires_grad_(True) if case["bias"] else None
+        p = prior.requires_grad_(True) if case["prior"] else None
+        uh = reference.predict(*leaves) if case["fused"] else leaves[0]
+        v_ref, c_ref = reference.dynamic_routing(uh, case["R"], bias=b, leaky=case["leaky"],
+                                                 detach_inner=case["detach_inner"], return_coupling=True, prior=p,
+                                                 temperature=case["temperature"])
+        extra = [x for x in (b, p) if x is not None]
+        grads = torch.autograd.grad(v_ref, leaves + extra, grad_v)
+        _assert_close(out["v"].view(B, J, D), v_ref, 2e-6, 1e-5, "v")
+        _assert_close(out["c"].view(B, I, J), c_ref, 2e-6, 1e-5, "c")
+        names = (["du", "dW"] if case["fused"] else ["grad_u_hat"]) + (["dbias"] if b is not None else []) + \
+            (["dprior"] if p is not None else [])
+        for name, g in zip(names, grads):
+            scale = max(g.abs().max().item(), 1.0)
+            _assert_close(out[name].view(g.shape) / scale, g / scale, 2e-5, 1e-4, name)
+
+
 @pytest.mark.parametrize("inject,expected", [("pending", "earlier work (error pending before routing_forward)"),
                                              ("grid", "routing_forward_sweep_kernel")])
 def test_launch_errors_name_the_kernel_and_stay_pending(emulated_kernels, tmp_path, inject, expected):
@@ -832,6 +922,30 @@ def test_gpu_results_are_bitwise_reproducible(cuda_ops_loaded, form):
         for later in runs[1:]:
             for x, y in zip(runs[0], later):
                 assert torch.equal(x, y), shape
+
+
+@gpu
+@pytest.mark.parametrize("form", ["capsule", "given_u_hat"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_gpu_two_samples_per_lane_are_bitwise_equal(cuda_ops_loaded, form, dtype):
+    """On the device: the instances with two samples per lane (tuning.forced(2)) give the
+    one-sample instances' values, couplings and gradients bit for bit, at the MNIST shape (the
+    instance the tuning sweep times) and at odd batch sizes (a tile's last pass half empty)."""
+    from capsnet_ext.cuda_ops import tuning
+
+    fn, _ = _forms(cuda_ops_loaded)[form]
+    opts = dict(bias=True, leaky=False, detach_inner=False)
+    for shape in ((128, 1152, 10, 16, 8), (19, 37, 20, 16, 8), (5, 40, 7, 8, 4)):
+        u, W, bias, grad_v = _inputs(*shape, dtype=dtype, device="cuda", seed=11)
+        p = _prior(shape[1], shape[2], dtype, "cuda")
+        runs = {}
+        for lanes in (1, 2):
+            leaves = [x.detach().requires_grad_(True) for x in (u, W, bias, p)]
+            with tuning.forced(lanes):
+                v, c, grads = _run(fn, form, leaves[0], leaves[1], leaves[2], 3, opts, grad_v, leaves[3], 0.8)
+            runs[lanes] = [v, c, *grads]
+        for x, y in zip(runs[1], runs[2]):
+            assert torch.equal(x, y), (form, shape, dtype)
 
 
 @gpu
@@ -984,3 +1098,93 @@ def test_gpu_noncontiguous_inputs(cuda_ops_loaded):
     assert not u_t.is_contiguous() and not W_t.is_contiguous()
     v = capsule_routing_with(cuda_ops_loaded, u_t, W_t, 3, bias=bias)
     _assert_close(v, reference.capsule_routing(u, W, 3, bias=bias), 1e-12, 1e-10, "v")
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel instance a call runs (capsnet_ext.cuda_ops.tuning) and the CUDA tuning sweep
+# ---------------------------------------------------------------------------------------------
+
+def _cuda_table(tmp_path, monkeypatch, entries):
+    from capsnet_ext.cuda_ops import tuning
+
+    path = tmp_path / "cuda_table.json"
+    path.write_text(json.dumps({"version": 1, "entries": entries}))
+    monkeypatch.setenv(tuning.TABLE_ENV, str(path))
+    return tuning
+
+
+def _cuda_entry(direction, shape, lanes, dtype="float32", gpu="NVIDIA H200"):
+    return dict(gpu=gpu, direction=direction, dtype=dtype, precision="ieee", shape=list(shape),
+                config=dict(lane_samples=lanes))
+
+
+def test_cuda_tuning_lookup_rules(tmp_path, monkeypatch):
+    """Same GPU, direction and dtype; the same J, Dout and Din (0: given u_hat); the nearest B and
+    I within a factor of 4 of both."""
+    tuning = _cuda_table(tmp_path, monkeypatch, [
+        _cuda_entry("fwd", (128, 1152, 10, 16, 8), 2), _cuda_entry("fwd", (1024, 4608, 10, 16, 8), 1),
+        _cuda_entry("bwd", (128, 1152, 10, 16, 8), 1), _cuda_entry("fwd", (128, 1152, 10, 16, 0), 2),
+        _cuda_entry("fwd", (128, 1152, 10, 16, 8), 1, dtype="bfloat16")])
+    look = lambda *a, gpu="NVIDIA H200": tuning.lookup(gpu, *a)  # noqa: E731
+    assert look("fwd", torch.float32, 128, 1152, 10, 16, 8)["config"] == {"lane_samples": 2}
+    assert look("fwd", torch.float32, 256, 1152, 10, 16, 8)["config"] == {"lane_samples": 2}
+    assert look("fwd", torch.float32, 1024, 4608, 10, 16, 8)["config"] == {"lane_samples": 1}
+    assert look("bwd", torch.float32, 128, 1152, 10, 16, 8)["config"] == {"lane_samples": 1}
+    assert look("fwd", torch.bfloat16, 128, 1152, 10, 16, 8)["config"] == {"lane_samples": 1}
+    assert look("fwd", torch.float32, 128, 1152, 10, 16, 0)["config"] == {"lane_samples": 2}
+    assert look("fwd", torch.float32, 8, 1152, 10, 16, 8) is None          # B 16x away
+    assert look("fwd", torch.float32, 128, 1152, 10, 16, 4) is None        # another Din
+    assert look("fwd", torch.float32, 128, 1152, 12, 16, 8) is None        # another J
+    assert look("fwd", torch.float16, 128, 1152, 10, 16, 8) is None        # another dtype
+    assert look("fwd", torch.float32, 128, 1152, 10, 16, 8, gpu="NVIDIA H100 80GB HBM3") is None
+
+
+def test_cuda_tuning_forced_and_defaults(tmp_path, monkeypatch):
+    tuning = _cuda_table(tmp_path, monkeypatch, [_cuda_entry("fwd", (4, 6, 3, 8, 8), 2, gpu="cpu")])
+    u, W = torch.randn(4, 6, 8), torch.randn(6, 3, 8, 8)
+    assert tuning.lane_samples_for("fwd", (u, W)) == 0  # not a CUDA tensor: the kernels' default
+    with tuning.forced(2):
+        assert tuning.lane_samples_for("fwd", (u, W)) == 2
+        with tuning.forced(1):
+            assert tuning.lane_samples_for("bwd", (u, W)) == 1
+        assert tuning.lane_samples_for("bwd", (torch.randn(4, 6, 3, 8),)) == 2
+    assert tuning.forced_lane_samples() is None
+    with pytest.raises(ValueError, match="lane_samples must be one of"):
+        with tuning.forced(3):
+            pass
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"version": 1, "entries": [_cuda_entry("fwd", (4, 6, 3, 8, 8), 4)]}))
+    with pytest.raises(ValueError, match="entry 0 has config"):
+        tuning.read_table(bad)
+    monkeypatch.setenv(tuning.TABLE_ENV, "none")
+    assert tuning.read_table()["entries"] == []
+
+
+def test_cuda_tuning_sweep_dry_run_and_fold(emulated, tmp_path, monkeypatch):
+    """The sweep end to end on the CPU stand-in of the CUDA ops (lane_samples is accepted and has
+    nothing to change there): both instances timed per direction, the check, one archive, and
+    fold merging the checked entries into a table that the lookup then serves."""
+    import tarfile
+
+    from benchmarks import tune_cuda
+
+    tuning = _cuda_table(tmp_path, monkeypatch, [])
+    out = tmp_path / "out"
+    assert tune_cuda.main(["--dry-run", "--dtypes", "float32", "--out", str(out)], ops=emulated, device="cpu") == 0
+    [archive] = out.glob("tune-cuda-dryrun-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        data = json.load(tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("/tune.json"))))
+    [row] = data["results"]
+    assert row["shape"] == "tiny" and set(row["times_us"]) == {"fwd", "bwd"}
+    assert all(set(t) == {"1", "2"} and min(t.values()) > 0 for t in row["times_us"].values())
+    assert row["check"]["passed"] and all(row["check"]["bitwise_equal"].values()), row["check"]
+    assert row["check"]["worst"] < 1e-4
+    assert sorted(e["direction"] for e in data["entries"]) == ["bwd", "fwd"]
+    table = tmp_path / "cuda_table.json"
+    assert tune_cuda.main(["fold", str(archive), "--table", str(table), "--results", str(tmp_path / "kept")]) == 0
+    entries = tuning.read_table(table)["entries"]
+    assert len(entries) == 2 and {e["config"]["lane_samples"] for e in entries} <= {1, 2}
+    B, I, J, D, K = tune_cuda.SHAPES["tiny"]
+    hit = tuning.lookup(data["gpu"], "fwd", torch.float32, B, I, J, D, K)
+    assert hit is not None and hit["archive"] == archive.name[:-len(".tar.gz")]
+    assert (tmp_path / "kept" / archive.name).exists()

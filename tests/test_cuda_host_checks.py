@@ -58,6 +58,7 @@ int g_launches = 0;
 int g_queries = 0;
 long long g_flags = 0;
 long long g_shape[6] = {0, 0, 0, 0, 0, 0};
+int g_lanes = 0;  // the plan's lane_samples of the last routing launcher call
 
 long long bit(const void* p, int b) { return p != nullptr ? (1LL << b) : 0; }
 
@@ -81,6 +82,7 @@ int capsnet_stub_launches() { return g_launches; }
 int capsnet_stub_queries() { return g_queries; }
 long long capsnet_stub_flags() { return g_flags; }
 long long capsnet_stub_shape(int i) { return g_shape[i]; }
+int capsnet_stub_lanes() { return g_lanes; }
 }
 
 namespace capsnet {
@@ -99,19 +101,21 @@ Status predict_backward(DType, const void* g, const void* u, const void* W, void
   g_shape[0] = B; g_shape[1] = I; g_shape[2] = J; g_shape[3] = D; g_shape[4] = K; g_shape[5] = 0;
   return launched(bit(g, 11) | bit(u, 1) | bit(W, 2) | bit(du, 8) | bit(dW, 9));
 }
-Status routing_forward(DType, const RoutingShape& shape, const RoutingPlan&, const RoutingOptions&, const void* u_hat,
-                       const void* u, const void* W, const void* bias, const void* prior, void* v, void* c,
-                       void* s_all, void* V_all, void* ws, unsigned* counters, void*) {
+Status routing_forward(DType, const RoutingShape& shape, const RoutingPlan& plan, const RoutingOptions&,
+                       const void* u_hat, const void* u, const void* W, const void* bias, const void* prior, void* v,
+                       void* c, void* s_all, void* V_all, void* ws, unsigned* counters, void*) {
   note_shape(shape);
+  g_lanes = plan.lane_samples;
   const bool required = v && s_all && V_all && ws && counters;
   return launched(bit(u_hat, 0) | bit(u, 1) | bit(W, 2) | bit(bias, 3) | bit(prior, 4) | bit(c, 5) |
                   (required ? (1LL << 12) : 0));
 }
-Status routing_backward(DType, const RoutingShape& shape, const RoutingPlan&, const RoutingOptions&,
+Status routing_backward(DType, const RoutingShape& shape, const RoutingPlan& plan, const RoutingOptions&,
                         const void* grad_v, const void* u_hat, const void* u, const void* W, const void* prior,
                         const void* s_all, const void* V_all, void* grad_u_hat, void* du, void* dW, void* dbias,
                         void* dprior, void* gs_all, void* G, void* ws, unsigned* counters, void*) {
   note_shape(shape);
+  g_lanes = plan.lane_samples;
   const bool required = grad_v && s_all && V_all && gs_all && G && ws && counters;
   return launched(bit(u_hat, 0) | bit(u, 1) | bit(W, 2) | bit(prior, 4) | bit(dbias, 6) | bit(dprior, 7) |
                   bit(du, 8) | bit(dW, 9) | bit(grad_u_hat, 10) | (required ? (1LL << 12) : 0));
@@ -232,6 +236,7 @@ SCENARIO = textwrap.dedent(r"""
             ("expected W of shape", lambda: o.predict(u, W[:2])),
             ("grad_u_hat must have shape", lambda: o.predict_backward(u_hat[:, :2], u, W)),
             ("grad_u_hat must have 4 dimensions", lambda: o.predict_backward(u, u, W)),
+            ("lane_samples must be 0 (the default), 1 or 2", lambda: o.capsule_routing_forward(u, W, None, None, R, False, False, False, 1.0, 3)),
         ]
 
     def run_refused(o, label):
@@ -297,6 +302,32 @@ SCENARIO = textwrap.dedent(r"""
         record("autograd backward", lambda: torch.autograd.grad(v, [ul, Wl, bl, pl], grad_v))
         # non-contiguous inputs are accepted (made contiguous after the checks)
         record("non-contiguous", lambda: ops.capsule_routing_forward(u.transpose(0, 1).contiguous().transpose(0, 1), W, bias.t().contiguous().t(), None, R, False, False, False, 1.0))
+    elif scenario == "lanes":
+        from capsnet_ext.cuda_ops import tuning
+
+        # the plan's lane_samples as the launchers get it: asked for directly, forced through the
+        # Python wrappers and their autograd backward, and at sizes without a two-sample instance
+        u8, W8, uh8 = randn(B, I, 8), randn(I, J, 8, 8), randn(B, I, J, 8)
+        g8 = randn(B, J, 8)
+
+        def lanes(name, fn):
+            stub.capsnet_stub_reset(0, 232448, 4096)
+            fn()
+            emit(name=name, lanes=stub.capsnet_stub_lanes(), launches=stub.capsnet_stub_launches())
+        lanes("default", lambda: ops.capsule_routing_forward(u8, W8, None, None, R, False, False, False, 1.0))
+        lanes("asked 1", lambda: ops.capsule_routing_forward(u8, W8, None, None, R, False, False, False, 1.0, 1))
+        lanes("asked 2", lambda: ops.capsule_routing_forward(u8, W8, None, None, R, False, False, False, 1.0, 2))
+        lanes("asked 2 given", lambda: ops.routing_forward(uh8, None, None, R, False, False, False, 1.0, 2))
+        lanes("asked 2 float64", lambda: ops.capsule_routing_forward(u8.double(), W8.double(), None, None, R, False, False, False, 1.0, 2))
+        lanes("asked 2 Dout 4", lambda: ops.capsule_routing_forward(u, W, None, None, R, False, False, False, 1.0, 2))
+        with tuning.forced(2):
+            lanes("forced forward", lambda: capsule_routing_with(ops, u8, W8, R))
+            ul, Wl = u8.clone().requires_grad_(True), W8.clone().requires_grad_(True)
+            v = capsule_routing_with(ops, ul, Wl, R)
+            lanes("forced backward", lambda: torch.autograd.grad(v, [ul, Wl], g8))
+            uhl = uh8.clone().requires_grad_(True)
+            vh = dynamic_routing_with(ops, uhl, R)
+            lanes("forced given backward", lambda: torch.autograd.grad(vh, [uhl], g8))
 """)
 
 
@@ -323,13 +354,24 @@ def test_every_refused_call_raises_naming_the_argument(host_binding):
     no device queried; a good call still runs after them."""
     rows = _run_scenario(host_binding, "refused")
     refused = [r for r in rows if r["path"] in ("autograd", "redispatch")]
-    assert len(refused) == 2 * 3 * 25, len(refused)
+    assert len(refused) == 2 * 3 * 26, len(refused)
     for r in refused:
         assert r["raised"] == "RuntimeError", r
         assert r["expect"] in r["message"] and r["message"].startswith("capsnet_ext: "), r
         assert r["launches"] == 0 and r["queries"] == 0, r  # refused before the device is used
     [after] = [r for r in rows if r["path"] == "after"]
     assert after["shape"] == [2, 3, 4] and after["launches"] == 1
+
+
+def test_lane_samples_reach_the_plan(host_binding):
+    """The ops' lane_samples argument (0: the default, one sample per lane) reaches the launchers'
+    plan; tuning.forced sets it for the Python wrappers' forward and their registered backward;
+    sizes and dtypes without a two-sample instance (Dout = 4, float64) get one."""
+    rows = {r["name"]: r for r in _run_scenario(host_binding, "lanes")}
+    expected = {"default": 1, "asked 1": 1, "asked 2": 2, "asked 2 given": 2, "asked 2 float64": 1,
+                "asked 2 Dout 4": 1, "forced forward": 2, "forced backward": 2, "forced given backward": 2}
+    assert {name: r["lanes"] for name, r in rows.items()} == expected
+    assert all(r["launches"] == 1 for r in rows.values()), rows
 
 
 def test_capsules_beyond_the_shared_memory_limit_are_refused_before_any_launch(host_binding):

@@ -15,31 +15,36 @@ anything of size ``B·I·J·D``.
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict
 
 import torch
 
 from .. import _routing_autograd
+from . import tuning
 
 SCHEMAS: Dict[str, str] = {
     "predict": "predict(Tensor u, Tensor W) -> Tensor",
     "predict_backward": "predict_backward(Tensor grad_u_hat, Tensor u, Tensor W) -> (Tensor, Tensor)",
     "routing_forward": (
         "routing_forward(Tensor u_hat, Tensor? bias, Tensor? prior, int iterations, bool leaky, "
-        "bool detach_inner, bool return_coupling, float temperature) -> (Tensor, Tensor, Tensor, Tensor)"
+        "bool detach_inner, bool return_coupling, float temperature, int lane_samples=0) "
+        "-> (Tensor, Tensor, Tensor, Tensor)"
     ),
     "routing_backward": (
         "routing_backward(Tensor grad_v, Tensor u_hat, Tensor? prior, Tensor s_all, Tensor V_all, "
-        "int iterations, bool leaky, bool detach_inner, bool has_bias, float temperature) "
+        "int iterations, bool leaky, bool detach_inner, bool has_bias, float temperature, int lane_samples=0) "
         "-> (Tensor, Tensor, Tensor)"
     ),
     "capsule_routing_forward": (
         "capsule_routing_forward(Tensor u, Tensor W, Tensor? bias, Tensor? prior, int iterations, bool leaky, "
-        "bool detach_inner, bool return_coupling, float temperature) -> (Tensor, Tensor, Tensor, Tensor)"
+        "bool detach_inner, bool return_coupling, float temperature, int lane_samples=0) "
+        "-> (Tensor, Tensor, Tensor, Tensor)"
     ),
     "capsule_routing_backward": (
         "capsule_routing_backward(Tensor grad_v, Tensor u, Tensor W, Tensor? prior, Tensor s_all, "
-        "Tensor V_all, int iterations, bool leaky, bool detach_inner, bool has_bias, float temperature) "
+        "Tensor V_all, int iterations, bool leaky, bool detach_inner, bool has_bias, float temperature, "
+        "int lane_samples=0) "
         "-> (Tensor, Tensor, Tensor, Tensor)"
     ),
 }
@@ -73,7 +78,8 @@ def register(namespace: str) -> None:
         return u.new_empty(u.shape), W.new_empty(W.shape)
 
     @torch.library.register_fake(qual("routing_forward"))
-    def _routing_forward_fake(u_hat, bias, prior, iterations, leaky, detach_inner, return_coupling, temperature):
+    def _routing_forward_fake(u_hat, bias, prior, iterations, leaky, detach_inner, return_coupling, temperature,
+                              lane_samples=0):
         B, I, J, D = u_hat.shape
         return _routing_outputs(u_hat, B, I, J, D, iterations, return_coupling)
 
@@ -85,18 +91,18 @@ def register(namespace: str) -> None:
 
     @torch.library.register_fake(qual("routing_backward"))
     def _routing_backward_fake(grad_v, u_hat, prior, s_all, V_all, iterations, leaky, detach_inner, has_bias,
-                               temperature):
+                               temperature, lane_samples=0):
         return (u_hat.new_empty(u_hat.shape),
                 *_optional_grads(u_hat, has_bias, prior, u_hat.shape[2], u_hat.shape[3]))
 
     @torch.library.register_fake(qual("capsule_routing_forward"))
     def _capsule_routing_forward_fake(u, W, bias, prior, iterations, leaky, detach_inner, return_coupling,
-                                      temperature):
+                                      temperature, lane_samples=0):
         return _routing_outputs(u, u.shape[0], u.shape[1], W.shape[1], W.shape[2], iterations, return_coupling)
 
     @torch.library.register_fake(qual("capsule_routing_backward"))
     def _capsule_routing_backward_fake(grad_v, u, W, prior, s_all, V_all, iterations, leaky, detach_inner,
-                                       has_bias, temperature):
+                                       has_bias, temperature, lane_samples=0):
         return (u.new_empty(u.shape), W.new_empty(W.shape),
                 *_optional_grads(u, has_bias, prior, W.shape[1], W.shape[2]))
 
@@ -119,16 +125,21 @@ def register(namespace: str) -> None:
     def _routing_backward(grad_v, sources, prior, s_all, V_all, options, need):
         o = options
         has_bias = need.bias  # the bias gradient is [0]-shaped when not asked for
+        # The backward's own lane_samples (tuning table, direction "bwd"): bitwise the same
+        # gradients whichever it is.
+        lanes = tuning.lane_samples_for("bwd", sources)
         if len(sources) == 1:
             grad_u_hat, grad_bias, grad_prior = ops.routing_backward(
                 grad_v, sources[0], prior, s_all, V_all, o.iterations, o.leaky, o.detach_inner,
-                has_bias, o.temperature)
+                has_bias, o.temperature, lanes)
             return (grad_u_hat,), grad_bias, grad_prior
         du, dW, grad_bias, grad_prior = ops.capsule_routing_backward(
             grad_v, *sources, prior, s_all, V_all, o.iterations, o.leaky, o.detach_inner,
-            has_bias, o.temperature)
+            has_bias, o.temperature, lanes)
         return (du, dW), grad_bias, grad_prior
 
+    # The CUDA forward ops take lane_samples after the shared options.
+    setup = functools.partial(_routing_autograd.setup_context, n_options=_routing_autograd.N_OPTIONS + 1)
     for name in ("routing_forward", "capsule_routing_forward"):
         torch.library.register_autograd(qual(name), _routing_autograd.make_backward_formula(
-            _routing_backward), setup_context=_routing_autograd.setup_context)
+            _routing_backward), setup_context=setup)

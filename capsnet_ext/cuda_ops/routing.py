@@ -5,7 +5,8 @@ Kernels: ``csrc/routing.cu``. ``dynamic_routing`` sweeps over a given ``u_hat``;
 backward, and never stores it. Both keep for the backward only the per-iteration ``s^r`` and
 running sums ``V^r`` (``[R, B, J, Dout]`` each), plus their inputs. Every option of the
 reference is implemented, the learned ``prior`` logits (with gradient) and the softmax
-``temperature`` included. Autograd and fakes: :mod:`._schema`.
+``temperature`` included. Autograd and fakes: :mod:`._schema`; the kernel instance each call
+runs (samples per lane, results bitwise the same): :mod:`.tuning`.
 """
 from __future__ import annotations
 
@@ -13,18 +14,22 @@ from typing import Optional
 
 import torch
 
+from . import tuning
+
 
 def dynamic_routing_with(ops, u_hat, iterations=3, *, bias=None, leaky=False, detach_inner=False,
                          return_coupling=False, prior=None, temperature=1.0):
+    lanes = tuning.lane_samples_for("fwd", (u_hat,))
     v, c, _, _ = ops.routing_forward(u_hat, bias, prior, iterations, leaky, detach_inner, return_coupling,
-                                     float(temperature))
+                                     float(temperature), lanes)
     return (v, c) if return_coupling else v
 
 
 def capsule_routing_with(ops, u, W, iterations=3, *, bias=None, leaky=False, detach_inner=False,
                          return_coupling=False, prior=None, temperature=1.0):
+    lanes = tuning.lane_samples_for("fwd", (u, W))
     v, c, _, _ = ops.capsule_routing_forward(u, W, bias, prior, iterations, leaky, detach_inner, return_coupling,
-                                             float(temperature))
+                                             float(temperature), lanes)
     return (v, c) if return_coupling else v
 
 

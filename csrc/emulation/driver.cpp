@@ -2,7 +2,8 @@
 // from a directory (meta.txt with "key value" lines, inputs as raw arrays), runs the real
 // launchers, writes every output as a raw array. Used by tests/test_cuda.py.
 //   predict:  u.bin W.bin grad_u_hat.bin -> u_hat.bin du.bin dW.bin
-//   routing:  (u.bin W.bin | u_hat.bin) [bias.bin] [prior.bin] grad_v.bin
+//   routing:  (u.bin W.bin | u_hat.bin) [bias.bin] [prior.bin] grad_v.bin (meta lane_samples: the
+//             plan's request, default 1)
 //             -> v.bin [c.bin] s_all.bin V_all.bin (du.bin dW.bin | grad_u_hat.bin) [dbias.bin]
 //                [dprior.bin], and launches.txt: "forward N\nbackward M\n" (kernel launches
 //                and memsets of each launcher)
@@ -77,7 +78,8 @@ void run() {
   options.detach_inner = num("detach_inner") != 0;
   options.inv_temperature = 1.0 / std::stod(meta.at("temperature"));
   const capsnet::RoutingShape shape{B, I, J, D, fused ? K : 1, R};
-  capsnet::RoutingPlan plan = capsnet::plan_routing(shape, fused, has_prior, sizeof(Acc));
+  const int lane_samples = meta.count("lane_samples") ? static_cast<int>(num("lane_samples")) : 1;
+  capsnet::RoutingPlan plan = capsnet::plan_routing(shape, fused, has_prior, sizeof(Acc), lane_samples);
   std::vector<T> u, W, u_hat, bias, prior;
   if (fused) {
     u = read<T>("u.bin", B * I * K), W = read<T>("W.bin", I * J * D * K);
@@ -144,7 +146,8 @@ void run() {
   std::ofstream(dir + "/launches.txt") << "forward " << forward_launches << "\nbackward " << backward_launches
                                        << "\nspecialised " << plan.specialised << "\ngroup " << plan.group
                                        << "\nchunks " << plan.num_chunks << "\ntiles " << plan.sample_tiles
-                                       << "\ntree_levels " << plan.sweep_tree.levels << "\n";
+                                       << "\ntree_levels " << plan.sweep_tree.levels
+                                       << "\nlane_samples " << plan.lane_samples << "\n";
 }
 
 }  // namespace

@@ -1,0 +1,164 @@
+"""Which instance of the CUDA routing kernels a call runs: the samples each lane carries.
+
+The CUDA routing kernels (``csrc/routing_impl.cuh``) come in two instances for the common
+capsule sizes: one sample per lane, or two (``RoutingPlan::lane_samples``), where every lane
+reads each staged ``W`` element once for both of its samples and works on two independent
+softmaxes at once, at the price of about twice the registers (sm_90: 185-234 per thread
+against 80-128, so half the resident warps). Each sample's arithmetic is the same sequence of
+operations either way, so **the choice changes the speed only: values and gradients are
+bitwise equal** (``tests/test_cuda.py::test_two_samples_per_lane_are_bitwise_equal``).
+
+Two samples per lane exist for float16, bfloat16 and float32 inputs whose sizes have a
+specialised instance with ``Dout <= 16`` (``J <= 32``, ``Dout`` in {8, 16}, ``Din`` in
+{4, 8, 16} for ``capsule_routing``); any other call runs one sample per lane whatever it asks.
+
+How a call chooses (:func:`lane_samples_for`, per direction: ``"fwd"`` for the forward sweeps,
+``"bwd"`` for the reverse and gradient sweeps):
+
+1. :func:`forced` (a context manager, used by ``benchmarks/tune_cuda.py``) overrides everything;
+2. else the entry of ``tuning_table.json`` beside this file (``CAPSNET_EXT_CUDA_TUNING_TABLE``
+   names another; ``""`` or ``"none"``: no table) with the same GPU name, direction and dtype
+   and the same ``J``, ``Dout`` and ``Din`` (``0``: a given ``u_hat``), nearest in ``log2 B``
+   and ``log2 I`` and within a factor of 4 of both;
+3. else ``0``: the kernels' default, one sample per lane (the instance measured on an H200 on
+   2026-12-04).
+
+The table's format, reading and merging are those of the Triton table
+(:mod:`capsnet_ext.triton_ops.tuning`); an entry's ``config`` is ``{"lane_samples": 1 or 2}``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+
+from ..triton_ops import tuning as _table_format
+
+TABLE_PATH = Path(__file__).with_name("tuning_table.json")
+TABLE_ENV = "CAPSNET_EXT_CUDA_TUNING_TABLE"
+DIRECTIONS = ("fwd", "bwd")
+LANE_SAMPLES = (1, 2)
+MAX_LOG2_DISTANCE = _table_format.MAX_LOG2_DISTANCE
+
+_FORCED: List[int] = []
+_CACHE: dict = {}
+_GPU_NAMES: dict = {}
+
+
+def table_path() -> Optional[Path]:
+    value = os.environ.get(TABLE_ENV)
+    if value is None:
+        return TABLE_PATH
+    if value.strip().lower() in ("", "none"):
+        return None
+    return Path(value)
+
+
+def read_table(path: Optional[Path] = None) -> dict:
+    """The table at ``path`` (default: :func:`table_path`); an absent file is an empty table."""
+    path = table_path() if path is None else Path(path)
+    if path is None:
+        return _table_format.empty_table()
+    table = _table_format.read_table(path)
+    for n, entry in enumerate(table["entries"]):
+        lanes = entry["config"].get("lane_samples") if isinstance(entry["config"], dict) else None
+        if lanes not in LANE_SAMPLES:
+            raise ValueError(f"CUDA tuning table {path}: entry {n} has config {entry['config']!r}; expected "
+                             f"{{'lane_samples': 1 or 2}}")
+    return table
+
+
+def merge(table: dict, new_entries: list) -> tuple:
+    """``(table, replaced, added)``, as :func:`capsnet_ext.triton_ops.tuning.merge`."""
+    return _table_format.merge(table, new_entries)
+
+
+def write_table(table: dict, path: Optional[Path] = None) -> Path:
+    """Write atomically (default: the package's table)."""
+    written = _table_format.write_table(table, TABLE_PATH if path is None else Path(path))
+    _CACHE.clear()
+    return written
+
+
+def _entries() -> list:
+    path = table_path()
+    key = (str(path), path.stat().st_mtime_ns if path is not None and path.exists() else None)
+    if _CACHE.get("key") != key:
+        _CACHE["key"], _CACHE["entries"] = key, read_table(path)["entries"]
+    return _CACHE["entries"]
+
+
+def _gpu_name(device: torch.device) -> str:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _GPU_NAMES:
+        _GPU_NAMES[index] = torch.cuda.get_device_name(index)
+    return _GPU_NAMES[index]
+
+
+def lookup(gpu: str, direction: str, dtype: torch.dtype, B: int, I: int, J: int, D: int,
+           Din: int) -> Optional[dict]:
+    """The nearest table entry for this call (rule 2 of the module docstring), or ``None``.
+    ``Din = 0`` stands for a given ``u_hat`` (``dynamic_routing``)."""
+    name = _table_format.dtype_name(dtype)
+    best, best_distance = None, None
+    for entry in _entries():
+        if (entry["gpu"], entry["direction"], entry["dtype"]) != (gpu, direction, name):
+            continue
+        eB, eI, eJ, eD, eDin = entry["shape"]
+        if (eJ, eD, eDin) != (J, D, Din):
+            continue
+        dB, dI = abs(math.log2(eB) - math.log2(B)), abs(math.log2(eI) - math.log2(I))
+        if max(dB, dI) > MAX_LOG2_DISTANCE:
+            continue
+        distance = (dB + dI, -eB)
+        if best is None or distance < best_distance:
+            best, best_distance = entry, distance
+    return best
+
+
+def forced_lane_samples() -> Optional[int]:
+    return _FORCED[-1] if _FORCED else None
+
+
+@contextlib.contextmanager
+def forced(lane_samples: int) -> Iterator[None]:
+    """Every CUDA routing call inside (forward and backward) asks for ``lane_samples`` (1 or 2)
+    samples per lane: no table. The tuning sweep times the instances through this."""
+    if lane_samples not in LANE_SAMPLES:
+        raise ValueError(f"forced: lane_samples must be one of {LANE_SAMPLES}, got {lane_samples!r}")
+    _FORCED.append(int(lane_samples))
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
+def lane_samples_for(direction: str, sources: Sequence[torch.Tensor]) -> int:
+    """The ``lane_samples`` argument of a CUDA routing op call over ``sources`` (``(u_hat,)`` or
+    ``(u, W)``): the forced value, else the table's, else 0 (the kernels' default). Inputs the
+    op will refuse get 0 here and their error from the op."""
+    forced_value = forced_lane_samples()
+    if forced_value is not None:
+        return forced_value
+    ref = sources[0]
+    if not isinstance(ref, torch.Tensor) or ref.device.type != "cuda" or ref.dim() < 3:
+        return 0
+    if len(sources) == 1:
+        if ref.dim() != 4:
+            return 0
+        B, I, J, D = ref.shape
+        Din = 0
+    else:
+        W = sources[1]
+        if ref.dim() != 3 or not isinstance(W, torch.Tensor) or W.dim() != 4:
+            return 0
+        B, I, Din = ref.shape
+        J, D = W.shape[1], W.shape[2]
+    if min(B, I, J, D) < 1 or not _entries():
+        return 0
+    entry = lookup(_gpu_name(ref.device), direction, ref.dtype, B, I, J, D, Din)
+    return int(entry["config"]["lane_samples"]) if entry is not None else 0
