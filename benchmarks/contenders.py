@@ -26,6 +26,9 @@ from .floors import OPS
 
 REFERENCE = "reference"
 COMPILED = "reference-compiled"
+# The CUDA backend with two samples per lane (capsnet_ext.cuda_ops.tuning): the same results bit
+# for bit, a different kernel instance, timed beside the default one.
+CUDA_LANES2 = "cuda-lanes2"
 
 
 @dataclass
@@ -97,6 +100,24 @@ def backend_contender(name: str) -> Contender:
     return Contender(name, "backend", {op: _public_op(op, name) for op in OPS}, f"backend={name!r}")
 
 
+def cuda_lanes2() -> Contender:
+    """The CUDA backend's public ops with every forward run under ``tuning.forced(2)``; the
+    registered backward runs the forward's choice, so forward and backward both take the
+    two-sample instances."""
+    from capsnet_ext.cuda_ops import tuning
+
+    def forced(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with tuning.forced(2):
+                return fn(*args, **kwargs)
+        return wrapper
+
+    routing = [op for op in OPS if op != "predict"]  # predict has one instance
+    return Contender(CUDA_LANES2, "backend", {op: forced(_public_op(op, "cuda")) for op in routing},
+                     "backend='cuda', two samples per lane (cuda_ops.tuning.forced(2))")
+
+
 def backend_status(device: torch.device) -> Dict[str, str]:
     """:func:`capsnet_ext.backend_status`, asked backend by backend so that one backend whose
     availability check itself fails is reported as unavailable (with the error) instead of
@@ -120,12 +141,12 @@ def discover(device: torch.device, names: Optional[Sequence[str]] = None, *,
              ) -> Tuple[List[Contender], Dict[str, str]]:
     """The contenders to run on ``device`` and ``{name: why not}`` for those left out.
 
-    ``names`` selects among ``"reference"``, ``"reference-compiled"`` and the backend names
-    (default: all). Kernel backends are found only through
+    ``names`` selects among ``"reference"``, ``"reference-compiled"``, the backend names and
+    ``"cuda-lanes2"`` (default: all). Kernel backends are found only through
     :func:`capsnet_ext.backend_status`.
     """
     status = backend_status(device)
-    known = [REFERENCE, COMPILED] + [b for b in status if b != REFERENCE]
+    known = [REFERENCE, COMPILED] + [b for b in status if b != REFERENCE] + [CUDA_LANES2]
     wanted = list(known) if names is None else list(names)
     unknown = [n for n in wanted if n not in known]
     if unknown:
@@ -137,6 +158,11 @@ def discover(device: torch.device, names: Optional[Sequence[str]] = None, *,
             contenders.append(eager_reference())
         elif name == COMPILED:
             contenders.append(compiled_reference(compile_mode))
+        elif name == CUDA_LANES2:
+            if status.get("cuda") != "available":
+                left_out[name] = f"unavailable: {status.get('cuda')}"
+            else:
+                contenders.append(cuda_lanes2())
         elif status[name] != "available":
             left_out[name] = f"unavailable: {status[name]}"
         elif interpreter_in_use(name, device) and not include_interpreter:

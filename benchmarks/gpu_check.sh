@@ -90,7 +90,7 @@ DEADLINE=$((START + TOTAL_BUDGET))
 RESERVE=5          # seconds kept for the last summary and archive
 MIN_START=10       # a step that would get less than this is skipped, not started
 
-# Budgets in seconds: 460 s, plus the 5 s reserve, within the 470 s deadline; with start-up and
+# Budgets in seconds: 465 s, plus the 5 s reserve, within the 470 s deadline; with start-up and
 # the last archive the run stays under 480 s = 8 minutes. The steps with budget 0 get what is
 # left. The install built routing.cu for one architecture in 135 s (H200, 16 cores, 2026-12-04).
 STEP_ORDER=(env install extension gpu-tests crash-trace memcheck racecheck initcheck synccheck profile ncu
@@ -98,7 +98,7 @@ STEP_ORDER=(env install extension gpu-tests crash-trace memcheck racecheck initc
 declare -A BUDGET=(
   [env]=10 [install]=150 [extension]=15 [gpu-tests]=75 [crash-trace]=25
   [memcheck]=35 [racecheck]=20 [initcheck]=15 [synccheck]=10 [profile]=30 [ncu]=35
-  [bench-mnist]=30 [train-step]=10
+  [bench-mnist]=35 [train-step]=10
   [bench-compiled-fp32]=0 [bench-compiled-bf16]=0 [sweep-I]=0 [sweep-B]=0
 )
 # GPU_CHECK_BUDGETS="memcheck=90,gpu-tests=120" changes budgets (e.g. to rerun one step with --steps).
@@ -228,7 +228,7 @@ NCU_ARGS=(--csv --page details --nvtx --nvtx-include "capsnet_profile/" --launch
 WHAT[crash-trace]="LD_PRELOAD=segv_trace.so: pytest tests/test_cuda.py::test_gpu_errors_name_the_argument; PYTORCH_NO_CUDA_MEMORY_CACHING=1 sanitize_driver --backends cuda --profile full; benchmarks.gpu_check crash-probe (native stacks, addr2line)"
 WHAT[profile]="$PYTHON -m benchmarks.gpu_profile torch RESULTS (torch.profiler kernel tables, every backend and dtype)"
 WHAT[ncu]="ncu ${NCU_ARGS[*]} $PYTHON -m benchmarks.gpu_profile ncu-target --backend cuda|triton --dtype float32|bfloat16"
-WHAT[bench-mnist]="capsnet-ext bench --ops $MNIST_OPS --sweeps mnist --dtypes float32,bfloat16 --contenders reference,triton,cuda --skip-e2e"
+WHAT[bench-mnist]="capsnet-ext bench --ops $MNIST_OPS --sweeps mnist --dtypes float32,bfloat16 --contenders reference,triton,cuda,cuda-lanes2 --skip-e2e"
 WHAT[bench-compiled-fp32]="capsnet-ext bench --ops capsule_routing --sweeps mnist --dtypes float32 --contenders reference-compiled --skip-e2e"
 WHAT[bench-compiled-bf16]="capsnet-ext bench --ops capsule_routing --sweeps mnist --dtypes bfloat16 --contenders reference-compiled --skip-e2e"
 WHAT[train-step]="capsnet-ext bench --e2e-only --e2e-modes eager --e2e-precisions float32,bf16-autocast --e2e-batch 128 --e2e-steps 20 --contenders reference,triton,cuda"
@@ -404,8 +404,9 @@ if [[ $DRY_RUN -eq 1 ]]; then
   dry sweep-B
 else
   CONTENDERS=reference,triton,cuda
+  # cuda-lanes2: the CUDA routing kernels with two samples per lane, timed beside the default.
   step bench-mnist -- "${BENCH[@]}" --device cuda --ops "$MNIST_OPS" --sweeps mnist --dtypes float32,bfloat16 \
-    --contenders "$CONTENDERS" --skip-e2e --no-plots
+    --contenders "$CONTENDERS,cuda-lanes2" --skip-e2e --no-plots
   step train-step -- "${BENCH[@]}" --device cuda --e2e-only --e2e-modes eager --e2e-precisions float32,bf16-autocast \
     --e2e-batch 128 --e2e-steps 20 --contenders "$CONTENDERS"
   # With the time left: the compiled reference, one op, one compilation per dtype and grad mode.

@@ -36,11 +36,13 @@ N_OPTIONS = 5
 
 
 class RoutingOptions(NamedTuple):
-    """The non-tensor inputs the backward needs."""
+    """The non-tensor inputs the backward needs; ``extra``: a backend's own inputs after
+    ``temperature`` (the CUDA ops' ``lane_samples``), as the forward got them."""
     iterations: int
     leaky: bool
     detach_inner: bool
     temperature: float
+    extra: tuple = ()
 
 
 class NeededGrads(NamedTuple):
@@ -76,6 +78,7 @@ def setup_context(ctx, inputs, output, n_options: int = N_OPTIONS) -> None:
     ``temperature`` (the CUDA ops' ``lane_samples``) passes their total as ``n_options``."""
     n_sources = len(inputs) - 2 - n_options
     sources, bias, prior, options = split_inputs(inputs[:len(inputs) - n_options + N_OPTIONS], n_sources)
+    options = options._replace(extra=tuple(inputs[len(inputs) - n_options + N_OPTIONS:]))
     ctx.n_options = n_options
     _, c, s_all, V_all = output
     ctx.mark_non_differentiable(c, s_all, V_all)

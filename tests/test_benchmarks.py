@@ -292,6 +292,24 @@ def test_triton_interpreter_is_not_benched_by_default():
         assert [c.name for c in with_interp] == ["triton"]
 
 
+def test_cuda_two_lane_contender(monkeypatch):
+    """``cuda-lanes2``: left out with the CUDA backend's reason where that is unavailable; its
+    ops are the CUDA backend's public ops run under ``cuda_ops.tuning.forced(2)``."""
+    from benchmarks import contenders as contenders_mod
+    from capsnet_ext.cuda_ops import tuning
+
+    cpu = torch.device("cpu")
+    chosen, left_out = discover(cpu, ["cuda-lanes2"])
+    assert chosen == [] and left_out["cuda-lanes2"].startswith("unavailable: ")
+    seen = []
+    monkeypatch.setattr(contenders_mod, "_public_op",
+                        lambda op, backend: lambda *a, **k: seen.append((op, backend, tuning.forced_lane_samples())))
+    contender = contenders_mod.cuda_lanes2()
+    assert contender.name == "cuda-lanes2" and set(contender.ops) == set(contenders_mod.OPS) - {"predict"}
+    contender.ops["capsule_routing"](None, None, 3)
+    assert seen == [("capsule_routing", "cuda", 2)] and tuning.forced_lane_samples() is None
+
+
 def test_bad_arguments_are_rejected():
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["--shape", "1,2,3"])

@@ -328,6 +328,15 @@ SCENARIO = textwrap.dedent(r"""
             uhl = uh8.clone().requires_grad_(True)
             vh = dynamic_routing_with(ops, uhl, R)
             lanes("forced given backward", lambda: torch.autograd.grad(vh, [uhl], g8))
+            ul2, Wl2 = u8.clone().requires_grad_(True), W8.clone().requires_grad_(True)
+            v2 = capsule_routing_with(ops, ul2, Wl2, R)
+        # outside the context: the backward runs the forward's choice
+        lanes("inherited backward", lambda: torch.autograd.grad(v2, [ul2, Wl2], g8))
+        with tuning.forced(1):
+            ul3, Wl3 = u8.clone().requires_grad_(True), W8.clone().requires_grad_(True)
+            v3 = capsule_routing_with(ops, ul3, Wl3, R)
+        with tuning.forced(2):
+            lanes("forced over inherited", lambda: torch.autograd.grad(v3, [ul3, Wl3], g8))
 """)
 
 
@@ -366,10 +375,12 @@ def test_every_refused_call_raises_naming_the_argument(host_binding):
 def test_lane_samples_reach_the_plan(host_binding):
     """The ops' lane_samples argument (0: the default, one sample per lane) reaches the launchers'
     plan; tuning.forced sets it for the Python wrappers' forward and their registered backward;
-    sizes and dtypes without a two-sample instance (Dout = 4, float64) get one."""
+    a backward run outside the context runs the forward's choice, a context around the backward
+    overrides it; sizes and dtypes without a two-sample instance (Dout = 4, float64) get one."""
     rows = {r["name"]: r for r in _run_scenario(host_binding, "lanes")}
     expected = {"default": 1, "asked 1": 1, "asked 2": 2, "asked 2 given": 2, "asked 2 float64": 1,
-                "asked 2 Dout 4": 1, "forced forward": 2, "forced backward": 2, "forced given backward": 2}
+                "asked 2 Dout 4": 1, "forced forward": 2, "forced backward": 2, "forced given backward": 2,
+                "inherited backward": 2, "forced over inherited": 2}
     assert {name: r["lanes"] for name, r in rows.items()} == expected
     assert all(r["launches"] == 1 for r in rows.values()), rows
 

@@ -125,9 +125,9 @@ def register(namespace: str) -> None:
     def _routing_backward(grad_v, sources, prior, s_all, V_all, options, need):
         o = options
         has_bias = need.bias  # the bias gradient is [0]-shaped when not asked for
-        # The backward's own lane_samples (tuning table, direction "bwd"): bitwise the same
-        # gradients whichever it is.
-        lanes = tuning.lane_samples_for("bwd", sources)
+        # The backward's own lane_samples (tuning.forced, else the table's "bwd" entry, else the
+        # forward's): bitwise the same gradients whichever it is.
+        lanes = tuning.lane_samples_for("bwd", sources, default=int(o.extra[0]) if o.extra else 0)
         if len(sources) == 1:
             grad_u_hat, grad_bias, grad_prior = ops.routing_backward(
                 grad_v, sources[0], prior, s_all, V_all, o.iterations, o.leaky, o.detach_inner,

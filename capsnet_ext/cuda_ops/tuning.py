@@ -21,7 +21,7 @@ How a call chooses (:func:`lane_samples_for`, per direction: ``"fwd"`` for the f
    and the same ``J``, ``Dout`` and ``Din`` (``0``: a given ``u_hat``), nearest in ``log2 B``
    and ``log2 I`` and within a factor of 4 of both;
 3. else ``0``: the kernels' default, one sample per lane (the instance measured on an H200 on
-   2026-12-04).
+   2026-12-04); the backward, when neither 1 nor 2 says otherwise, runs the forward's choice.
 
 The table's format, reading and merging are those of the Triton table
 (:mod:`capsnet_ext.triton_ops.tuning`); an entry's ``config`` is ``{"lane_samples": 1 or 2}``.
@@ -137,28 +137,30 @@ def forced(lane_samples: int) -> Iterator[None]:
         _FORCED.pop()
 
 
-def lane_samples_for(direction: str, sources: Sequence[torch.Tensor]) -> int:
+def lane_samples_for(direction: str, sources: Sequence[torch.Tensor], default: int = 0) -> int:
     """The ``lane_samples`` argument of a CUDA routing op call over ``sources`` (``(u_hat,)`` or
-    ``(u, W)``): the forced value, else the table's, else 0 (the kernels' default). Inputs the
-    op will refuse get 0 here and their error from the op."""
+    ``(u, W)``): the forced value, else the table's, else ``default`` (0: the kernels' default;
+    the registered backward passes the forward's value, so a forward run under :func:`forced`
+    has its backward run the same instance). Inputs the op will refuse get ``default`` here and
+    their error from the op."""
     forced_value = forced_lane_samples()
     if forced_value is not None:
         return forced_value
     ref = sources[0]
     if not isinstance(ref, torch.Tensor) or ref.device.type != "cuda" or ref.dim() < 3:
-        return 0
+        return default
     if len(sources) == 1:
         if ref.dim() != 4:
-            return 0
+            return default
         B, I, J, D = ref.shape
         Din = 0
     else:
         W = sources[1]
         if ref.dim() != 3 or not isinstance(W, torch.Tensor) or W.dim() != 4:
-            return 0
+            return default
         B, I, Din = ref.shape
         J, D = W.shape[1], W.shape[2]
     if min(B, I, J, D) < 1 or not _entries():
-        return 0
+        return default
     entry = lookup(_gpu_name(ref.device), direction, ref.dtype, B, I, J, D, Din)
-    return int(entry["config"]["lane_samples"]) if entry is not None else 0
+    return int(entry["config"]["lane_samples"]) if entry is not None else default
