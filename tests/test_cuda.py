@@ -1188,3 +1188,42 @@ def test_cuda_tuning_sweep_dry_run_and_fold(emulated, tmp_path, monkeypatch):
     hit = tuning.lookup(data["gpu"], "fwd", torch.float32, B, I, J, D, K)
     assert hit is not None and hit["archive"] == archive.name[:-len(".tar.gz")]
     assert (tmp_path / "kept" / archive.name).exists()
+
+
+def test_cuda_tuning_lookup_under_torch_compile(tmp_path, monkeypatch):
+    """fullgraph=True traces the choice: the forced value and the CPU early exit are plain
+    Python, and the table is read once by table_lane_samples (torch.compiler.
+    assume_constant_result), whose result the graph keeps as a constant."""
+    tuning = _cuda_table(tmp_path, monkeypatch, [_cuda_entry("fwd", (4, 6, 3, 8, 8), 2, gpu="Test GPU")])
+    monkeypatch.setattr(tuning, "_gpu_name", lambda index: "Test GPU")
+    calls = []
+    real = tuning._entries
+
+    def counted():
+        calls.append(1)
+        return real()
+    monkeypatch.setattr(tuning, "_entries", counted)
+
+    def scaled(x):
+        lanes = tuning.table_lane_samples(0, "fwd", "float32", 4, 6, 3, 8, 8)
+        other = tuning.table_lane_samples(0, "bwd", "float32", 4, 6, 3, 8, 8)
+        return x * lanes + other
+
+    torch._dynamo.reset()
+    compiled = torch.compile(scaled, fullgraph=True, backend="eager")
+    x = torch.ones(3)
+    assert torch.equal(compiled(x), torch.full((3,), 2.0))
+    traced_reads = len(calls)
+    assert torch.equal(compiled(x), torch.full((3,), 2.0)) and len(calls) == traced_reads  # a constant now
+
+    u, W = torch.randn(4, 6, 8), torch.randn(6, 3, 8, 8)
+
+    def choice(u, W):
+        return u.sum() * tuning.lane_samples_for("fwd", (u, W), default=1)
+
+    compiled_choice = torch.compile(choice, fullgraph=True, backend="eager")
+    assert compiled_choice(u, W).item() == pytest.approx(u.sum().item())  # CPU tensors: the default
+    with tuning.forced(2):
+        assert compiled_choice(u, W).item() == pytest.approx(2 * u.sum().item())
+    assert tuning._table_key("fwd", (u, W)) is None
+    torch._dynamo.reset()

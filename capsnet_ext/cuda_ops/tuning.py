@@ -92,18 +92,19 @@ def _entries() -> list:
     return _CACHE["entries"]
 
 
-def _gpu_name(device: torch.device) -> str:
-    index = device.index if device.index is not None else torch.cuda.current_device()
+def _gpu_name(index: int) -> str:
+    index = torch.cuda.current_device() if index < 0 else index
     if index not in _GPU_NAMES:
         _GPU_NAMES[index] = torch.cuda.get_device_name(index)
     return _GPU_NAMES[index]
 
 
-def lookup(gpu: str, direction: str, dtype: torch.dtype, B: int, I: int, J: int, D: int,
+def lookup(gpu: str, direction: str, dtype, B: int, I: int, J: int, D: int,
            Din: int) -> Optional[dict]:
     """The nearest table entry for this call (rule 2 of the module docstring), or ``None``.
-    ``Din = 0`` stands for a given ``u_hat`` (``dynamic_routing``)."""
-    name = _table_format.dtype_name(dtype)
+    ``dtype``: a torch dtype or its name; ``Din = 0`` stands for a given ``u_hat``
+    (``dynamic_routing``)."""
+    name = dtype if isinstance(dtype, str) else _table_format.dtype_name(dtype)
     best, best_distance = None, None
     for entry in _entries():
         if (entry["gpu"], entry["direction"], entry["dtype"]) != (gpu, direction, name):
@@ -142,25 +143,49 @@ def lane_samples_for(direction: str, sources: Sequence[torch.Tensor], default: i
     ``(u, W)``): the forced value, else the table's, else ``default`` (0: the kernels' default;
     the registered backward passes the forward's value, so a forward run under :func:`forced`
     has its backward run the same instance). Inputs the op will refuse get ``default`` here and
-    their error from the op."""
+    their error from the op. Traceable by ``torch.compile(fullgraph=True)``: the table is read
+    through :func:`table_lane_samples`, a constant of the compiled graph."""
     forced_value = forced_lane_samples()
     if forced_value is not None:
         return forced_value
-    ref = sources[0]
-    if not isinstance(ref, torch.Tensor) or ref.device.type != "cuda" or ref.dim() < 3:
+    key = _table_key(direction, sources)
+    if key is None:
         return default
+    found = table_lane_samples(*key)
+    return found if found else default
+
+
+def _table_key(direction: str, sources: Sequence[torch.Tensor]) -> Optional[tuple]:
+    """The table query of a call as plain Python values, or ``None`` when no entry can apply
+    (not a CUDA tensor, shapes the op will refuse, or sizes that are symbolic under
+    ``torch.compile`` with dynamic shapes)."""
+    ref = sources[0]
+    if not isinstance(ref, torch.Tensor) or ref.device.type != "cuda":
+        return None
     if len(sources) == 1:
         if ref.dim() != 4:
-            return default
+            return None
         B, I, J, D = ref.shape
         Din = 0
     else:
         W = sources[1]
         if ref.dim() != 3 or not isinstance(W, torch.Tensor) or W.dim() != 4:
-            return default
+            return None
         B, I, Din = ref.shape
         J, D = W.shape[1], W.shape[2]
-    if min(B, I, J, D) < 1 or not _entries():
-        return default
-    entry = lookup(_gpu_name(ref.device), direction, ref.dtype, B, I, J, D, Din)
-    return int(entry["config"]["lane_samples"]) if entry is not None else default
+    dims = (B, I, J, D, Din)
+    if not all(type(n) is int for n in dims) or min(B, I, J, D) < 1:
+        return None
+    index = ref.device.index if ref.device.index is not None else -1
+    return (index, direction, _table_format.dtype_name(ref.dtype), *dims)
+
+
+@torch.compiler.assume_constant_result
+def table_lane_samples(device_index: int, direction: str, dtype_name: str, B: int, I: int, J: int,
+                       D: int, Din: int) -> int:
+    """The table's ``lane_samples`` for a call (0 when no entry matches). ``torch.compile``
+    runs it once while tracing and keeps the result as a constant."""
+    if not _entries():
+        return 0
+    entry = lookup(_gpu_name(device_index), direction, dtype_name, B, I, J, D, Din)
+    return int(entry["config"]["lane_samples"]) if entry is not None else 0
