@@ -140,6 +140,14 @@ RoutingPlan plan_for(const Tensor& ref, const RoutingShape& shape, bool recomput
   return plan;
 }
 
+// The saved routing state, contiguous and 16-byte aligned: the kernels read its rows with
+// 128-bit loads. The forward's own outputs already are; a view passed in by hand is copied.
+Tensor aligned_contiguous(const Tensor& t) {
+  Tensor c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
+}
+
 bool has_tensor(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
 // Checks an optional [J, Dout] bias or [I, J] prior against the reference input (device, dtype, shape).
@@ -264,7 +272,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> routing_backward_common(
   const RoutingPlan plan = plan_for(ref, shape, recompute, has_tensor(prior_in), lane_samples);
   // Every check has passed: from here on the device is used.
   const c10::DeviceGuard guard(ref.device());
-  const Tensor grad_v = grad_v_in.contiguous(), s_all = s_all_in.contiguous(), V_all = V_all_in.contiguous();
+  const Tensor grad_v = grad_v_in.contiguous(), s_all = aligned_contiguous(s_all_in), V_all = aligned_contiguous(V_all_in);
   const Tensor prior = contiguous_or_undefined(prior_in);
   const Tensor u_hat = recompute ? Tensor() : u_hat_in.contiguous();
   const Tensor u = recompute ? u_in.contiguous() : Tensor(), W = recompute ? W_in.contiguous() : Tensor();

@@ -59,6 +59,7 @@ int g_queries = 0;
 long long g_flags = 0;
 long long g_shape[6] = {0, 0, 0, 0, 0, 0};
 int g_lanes = 0;  // the plan's lane_samples of the last routing launcher call
+int g_misaligned = 0;  // the saved state of the last routing_backward call was not 16-byte aligned
 
 long long bit(const void* p, int b) { return p != nullptr ? (1LL << b) : 0; }
 
@@ -83,6 +84,7 @@ int capsnet_stub_queries() { return g_queries; }
 long long capsnet_stub_flags() { return g_flags; }
 long long capsnet_stub_shape(int i) { return g_shape[i]; }
 int capsnet_stub_lanes() { return g_lanes; }
+int capsnet_stub_misaligned() { return g_misaligned; }
 }
 
 namespace capsnet {
@@ -116,6 +118,7 @@ Status routing_backward(DType, const RoutingShape& shape, const RoutingPlan& pla
                         void* dprior, void* gs_all, void* G, void* ws, unsigned* counters, void*) {
   note_shape(shape);
   g_lanes = plan.lane_samples;
+  g_misaligned = (reinterpret_cast<uintptr_t>(s_all) % 16 != 0) || (reinterpret_cast<uintptr_t>(V_all) % 16 != 0);
   const bool required = grad_v && s_all && V_all && gs_all && G && ws && counters;
   return launched(bit(u_hat, 0) | bit(u, 1) | bit(W, 2) | bit(prior, 4) | bit(dbias, 6) | bit(dprior, 7) |
                   bit(du, 8) | bit(dW, 9) | bit(grad_u_hat, 10) | (required ? (1LL << 12) : 0));
@@ -302,6 +305,22 @@ SCENARIO = textwrap.dedent(r"""
         record("autograd backward", lambda: torch.autograd.grad(v, [ul, Wl, bl, pl], grad_v))
         # non-contiguous inputs are accepted (made contiguous after the checks)
         record("non-contiguous", lambda: ops.capsule_routing_forward(u.transpose(0, 1).contiguous().transpose(0, 1), W, bias.t().contiguous().t(), None, R, False, False, False, 1.0))
+    elif scenario == "aligned":
+        # saved state handed in as contiguous views at a 4-byte offset: the kernels read its rows
+        # 128 bits at a time, so the binding must pass aligned copies
+        fwd = ops.capsule_routing_forward(u, W, None, None, R, False, False, False, 1.0)
+
+        def shifted(t):
+            big = torch.empty(t.numel() + 1, dtype=t.dtype)
+            view = big[1:].view(t.shape)
+            view.copy_(t)
+            return view
+        s_view, V_view = shifted(fwd[2]), shifted(fwd[3])
+        for name, args in (("views", (s_view, V_view)), ("own", (fwd[2], fwd[3]))):
+            stub.capsnet_stub_reset(0, 232448, 4096)
+            ops.capsule_routing_backward(grad_v, u, W, None, *args, R, False, False, False, 1.0)
+            emit(name=name, offset=args[0].data_ptr() % 16, misaligned=stub.capsnet_stub_misaligned(),
+                 launches=stub.capsnet_stub_launches())
     elif scenario == "lanes":
         from capsnet_ext.cuda_ops import tuning
 
@@ -383,6 +402,14 @@ def test_lane_samples_reach_the_plan(host_binding):
                 "inherited backward": 2, "forced over inherited": 2}
     assert {name: r["lanes"] for name, r in rows.items()} == expected
     assert all(r["launches"] == 1 for r in rows.values()), rows
+
+
+def test_saved_state_reaches_the_kernels_aligned(host_binding):
+    """s_all and V_all passed to the backward op as contiguous views at a 4-byte offset reach the
+    launcher 16-byte aligned (the kernels read them with 128-bit loads)."""
+    rows = {r["name"]: r for r in _run_scenario(host_binding, "aligned")}
+    assert rows["views"]["offset"] != 0 and rows["views"]["misaligned"] == 0 and rows["views"]["launches"] == 1
+    assert rows["own"]["misaligned"] == 0
 
 
 def test_capsules_beyond_the_shared_memory_limit_are_refused_before_any_launch(host_binding):
