@@ -26,7 +26,7 @@ pids=()
 for src in csrc/*.cu; do
   name="$(basename "$src" .cu)"
   # The -D flags are the ones torch's extension build passes to nvcc.
-  "$NVCC" -std=c++17 -O3 -lineinfo -Icsrc -Werror all-warnings \
+  "$NVCC" -std=c++17 -O3 -lineinfo -Icsrc -Werror all-warnings -Xptxas -v \
     -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
     -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \
     -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 -Xcompiler -fPIC \
@@ -55,6 +55,44 @@ else
   echo "compile_cuda: FAIL csrc/capsnet_ext_ops.cpp"; cat "$TMP/binding.log"; exit 1
 fi
 [[ $status -eq 0 ]] || exit $status
+
+# The MNIST layer's routing instances (Din 8, Dout 16, 16 lanes per sample; one and two samples
+# per lane; float16, bfloat16, float32) must not spill on sm_90: registers and spills from ptxas.
+"$PYTHON" - "$TMP/routing.log" "$TMP/routing_lanes2.log" <<'PY'
+import re
+import subprocess
+import sys
+
+found = {}
+for path in sys.argv[1:]:
+    name = arch = None
+    for line in open(path):
+        m = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line)
+        if m:
+            name, arch = m.groups()
+            continue
+        m = re.search(r"(\d+) bytes spill stores", line)
+        if m and arch == "sm_90":
+            found.setdefault(name, {})["spill"] = int(m.group(1))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and arch == "sm_90":
+            found.setdefault(name, {})["regs"] = int(m.group(1))
+names = list(found)
+readable = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+mnist = {}
+for mangled, text in zip(names, readable):
+    m = re.search(r"(routing_\w+_kernel)<(float|__half|__nv_bfloat16), capsnet::\(anonymous namespace\)::"
+                  r"Config<8, 16, 16, ([12])>, true>", text)
+    if m:
+        mnist[m.groups()] = found[mangled]
+expected = 3 * 3 * 2
+assert len(mnist) == expected, f"expected {expected} MNIST instances in the ptxas output, found {sorted(mnist)}"
+rows = [f"{k}/{d}/{s} lane(s): {v['regs']} regs, {v.get('spill', 0)} B spilled" for (k, d, s), v in sorted(mnist.items())]
+spilled = [r for r, v in zip(rows, [mnist[k] for k in sorted(mnist)]) if v.get("spill", 0)]
+print("compile_cuda: sm_90 MNIST instances: " + "; ".join(rows))
+assert not spilled, f"MNIST routing instances spill on sm_90: {spilled}"
+print(f"compile_cuda: ok   the {expected} MNIST routing instances do not spill on sm_90")
+PY
 
 CUDA_LIB=""
 for dir in ${CUDA_HOME:+"$CUDA_HOME/lib64"} "$(dirname "$(dirname "$(readlink -f "$NVCC")")")/lib64" \
