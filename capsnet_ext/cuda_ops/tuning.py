@@ -3,8 +3,8 @@
 The CUDA routing kernels (``csrc/routing_impl.cuh``) come in two instances for the common
 capsule sizes: one sample per lane, or two (``RoutingPlan::lane_samples``), where every lane
 reads each staged ``W`` element once for both of its samples and works on two independent
-softmaxes at once, at the price of about twice the registers (sm_90: 185-234 per thread
-against 80-128, so half the resident warps). Each sample's arithmetic is the same sequence of
+softmaxes at once, at the price of about twice the registers (sm_90, the MNIST instances:
+176-232 per thread against 88-128, so half the resident warps). Each sample's arithmetic is the same sequence of
 operations either way, so **the choice changes the speed only: values and gradients are
 bitwise equal** (``tests/test_cuda.py::test_two_samples_per_lane_are_bitwise_equal``).
 
@@ -20,7 +20,7 @@ How a call chooses (:func:`lane_samples_for`, per direction: ``"fwd"`` for the f
    names another; ``""`` or ``"none"``: no table) with the same GPU name, direction and dtype
    and the same ``J``, ``Dout`` and ``Din`` (``0``: a given ``u_hat``), nearest in ``log2 B``
    and ``log2 I`` and within a factor of 4 of both;
-3. else ``0``: the kernels' default, one sample per lane (the instance measured on an H200 on
+3. else ``0``: the kernels' default, one sample per lane (the design measured on an H200 on
    2026-12-04); the backward, when neither 1 nor 2 says otherwise, runs the forward's choice.
 
 The table's format, reading and merging are those of the Triton table
