@@ -425,6 +425,24 @@ __device__ __forceinline__ acc sum_children(const acc* src, int64_t first, int64
   return x;
 }
 
+// Children sums of the n <= kSumBatch elements e, e + step, ...: all their loads are issued
+// before any result is used (the callers store between elements, which the compiler may not
+// move loads across), so a block summing a node waits for one round trip to L2 per kSumBatch
+// elements instead of one per element. Each element's sum is sum_children's.
+constexpr int kSumBatch = 4;
+template <typename acc>
+__device__ __forceinline__ void sum_children_batch(const acc* src, int64_t first, int64_t count, int64_t stride,
+                                                   int64_t e, int64_t step, int n, acc* out) {
+#pragma unroll
+  for (int q = 0; q < kSumBatch; ++q) out[q] = q < n ? sum_children(src, first, count, stride, e + q * step) : acc(0);
+}
+
+// How many of e, e + step, ... (at most kSumBatch) lie below hi.
+__device__ __forceinline__ int batch_count(int64_t e, int64_t hi, int64_t step) {
+  const int64_t left = (hi - e + step - 1) / step;
+  return left < kSumBatch ? static_cast<int>(left) : kSumBatch;
+}
+
 // Arrival of a block at the reduction tree (see ReductionTree). The block's leaf has been
 // written (leaf index `leaf` for key `key`, elements [lo, hi) of each node). Returns false in
 // blocks that are not the last at some node (they are done); in the block that reaches the
@@ -463,7 +481,15 @@ __device__ bool arrive(const ReductionTree& tree, acc* ws, unsigned* counters, u
       return true;
     }
     acc* out = ws + tree.buffer_offset[l] + parent * tree.stride;
-    for (int64_t e = lo + threadIdx.x; e < hi; e += kThreads) out[e] = sum_children(level, begin, children, tree.stride, e);
+    for (int64_t e = lo + threadIdx.x; e < hi; e += kThreads * kSumBatch) {
+      acc x[kSumBatch];
+      const int n = batch_count(e, hi, kThreads);
+      sum_children_batch(level, begin, children, tree.stride, e, kThreads, n, x);
+#pragma unroll
+      for (int q = 0; q < kSumBatch; ++q) {
+        if (q < n) out[e + q * kThreads] = x[q];
+      }
+    }
     node = parent;
   }
   __syncthreads();  // single leaf: the block's own writes are the root's input
@@ -593,11 +619,19 @@ __device__ __forceinline__ void routing_sweep(const RoutingArgs<scalar_t>& a) {
       const int64_t base = b * JD + j * D;
       if (!kReverse) {
         acc sq = 0;
-        for (int d = 0; d < D; ++d) {
-          acc x = sum_children(src, first, count, a.tree.stride, base + d);
-          if (a.bias != nullptr) x += load_as<acc>(a.bias + j * D + d);
-          a.s_out[base + d] = x;
-          sq += x * x;
+        for (int d0 = 0; d0 < D; d0 += kSumBatch) {
+          acc x[kSumBatch];
+          const int n = batch_count(d0, D, 1);
+          sum_children_batch(src, first, count, a.tree.stride, base + d0, 1, n, x);
+#pragma unroll
+          for (int q = 0; q < kSumBatch; ++q) {
+            if (q < n) {
+              const int d = d0 + q;
+              if (a.bias != nullptr) x[q] += load_as<acc>(a.bias + j * D + d);
+              a.s_out[base + d] = x[q];
+              sq += x[q] * x[q];
+            }
+          }
         }
         const acc scale = sqrt_acc(max_acc(sq, tiny_normal<acc>())) / (acc(1) + sq);
         for (int d = 0; d < D; ++d) {
@@ -606,9 +640,14 @@ __device__ __forceinline__ void routing_sweep(const RoutingArgs<scalar_t>& a) {
           if (a.v_out != nullptr) store_from(a.v_out + base + d, v);
         }
       } else {
-        for (int d = 0; d < D; ++d) {
-          const acc x = sum_children(src, first, count, a.tree.stride, base + d);
-          a.G[base + d] = (a.G_first ? acc(0) : a.G[base + d]) + x;
+        for (int d0 = 0; d0 < D; d0 += kSumBatch) {
+          acc x[kSumBatch];
+          const int n = batch_count(d0, D, 1);
+          sum_children_batch(src, first, count, a.tree.stride, base + d0, 1, n, x);
+#pragma unroll
+          for (int q = 0; q < kSumBatch; ++q) {
+            if (q < n) a.G[base + d0 + q] = (a.G_first ? acc(0) : a.G[base + d0 + q]) + x[q];
+          }
         }
         squash_backward_row<0>(a.s_prev + base, a.G + base, static_cast<const scalar_t*>(nullptr),
                                a.gs_prev + base, D);
@@ -870,13 +909,22 @@ __global__ void __launch_bounds__(kThreads) routing_grad_kernel(const RoutingArg
   int64_t first, count;
   const int64_t lo = chunk * a.caps_per_chunk * a.grad_record;
   if (!arrive(a.tree, a.ws, a.counters, ticket, tile, chunk, lo, lo + nc * a.grad_record, &src, &first, &count)) return;
-  for (int ci = 0; ci < nc; ++ci) {
-    const int64_t i = i0 + ci;
-    const int64_t e0 = lo + ci * a.grad_record;
-    for (int e = threadIdx.x; e < a.grad_record; e += kThreads) {
-      const acc x = sum_children(src, first, count, a.tree.stride, e0 + e);
-      if (e < JDK) store_from(a.dW + i * JDK + e, x);
-      else store_from(a.dprior + i * J + (e - JDK), x);
+  // The block's records, capsule after capsule: element f is (capsule f / grad_record, entry
+  // f % grad_record) at lo + f of the level buffer.
+  const int64_t total = nc * a.grad_record;
+  for (int64_t f = threadIdx.x; f < total; f += kThreads * kSumBatch) {
+    acc x[kSumBatch];
+    const int n = batch_count(f, total, kThreads);
+    sum_children_batch(src, first, count, a.tree.stride, lo + f, kThreads, n, x);
+#pragma unroll
+    for (int q = 0; q < kSumBatch; ++q) {
+      if (q < n) {
+        const int64_t g = f + q * kThreads;
+        const int64_t ci = g / a.grad_record, e = g - ci * a.grad_record;
+        const int64_t i = i0 + ci;
+        if (e < JDK) store_from(a.dW + i * JDK + e, x[q]);
+        else store_from(a.dprior + i * J + (e - JDK), x[q]);
+      }
     }
   }
 }
