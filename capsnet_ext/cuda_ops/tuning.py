@@ -4,7 +4,7 @@ The CUDA routing kernels (``csrc/routing_impl.cuh``) come in two instances for t
 capsule sizes: one sample per lane, or two (``RoutingPlan::lane_samples``), where every lane
 reads each staged ``W`` element once for both of its samples and works on two independent
 softmaxes at once, at the price of about twice the registers (sm_90, the MNIST instances:
-176-232 per thread against 88-128, so half the resident warps). Each sample's arithmetic is the same sequence of
+173-230 per thread against 88-128, so half the resident warps). Each sample's arithmetic is the same sequence of
 operations either way, so **the choice changes the speed only: values and gradients are
 bitwise equal** (``tests/test_cuda.py::test_two_samples_per_lane_are_bitwise_equal``).
 
