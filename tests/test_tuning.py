@@ -12,6 +12,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from benchmarks import tune  # noqa: E402
 from capsnet_ext.triton_ops import _gemm_core, tuning  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,11 +187,18 @@ def test_tune_dry_run_and_fold(tmp_path):
     # Two grid candidates, then the grid's winner in the other design and at one other
     # pipelining depth (the backward's grid starts from the forward's winner, either design).
     assert all(len(r["candidates"]) == 4 and "winner" in r for r in data["results"])
-    for r in data["results"]:
+    by_direction = {r["direction"]: r for r in data["results"]}
+    assert set(by_direction) == {"fwd", "bwd"}
+    # The forward grid starts at the default's depth 1; the backward grid at the forward
+    # winner's depth (1, or 2 when the forward's second pass won), then the first other depth.
+    base_stages = {"fwd": 1, "bwd": by_direction["fwd"]["winner"]["stages"]}
+    for direction, r in by_direction.items():
         designs = [c["config"]["design"] for c in r["candidates"]]
         stages = [c["config"]["stages"] for c in r["candidates"]]
         assert designs[0] == designs[1] == designs[3] != designs[2], designs
-        assert stages == [1, 1, 1, 2], stages
+        base = base_stages[direction]
+        other = next(s for s in tune.STAGES if s != base)
+        assert stages == [base, base, base, other], (direction, stages)
     table = tmp_path / "table.json"
     table.write_text(json.dumps(tuning.merge(tuning.empty_table(),
                                              [_entry(128, 1152, _config())])[0]))
