@@ -257,20 +257,58 @@ def _config_dict(config) -> dict:
     return dict(config._asdict())
 
 
-class Sweep:
+class ArchiveSweep:
+    """What the tuning sweeps (this one and ``benchmarks/tune_cuda.py``) share: a deadline, a
+    work folder whose ``tune.json`` is rewritten after every step, one archive and its summary
+    in ``args.out`` repacked after every shape (a run cut off keeps what it measured), and a
+    log on the console and in ``log.txt``. Subclasses set ``data`` and :meth:`render`."""
+    prefix = "tune"
+
+    def __init__(self, args):
+        self.args = args
+        self.dry_run = args.dry_run
+        self.deadline = time.monotonic() + args.budget_s
+        self.stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        self.name = f"{self.prefix}-{'dryrun-' if args.dry_run else ''}{self.stamp}"
+        self.out = Path(args.out).resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work = Path(tempfile.mkdtemp(prefix=f"{self.prefix}.")) / self.name
+        self.work.mkdir(parents=True)
+        self.data: dict = {}
+
+    def render(self, data: dict) -> str:
+        raise NotImplementedError
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def log(self, text: str) -> None:
+        line = f"[{self.args.budget_s - self.left():6.1f}s] {text}"
+        print(line, flush=True)
+        with open(self.work / "log.txt", "a") as handle:
+            handle.write(line + "\n")
+
+    def save(self) -> None:
+        atomic_write(self.work / "tune.json", json.dumps(self.data, indent=1))
+
+    def pack(self) -> Path:
+        self.save()
+        summary = self.render(self.data)
+        atomic_write(self.work / "summary.md", summary)
+        archive = self.out / f"{self.name}.tar.gz"
+        with atomic_path(archive, suffix=".tar.gz") as tmp:
+            with tarfile.open(tmp, "w:gz") as tar:
+                tar.add(self.work, arcname=self.name)
+        atomic_write(self.out / f"{self.name}-summary.md", summary)
+        return archive
+
+
+class Sweep(ArchiveSweep):
     def __init__(self, args):
         import torch
 
-        self.args = args
-        self.dry_run = args.dry_run
+        super().__init__(args)
         self.device = torch.device("cpu" if args.dry_run else "cuda")
-        self.deadline = time.monotonic() + args.budget_s
-        self.stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        self.name = f"tune-{'dryrun-' if args.dry_run else ''}{self.stamp}"
-        self.out = Path(args.out).resolve()
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.work = Path(tempfile.mkdtemp(prefix="tune.")) / self.name
-        self.work.mkdir(parents=True)
         from benchmarks.report import run_metadata
         from capsnet_ext.triton_ops import _gemm_core as core
 
@@ -279,22 +317,8 @@ class Sweep:
                          iterations=ITERATIONS, grids=dict(fwd=FWD_GRID, bwd=BWD_GRID),
                          results=[], skipped=[], entries=[])
 
-    def left(self) -> float:
-        return self.deadline - time.monotonic()
-
-    def save(self) -> None:
-        atomic_write(self.work / "tune.json", json.dumps(self.data, indent=1))
-
-    def pack(self) -> Path:
-        self.save()
-        summary = render_summary(self.data)
-        atomic_write(self.work / "summary.md", summary)
-        archive = self.out / f"{self.name}.tar.gz"
-        with atomic_path(archive, suffix=".tar.gz") as tmp:
-            with tarfile.open(tmp, "w:gz") as tar:
-                tar.add(self.work, arcname=self.name)
-        atomic_write(self.out / f"{self.name}-summary.md", summary)
-        return archive
+    def render(self, data: dict) -> str:
+        return render_summary(data)
 
     def precompile(self, jobs: list) -> Dict[tuple, str]:
         """Compile every job's kernels in a process pool; ``{job: error}`` for failures."""
@@ -366,14 +390,7 @@ class Sweep:
 
         from capsnet_ext.triton_ops import _gemm_core as core
 
-        log_path = self.work / "log.txt"
-
-        def log(text):
-            line = f"[{self.args.budget_s - self.left():6.1f}s] {text}"
-            print(line, flush=True)
-            with open(log_path, "a") as handle:
-                handle.write(line + "\n")
-
+        log = self.log
         shapes = ["tiny"] if self.dry_run else self.args.shapes.split(",")
         settings = self.args.dtypes.split(",")
         for name in shapes:

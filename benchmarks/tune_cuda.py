@@ -25,20 +25,13 @@ shape and the archive repacked, so a run cut off keeps what it measured.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import os
 import sys
-import tarfile
-import tempfile
-import time
 import traceback
 from pathlib import Path
 from typing import Optional
 
-from capsnet_ext._atomic import atomic_path, atomic_write
-
-from .tune import ITERATIONS, SHAPES, _bench, _inputs
+from .tune import ITERATIONS, SHAPES, ArchiveSweep, _bench, _inputs
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Relative max error against the float64 reference that passes the check (exact float32
@@ -134,41 +127,24 @@ def _reference_us(shape, dtype_name, device, dry_run) -> dict:
     return dict(fwd=_bench(fwd, device, dry_run, large), fwd_bwd=_bench(fwd_bwd, device, dry_run, large))
 
 
-class Sweep:
+class Sweep(ArchiveSweep):
+    prefix = "tune-cuda"
+
     def __init__(self, args, ops=None, device=None):
         import torch
 
         from benchmarks.report import run_metadata
 
-        self.args = args
-        self.dry_run = args.dry_run
+        super().__init__(args)
         self.device = torch.device(device or ("cpu" if args.dry_run else "cuda"))
         self.ops = ops if ops is not None else _cuda_ops()
-        self.deadline = time.monotonic() + args.budget_s
-        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        self.name = f"tune-cuda-{'dryrun-' if self.dry_run else ''}{stamp}"
-        self.out = Path(args.out).resolve()
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.work = Path(tempfile.mkdtemp(prefix="tune_cuda.")) / self.name
-        self.work.mkdir(parents=True)
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu (dry run)"
         self.data = dict(metadata=run_metadata(self.device, "tune_cuda", sys.argv[1:]), gpu=gpu,
                          budget_s=args.budget_s, iterations=ITERATIONS, lanes=list(LANES), results=[],
                          skipped=[], entries=[])
 
-    def left(self) -> float:
-        return self.deadline - time.monotonic()
-
-    def pack(self) -> Path:
-        atomic_write(self.work / "tune.json", json.dumps(self.data, indent=1))
-        summary = render_summary(self.data)
-        atomic_write(self.work / "summary.md", summary)
-        archive = self.out / f"{self.name}.tar.gz"
-        with atomic_path(archive, suffix=".tar.gz") as tmp:
-            with tarfile.open(tmp, "w:gz") as tar:
-                tar.add(self.work, arcname=self.name)
-        atomic_write(self.out / f"{self.name}-summary.md", summary)
-        return archive
+    def render(self, data: dict) -> str:
+        return render_summary(data)
 
     def time_shape(self, name: str, dtype_name: str, log) -> None:
         from capsnet_ext.cuda_ops import tuning
@@ -205,14 +181,7 @@ class Sweep:
                 torch=meta["torch"], archive=self.name))
 
     def run(self) -> Path:
-        log_path = self.work / "log.txt"
-
-        def log(text):
-            line = f"[{self.args.budget_s - self.left():6.1f}s] {text}"
-            print(line, flush=True)
-            with open(log_path, "a") as handle:
-                handle.write(line + "\n")
-
+        log = self.log
         shapes = ["tiny"] if self.dry_run else self.args.shapes.split(",")
         dtypes = self.args.dtypes.split(",")
         for name in shapes:

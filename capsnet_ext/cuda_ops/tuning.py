@@ -29,7 +29,6 @@ The table's format, reading and merging are those of the Triton table
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
@@ -42,7 +41,6 @@ TABLE_PATH = Path(__file__).with_name("tuning_table.json")
 TABLE_ENV = "CAPSNET_EXT_CUDA_TUNING_TABLE"
 DIRECTIONS = ("fwd", "bwd")
 LANE_SAMPLES = (1, 2)
-MAX_LOG2_DISTANCE = _table_format.MAX_LOG2_DISTANCE
 
 _FORCED: List[int] = []
 _CACHE: dict = {}
@@ -104,21 +102,11 @@ def lookup(gpu: str, direction: str, dtype, B: int, I: int, J: int, D: int,
     """The nearest table entry for this call (rule 2 of the module docstring), or ``None``.
     ``dtype``: a torch dtype or its name; ``Din = 0`` stands for a given ``u_hat``
     (``dynamic_routing``)."""
-    name = dtype if isinstance(dtype, str) else _table_format.dtype_name(dtype)
-    best, best_distance = None, None
-    for entry in _entries():
-        if (entry["gpu"], entry["direction"], entry["dtype"]) != (gpu, direction, name):
-            continue
-        eB, eI, eJ, eD, eDin = entry["shape"]
-        if (eJ, eD, eDin) != (J, D, Din):
-            continue
-        dB, dI = abs(math.log2(eB) - math.log2(B)), abs(math.log2(eI) - math.log2(I))
-        if max(dB, dI) > MAX_LOG2_DISTANCE:
-            continue
-        distance = (dB + dI, -eB)
-        if best is None or distance < best_distance:
-            best, best_distance = entry, distance
-    return best
+    key = (gpu, direction, dtype if isinstance(dtype, str) else _table_format.dtype_name(dtype))
+
+    def matches(entry):  # kernel instances are per exact size: no padding classes here
+        return (entry["gpu"], entry["direction"], entry["dtype"]) == key and tuple(entry["shape"][2:]) == (J, D, Din)
+    return _table_format.nearest(_entries(), B, I, matches)
 
 
 def forced_lane_samples() -> Optional[int]:

@@ -104,22 +104,15 @@ def entry_key(entry: dict) -> tuple:
             tuple(entry["shape"]), entry.get("iterations"), tuple(entry.get("options", ())))
 
 
-def lookup(gpu: str, direction: str, dtype: torch.dtype, precision: str, B: int, I: int,
-           J: int, D: int, Din: int, valid=None) -> Optional[dict]:
-    """The nearest table entry for this call (rule 2 of the module docstring), or ``None``.
-    ``valid(config_dict)`` rejects configurations the shape cannot take."""
-    name = dtype_name(dtype)
-    padded = padded_sizes(J, D, Din)
+def nearest(entries, B: int, I: int, matches) -> Optional[dict]:
+    """Among the ``entries`` for which ``matches(entry)`` holds, the one nearest in ``log2 B`` and
+    ``log2 I`` (ties: the larger B) within :data:`MAX_LOG2_DISTANCE` of both, or ``None``. The
+    rule of both tuning tables (this one and :mod:`capsnet_ext.cuda_ops.tuning`)."""
     best, best_distance = None, None
-    for entry in _entries():
-        if (entry["gpu"], entry["direction"], entry["dtype"], entry["precision"]) != (
-                gpu, direction, name, precision):
+    for entry in entries:
+        if not matches(entry):
             continue
-        eB, eI, eJ, eD, eDin = entry["shape"]
-        if padded_sizes(eJ, eD, eDin) != padded:
-            continue
-        if valid is not None and not valid(entry["config"]):
-            continue
+        eB, eI = entry["shape"][:2]
         dB, dI = abs(math.log2(eB) - math.log2(B)), abs(math.log2(eI) - math.log2(I))
         if max(dB, dI) > MAX_LOG2_DISTANCE:
             continue
@@ -127,6 +120,20 @@ def lookup(gpu: str, direction: str, dtype: torch.dtype, precision: str, B: int,
         if best is None or distance < best_distance:
             best, best_distance = entry, distance
     return best
+
+
+def lookup(gpu: str, direction: str, dtype: torch.dtype, precision: str, B: int, I: int,
+           J: int, D: int, Din: int, valid=None) -> Optional[dict]:
+    """The nearest table entry for this call (rule 2 of the module docstring), or ``None``.
+    ``valid(config_dict)`` rejects configurations the shape cannot take."""
+    key = (gpu, direction, dtype_name(dtype), precision)
+    padded = padded_sizes(J, D, Din)
+
+    def matches(entry):
+        return ((entry["gpu"], entry["direction"], entry["dtype"], entry["precision"]) == key
+                and padded_sizes(*entry["shape"][2:]) == padded
+                and (valid is None or valid(entry["config"])))
+    return nearest(_entries(), B, I, matches)
 
 
 def forced_config():
